@@ -1,0 +1,383 @@
+//! Small shared linear algebra: GEMM through the `gemm` crate, a vectorised `exp`, the stable
+//! row softmax, and the fast Walsh–Hadamard transform.
+
+use crate::error::{Error, Result};
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+///
+/// A row-major `r × c` matrix is `Mat::rows(data, c)`; its transpose is `Mat::cols(data, c)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a> {
+    /// Backing storage.
+    pub data: &'a [f32],
+    /// Distance between consecutive rows.
+    pub row_stride: usize,
+    /// Distance between consecutive columns.
+    pub col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix whose rows are `ld` elements apart.
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Mat {
+            data,
+            row_stride: ld,
+            col_stride: 1,
+        }
+    }
+    /// The transpose of a row-major matrix whose rows are `ld` elements apart.
+    pub fn cols(data: &'a [f32], ld: usize) -> Self {
+        Mat {
+            data,
+            row_stride: 1,
+            col_stride: ld,
+        }
+    }
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `c ← beta·c + alpha·a·b`, with `a` of size `m × k`, `b` of size `k × n` and `c` row-major
+/// `m × n` with rows `ldc` apart. `beta` must be 0 or 1 (overwrite or accumulate).
+///
+/// Runs single-threaded: callers parallelise over heads and row blocks, which measured faster
+/// than letting the GEMM split each head's small product (see `ECOSYSTEM.md`).
+///
+/// # Panics
+/// When a view is too short for the sizes given (a bug in the caller, never a user error).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    alpha: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.fits(m, k) && b.fits(k, n), "gemm operand too short");
+    assert!(
+        (m - 1) * ldc + n <= c.len() && n <= ldc,
+        "gemm output too short"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index the kernel touches inside the three slices,
+    // and `c` is borrowed mutably, so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// 1.5 · 2^23: adding it rounds a float to the nearest integer, which lands in the low mantissa
+/// bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `e^x` to about 2 ulp for x in [-87.3, 88.7], 0 below (including −∞), written with plain
+/// arithmetic and bit operations so that loops over it vectorise.
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    let xc = x.clamp(-87.3, 88.7);
+    let t = xc * LOG2_E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let pow2n = f32::from_bits(
+        (t.to_bits()
+            .wrapping_sub(ROUND_MAGIC.to_bits())
+            .wrapping_add(127))
+            << 23,
+    );
+    if x < -87.3 { 0.0 } else { p * pow2n }
+}
+
+#[inline(always)]
+fn exp_shifted_sum_impl(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp_approx(*x - shift);
+            *a += *x;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp_approx(*x - shift);
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn row_max_impl(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a = a.max(*x);
+        }
+    }
+    rest.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, x| m.max(*x))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    #[target_feature(enable = "avx512f")]
+    pub fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f32 {
+        super::exp_shifted_sum_impl(row, shift)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp_shifted_sum_avx2(row: &mut [f32], shift: f32) -> f32 {
+        super::exp_shifted_sum_impl(row, shift)
+    }
+    #[target_feature(enable = "avx512f")]
+    pub fn row_max_avx512(row: &[f32]) -> f32 {
+        super::row_max_impl(row)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub fn row_max_avx2(row: &[f32]) -> f32 {
+        super::row_max_impl(row)
+    }
+}
+
+/// Replaces every `x` of `row` by `e^(x − shift)` and returns their sum (vectorised; picks
+/// AVX-512 or AVX2 at run time when the CPU has them).
+pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function was compiled for.
+            return unsafe { x86::exp_shifted_sum_avx512(row, shift) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::exp_shifted_sum_avx2(row, shift) };
+        }
+    }
+    exp_shifted_sum_impl(row, shift)
+}
+
+/// Maximum of `row` (−∞ for an empty or all −∞ row), vectorised like [`exp_shifted_sum`].
+pub fn row_max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function was compiled for.
+            return unsafe { x86::row_max_avx512(row) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::row_max_avx2(row) };
+        }
+    }
+    row_max_impl(row)
+}
+
+/// Numerically stable softmax of one row, in place: subtracts the row maximum before `exp`.
+/// Entries equal to −∞ are masked out; a row with no finite entry becomes all zeros (not NaN).
+pub fn softmax_row(row: &mut [f32]) {
+    let max = row_max(row);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let sum = exp_shifted_sum(row, max);
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// Unnormalised fast Walsh–Hadamard transform in place: `x ← H x` with `H` the Sylvester
+/// Hadamard matrix of size `x.len()` (entries ±1, `H_ij = (−1)^popcount(i & j)`), in
+/// `O(n log n)`. Divide by `√n` for the orthonormal transform.
+///
+/// Errors unless the length is a power of two (callers that need any length pad with zeros).
+pub fn fwht(x: &mut [f32]) -> Result<()> {
+    let n = x.len();
+    if !n.is_power_of_two() {
+        return Err(Error::shape(
+            "fwht input",
+            format!("has length {n} but the transform needs a power of two"),
+        ));
+    }
+    let mut h = 1;
+    while h < n {
+        for block in x.chunks_exact_mut(2 * h) {
+            let (lo, hi) = block.split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (s, t) = (*a + *b, *a - *b);
+                *a = s;
+                *b = t;
+            }
+        }
+        h *= 2;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_approx_matches_std_to_a_few_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp_approx(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.00731;
+        }
+        // f32 epsilon is 1.19e-7; allow 3 ulp.
+        assert!(worst < 3.6e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_approx(-1e4), 0.0);
+        assert_eq!(exp_approx(0.0), 1.0);
+    }
+
+    #[test]
+    fn exp_shifted_sum_and_max_agree_with_scalar_code() {
+        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        row[5] = f32::NEG_INFINITY;
+        let max = row_max(&row);
+        assert_eq!(max, row.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+        let want: Vec<f64> = row.iter().map(|&x| ((x - max) as f64).exp()).collect();
+        let sum = exp_shifted_sum(&mut row, max);
+        for (g, w) in row.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 4e-7 * w.max(1e-30), "{g} vs {w}");
+        }
+        assert!((sum as f64 - want.iter().sum::<f64>()).abs() < 1e-5);
+        assert_eq!(row[5], 0.0);
+    }
+
+    #[test]
+    fn softmax_row_is_stable_and_handles_all_masked() {
+        let mut row = vec![1e4, 1e4 - 1.0, -1e4, f32::NEG_INFINITY];
+        softmax_row(&mut row);
+        let e = (-1.0f32).exp();
+        assert!((row[0] - 1.0 / (1.0 + e)).abs() < 1e-6);
+        assert!((row[1] - e / (1.0 + e)).abs() < 1e-6);
+        assert_eq!(row[2], 0.0);
+        assert_eq!(row[3], 0.0);
+        let mut masked = vec![f32::NEG_INFINITY; 5];
+        softmax_row(&mut masked);
+        assert_eq!(masked, vec![0.0; 5]);
+    }
+
+    #[test]
+    fn fwht_equals_dense_hadamard() {
+        for log_n in 0..=8 {
+            let n = 1usize << log_n;
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % 11) as f32 - 5.0).collect();
+            let mut fast = x.clone();
+            fwht(&mut fast).unwrap();
+            for (i, got) in fast.iter().enumerate() {
+                let want: f32 = (0..n)
+                    .map(|j| {
+                        if (i & j).count_ones() % 2 == 0 {
+                            x[j]
+                        } else {
+                            -x[j]
+                        }
+                    })
+                    .sum();
+                assert_eq!(*got, want, "n={n} i={i}");
+            }
+            // Applying it twice gives n·x.
+            fwht(&mut fast).unwrap();
+            for (a, b) in fast.iter().zip(&x) {
+                assert_eq!(*a, n as f32 * b);
+            }
+        }
+        let err = fwht(&mut [0.0; 6]).unwrap_err().to_string();
+        assert!(err.contains("length 6"), "{err}");
+    }
+
+    #[test]
+    fn gemm_handles_transposes_strides_and_accumulation() {
+        // a: 3×4 row-major, b stored as 5×4 (so b^T is 4×5).
+        let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let b: Vec<f32> = (0..20).map(|i| (i as f32).sin()).collect();
+        let mut c = vec![1.0f32; 3 * 6];
+        gemm(
+            3,
+            5,
+            4,
+            &mut c,
+            6,
+            Mat::rows(&a, 4),
+            Mat::cols(&b, 4),
+            2.0,
+            true,
+        );
+        for i in 0..3 {
+            for j in 0..5 {
+                let want: f32 =
+                    1.0 + 2.0 * (0..4).map(|p| a[i * 4 + p] * b[j * 4 + p]).sum::<f32>();
+                assert!((c[i * 6 + j] - want).abs() < 1e-5);
+            }
+            assert_eq!(c[i * 6 + 5], 1.0, "padding column untouched");
+        }
+        let mut c2 = vec![7.0f32; 3 * 5];
+        gemm(
+            3,
+            5,
+            0,
+            &mut c2,
+            5,
+            Mat::rows(&a, 4),
+            Mat::cols(&b, 4),
+            1.0,
+            false,
+        );
+        assert_eq!(c2, vec![0.0; 15]);
+    }
+}

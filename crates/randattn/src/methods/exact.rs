@@ -1,0 +1,706 @@
+//! Exact softmax attention: the yardstick every estimator is measured against.
+//!
+//! `O = softmax(s · Q Kᵀ + M) V` with scale `s` (default `1/√d`) and `M_ij = −∞` for masked keys.
+//! Rows whose query is masked, or that have no unmasked key, output zeros (never NaN).
+//!
+//! Two implementations:
+//!
+//! - [`ExactNaive`]: the obvious O(n²) reference, accumulating in f64, materialising each row of
+//!   probabilities. It backs the tests of every fast kernel.
+//! - [`Exact`]: the fast kernel, FlashAttention-style. Queries are split into blocks of
+//!   [`QUERY_BLOCK`] rows, keys into tiles of [`KEY_TILE`]; each (batch, head, query block) is a
+//!   rayon task that streams over the key tiles with an online softmax (running row maximum and
+//!   denominator, rescaling the partial output when the maximum grows). Both products of a tile go
+//!   through GEMM. Memory: inputs + output + one log-sum-exp per row + O(QUERY_BLOCK · KEY_TILE)
+//!   scratch per thread — never an `n_q × n_k` matrix.
+//!
+//!   The backward pass (FlashAttention-2) recomputes each probability tile from the saved per-row
+//!   log-sum-exp `L_i`: `P = exp(s·Q_i K_jᵀ − L_i)`, `dV_j += Pᵀ dO_i`, `dP = dO_i V_jᵀ`,
+//!   `dS = P ∘ (dP − D_i)` with `D_i = rowsum(dO_i ∘ O_i)`, `dK_j += s·dSᵀ Q_i`,
+//!   `dQ_i += s·dS K_j`. It is parallel over (batch, head, key chunk); when there are fewer heads
+//!   than tasks, each key chunk accumulates dQ in its own buffer (O(n·d) scratch) and the chunks
+//!   are summed in a fixed order, so results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, parse_value,
+    unknown_param,
+};
+
+/// Query rows per block (forward task granularity, and the backward's inner tile).
+pub const QUERY_BLOCK: usize = 64;
+/// Keys per tile in the forward pass.
+pub const KEY_TILE: usize = 256;
+/// Keys per tile in the backward pass (smaller: four tiles of scratch are live at once).
+pub const BACKWARD_KEY_TILE: usize = 128;
+/// The backward splits each head's keys into chunks until there are about this many tasks. A
+/// constant rather than the thread count, so that the summation order (and thus every bit of dQ)
+/// does not depend on the machine.
+const BACKWARD_TASKS: usize = 16;
+
+const SCALE_PARAM: ParamInfo = ParamInfo {
+    name: "scale",
+    default: "auto",
+    range: "`auto` (1/sqrt(d)) or a finite number > 0",
+    help: "softmax temperature s in softmax(s * Q K^T)",
+};
+
+fn parse_scale(info: &MethodInfo, value: &str) -> Result<Option<f32>> {
+    if value.trim() == "auto" {
+        return Ok(None);
+    }
+    Ok(Some(parse_value(info, "scale", value)?))
+}
+
+fn validate_scale(info: &MethodInfo, scale: Option<f32>) -> Result<()> {
+    match scale {
+        Some(s) if !(s.is_finite() && s > 0.0) => Err(Error::Param {
+            method: info.name,
+            param: "scale",
+            expected: SCALE_PARAM.range.to_string(),
+            actual: s.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn scale_text(scale: Option<f32>) -> String {
+    scale.map_or_else(|| "auto".to_string(), |s| s.to_string())
+}
+
+/// The softmax scale actually used: the configured one, or `1/√d`.
+pub fn resolve_scale(scale: Option<f32>, d: usize) -> f32 {
+    scale.unwrap_or(1.0 / (d as f32).sqrt())
+}
+
+/// The obviously correct O(n²) reference: per query row, logits in f64, stable softmax, weighted
+/// sum of V rows. Forward and backward; O(n_k) scratch per row, O(n_q · n_k) in the backward.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExactNaive {
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+}
+
+/// The fast exact kernel (blocked, streaming online softmax, GEMM tiles, rayon). See the module
+/// documentation for the algorithm and its memory bound.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Exact {
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+}
+
+impl MethodConfig for ExactNaive {
+    const INFO: MethodInfo = MethodInfo {
+        name: "exact-naive",
+        summary: "exact softmax attention, obvious O(n^2) reference in f64",
+        cost: "O(n_q n_k d) time, O(n_q n_k) backward memory",
+        random: false,
+        approximates_softmax: true,
+        params: &[SCALE_PARAM],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        match name {
+            "scale" => self.scale = parse_scale(&Self::INFO, value)?,
+            _ => return Err(unknown_param(&Self::INFO, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![("scale", scale_text(self.scale))]
+    }
+    fn validate(&self) -> Result<()> {
+        validate_scale(&Self::INFO, self.scale)
+    }
+}
+
+impl MethodConfig for Exact {
+    const INFO: MethodInfo = MethodInfo {
+        name: "exact",
+        summary: "exact softmax attention, fast blocked streaming kernel (FlashAttention-2 style)",
+        cost: "O(n_q n_k d) time, O(n d) memory",
+        random: false,
+        approximates_softmax: true,
+        params: &[SCALE_PARAM],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        match name {
+            "scale" => self.scale = parse_scale(&Self::INFO, value)?,
+            _ => return Err(unknown_param(&Self::INFO, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![("scale", scale_text(self.scale))]
+    }
+    fn validate(&self) -> Result<()> {
+        validate_scale(&Self::INFO, self.scale)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Naive reference
+// ---------------------------------------------------------------------------------------------
+
+/// Softmax probabilities of query row `i` of head `bh` in f64 (all zeros if the query is masked
+/// or no key is kept).
+fn naive_probs(x: &AttentionInputs<'_>, bh: usize, i: usize, scale: f64) -> Vec<f64> {
+    let Dims { heads, n_k, d, .. } = x.dims();
+    let b = bh / heads;
+    let mut p = vec![0.0f64; n_k];
+    if x.query_mask_row(b).is_some_and(|m| !m[i]) {
+        return p;
+    }
+    let q = &x.q_head(bh)[i * d..(i + 1) * d];
+    let k = x.k_head(bh);
+    let keep = x.key_mask_row(b);
+    let mut max = f64::NEG_INFINITY;
+    for j in 0..n_k {
+        if keep.is_some_and(|m| !m[j]) {
+            p[j] = f64::NEG_INFINITY;
+            continue;
+        }
+        let dot: f64 = q
+            .iter()
+            .zip(&k[j * d..(j + 1) * d])
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        p[j] = scale * dot;
+        max = max.max(p[j]);
+    }
+    if max == f64::NEG_INFINITY {
+        return vec![0.0; n_k];
+    }
+    let mut z = 0.0;
+    for pj in p.iter_mut() {
+        *pj = (*pj - max).exp();
+        z += *pj;
+    }
+    for pj in p.iter_mut() {
+        *pj /= z;
+    }
+    p
+}
+
+impl Attention for ExactNaive {
+    fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let dims = x.dims();
+        let Dims { n_q, d, d_v, .. } = dims;
+        let scale = resolve_scale(self.scale, d) as f64;
+        let mut output = vec![0.0f32; dims.out_len()];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let v = x.v_head(bh);
+                for i in 0..n_q {
+                    let p = naive_probs(x, bh, i, scale);
+                    for (c, o) in out[i * d_v..(i + 1) * d_v].iter_mut().enumerate() {
+                        *o = p
+                            .iter()
+                            .enumerate()
+                            .map(|(j, pj)| pj * v[j * d_v + c] as f64)
+                            .sum::<f64>() as f32;
+                    }
+                }
+            });
+        Ok(Forward {
+            output,
+            saved: Saved::new(Self::INFO.name, dims, SavedState::Nothing),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        _seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        saved.check(Self::INFO.name, dims)?;
+        x.check_grad_output(grad_output)?;
+        let Dims {
+            n_q, n_k, d, d_v, ..
+        } = dims;
+        let scale = resolve_scale(self.scale, d) as f64;
+        let mut grads = Grads {
+            dq: vec![0.0; x.q().len()],
+            dk: vec![0.0; x.k().len()],
+            dv: vec![0.0; x.v().len()],
+        };
+        grads
+            .dq
+            .par_chunks_mut(n_q * d)
+            .zip(grads.dk.par_chunks_mut(n_k * d))
+            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
+                let g = &grad_output[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+                let (mut dk64, mut dv64) = (vec![0.0f64; n_k * d], vec![0.0f64; n_k * d_v]);
+                for i in 0..n_q {
+                    let p = naive_probs(x, bh, i, scale);
+                    let gi = &g[i * d_v..(i + 1) * d_v];
+                    // dP_ij = dO_i · v_j ; dS_ij = P_ij (dP_ij − Σ_l P_il dP_il)
+                    let dp: Vec<f64> = (0..n_k)
+                        .map(|j| {
+                            gi.iter()
+                                .zip(&v[j * d_v..(j + 1) * d_v])
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let mean: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    let mut dqi = vec![0.0f64; d];
+                    for j in 0..n_k {
+                        if p[j] == 0.0 {
+                            continue;
+                        }
+                        let ds = p[j] * (dp[j] - mean);
+                        for c in 0..d {
+                            dqi[c] += scale * ds * k[j * d + c] as f64;
+                            dk64[j * d + c] += scale * ds * q[i * d + c] as f64;
+                        }
+                        for c in 0..d_v {
+                            dv64[j * d_v + c] += p[j] * gi[c] as f64;
+                        }
+                    }
+                    for (o, v) in dq[i * d..(i + 1) * d].iter_mut().zip(&dqi) {
+                        *o = *v as f32;
+                    }
+                }
+                for (o, v) in dk.iter_mut().zip(&dk64) {
+                    *o = *v as f32;
+                }
+                for (o, v) in dv.iter_mut().zip(&dv64) {
+                    *o = *v as f32;
+                }
+            });
+        Ok(grads)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fast kernel
+// ---------------------------------------------------------------------------------------------
+
+/// How a key tile meets the key mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TileMask {
+    AllKept,
+    AllMasked,
+    Mixed,
+}
+
+fn tile_mask(keep: Option<&[bool]>, range: std::ops::Range<usize>) -> TileMask {
+    match keep {
+        None => TileMask::AllKept,
+        Some(m) => {
+            let kept = m[range.clone()].iter().filter(|k| **k).count();
+            if kept == range.len() {
+                TileMask::AllKept
+            } else if kept == 0 {
+                TileMask::AllMasked
+            } else {
+                TileMask::Mixed
+            }
+        }
+    }
+}
+
+/// `s ← scale · Q_blk K_tileᵀ`, then −∞ in masked key columns. `s` is `rows × cols`, contiguous.
+#[allow(clippy::too_many_arguments)]
+fn logits_tile(
+    s: &mut [f32],
+    q_blk: &[f32],
+    k_tile: &[f32],
+    rows: usize,
+    cols: usize,
+    d: usize,
+    scale: f32,
+    keep: Option<&[bool]>,
+    mask: TileMask,
+) {
+    gemm(
+        rows,
+        cols,
+        d,
+        s,
+        cols,
+        Mat::rows(q_blk, d),
+        Mat::cols(k_tile, d),
+        scale,
+        false,
+    );
+    if mask == TileMask::Mixed {
+        let keep = keep.expect("mixed tiles come from a mask");
+        for row in s[..rows * cols].chunks_exact_mut(cols) {
+            for (x, k) in row.iter_mut().zip(keep) {
+                if !k {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+}
+
+/// Forward of one query block: writes `out` (`rows × d_v`) and `lse` (`rows`).
+#[allow(clippy::too_many_arguments)]
+fn forward_block(
+    q_blk: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keep: Option<&[bool]>,
+    query_keep: Option<&[bool]>,
+    dims: Dims,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let Dims { n_k, d, d_v, .. } = dims;
+    let rows = lse.len();
+    out.fill(0.0);
+    if query_keep.is_some_and(|m| m.iter().all(|k| !k)) {
+        lse.fill(f32::INFINITY);
+        return;
+    }
+    let mut s = vec![0.0f32; rows * KEY_TILE.min(n_k)];
+    let mut row_max_run = vec![f32::NEG_INFINITY; rows];
+    let mut denom = vec![0.0f32; rows];
+    for c0 in (0..n_k).step_by(KEY_TILE) {
+        let c1 = (c0 + KEY_TILE).min(n_k);
+        let cols = c1 - c0;
+        let tile_keep = keep.map(|m| &m[c0..c1]);
+        let mask = tile_mask(keep, c0..c1);
+        if mask == TileMask::AllMasked {
+            continue;
+        }
+        let s = &mut s[..rows * cols];
+        logits_tile(
+            s,
+            q_blk,
+            &k[c0 * d..c1 * d],
+            rows,
+            cols,
+            d,
+            scale,
+            tile_keep,
+            mask,
+        );
+        for (r, srow) in s.chunks_exact_mut(cols).enumerate() {
+            let m_old = row_max_run[r];
+            let m_new = m_old.max(row_max(srow));
+            if m_new == f32::NEG_INFINITY {
+                srow.fill(0.0);
+                continue;
+            }
+            let correction = (m_old - m_new).exp();
+            denom[r] = denom[r] * correction + exp_shifted_sum(srow, m_new);
+            if correction != 1.0 {
+                for o in &mut out[r * d_v..(r + 1) * d_v] {
+                    *o *= correction;
+                }
+            }
+            row_max_run[r] = m_new;
+        }
+        gemm(
+            rows,
+            d_v,
+            cols,
+            out,
+            d_v,
+            Mat::rows(s, cols),
+            Mat::rows(&v[c0 * d_v..c1 * d_v], d_v),
+            1.0,
+            true,
+        );
+    }
+    for r in 0..rows {
+        let o = &mut out[r * d_v..(r + 1) * d_v];
+        if denom[r] > 0.0 && query_keep.is_none_or(|m| m[r]) {
+            let inv = 1.0 / denom[r];
+            for x in o.iter_mut() {
+                *x *= inv;
+            }
+            lse[r] = row_max_run[r] + denom[r].ln();
+        } else {
+            o.fill(0.0);
+            lse[r] = f32::INFINITY;
+        }
+    }
+}
+
+impl Exact {
+    /// Forward pass returning the output and the per-row log-sum-exp of the scaled logits
+    /// (`[batch, heads, n_q]`, `+∞` for rows that output zeros).
+    pub fn forward_with_lse(&self, x: &AttentionInputs<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.validate()?;
+        let dims = x.dims();
+        let Dims {
+            heads, n_q, d, d_v, ..
+        } = dims;
+        let scale = resolve_scale(self.scale, d);
+        let mut output = vec![0.0f32; dims.out_len()];
+        let mut lse = vec![0.0f32; dims.batch_heads() * n_q];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .zip(lse.par_chunks_mut(n_q))
+            .enumerate()
+            .for_each(|(bh, (out_h, lse_h))| {
+                let b = bh / heads;
+                let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
+                let (keep, query_keep) = (x.key_mask_row(b), x.query_mask_row(b));
+                out_h
+                    .par_chunks_mut(QUERY_BLOCK * d_v)
+                    .zip(lse_h.par_chunks_mut(QUERY_BLOCK))
+                    .enumerate()
+                    .for_each(|(blk, (out, lse))| {
+                        let r0 = blk * QUERY_BLOCK;
+                        let rows = lse.len();
+                        forward_block(
+                            &q[r0 * d..(r0 + rows) * d],
+                            k,
+                            v,
+                            keep,
+                            query_keep.map(|m| &m[r0..r0 + rows]),
+                            dims,
+                            scale,
+                            out,
+                            lse,
+                        );
+                    });
+            });
+        Ok((output, lse))
+    }
+}
+
+/// Everything the backward of one head needs, borrowed.
+struct HeadBackward<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    grad_out: &'a [f32],
+    lse: &'a [f32],
+    /// `D_i = rowsum(dO_i ∘ O_i)`.
+    delta: &'a [f32],
+    keep: Option<&'a [bool]>,
+    dims: Dims,
+    scale: f32,
+}
+
+impl HeadBackward<'_> {
+    /// Gradients for the keys `k0..k0 + dk.len()/d`: writes `dk`, `dv` of those keys and adds
+    /// their contribution to `dq` (all query rows).
+    fn run_chunk(&self, k0: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let Dims { n_q, d, d_v, .. } = self.dims;
+        let n_keys = dk.len() / d;
+        let tile = BACKWARD_KEY_TILE.min(n_keys);
+        let mut p = vec![0.0f32; QUERY_BLOCK * tile];
+        let mut dp = vec![0.0f32; QUERY_BLOCK * tile];
+        for t0 in (0..n_keys).step_by(BACKWARD_KEY_TILE) {
+            let t1 = (t0 + BACKWARD_KEY_TILE).min(n_keys);
+            let (c0, c1) = (k0 + t0, k0 + t1);
+            let cols = c1 - c0;
+            let mask = tile_mask(self.keep, c0..c1);
+            if mask == TileMask::AllMasked {
+                continue;
+            }
+            let tile_keep = self.keep.map(|m| &m[c0..c1]);
+            let k_tile = &self.k[c0 * d..c1 * d];
+            let v_tile = &self.v[c0 * d_v..c1 * d_v];
+            let dk_tile = &mut dk[t0 * d..t1 * d];
+            let dv_tile = &mut dv[t0 * d_v..t1 * d_v];
+            for r0 in (0..n_q).step_by(QUERY_BLOCK) {
+                let r1 = (r0 + QUERY_BLOCK).min(n_q);
+                let rows = r1 - r0;
+                let lse = &self.lse[r0..r1];
+                if lse.iter().all(|l| *l == f32::INFINITY) {
+                    continue;
+                }
+                let q_blk = &self.q[r0 * d..r1 * d];
+                let g_blk = &self.grad_out[r0 * d_v..r1 * d_v];
+                let p = &mut p[..rows * cols];
+                let dp = &mut dp[..rows * cols];
+                logits_tile(p, q_blk, k_tile, rows, cols, d, self.scale, tile_keep, mask);
+                for (prow, l) in p.chunks_exact_mut(cols).zip(lse) {
+                    exp_shifted_sum(prow, *l);
+                }
+                // dV_j += Pᵀ dO_i
+                gemm(
+                    cols,
+                    d_v,
+                    rows,
+                    dv_tile,
+                    d_v,
+                    Mat::cols(p, cols),
+                    Mat::rows(g_blk, d_v),
+                    1.0,
+                    true,
+                );
+                // dP = dO_i V_jᵀ, then dS = P ∘ (dP − D_i) in place of dP.
+                gemm(
+                    rows,
+                    cols,
+                    d_v,
+                    dp,
+                    cols,
+                    Mat::rows(g_blk, d_v),
+                    Mat::cols(v_tile, d_v),
+                    1.0,
+                    false,
+                );
+                for ((dsrow, prow), delta) in dp
+                    .chunks_exact_mut(cols)
+                    .zip(p.chunks_exact(cols))
+                    .zip(&self.delta[r0..r1])
+                {
+                    for (ds, p) in dsrow.iter_mut().zip(prow) {
+                        *ds = *p * (*ds - *delta);
+                    }
+                }
+                // dK_j += s · dSᵀ Q_i ; dQ_i += s · dS K_j
+                gemm(
+                    cols,
+                    d,
+                    rows,
+                    dk_tile,
+                    d,
+                    Mat::cols(dp, cols),
+                    Mat::rows(q_blk, d),
+                    self.scale,
+                    true,
+                );
+                gemm(
+                    rows,
+                    d,
+                    cols,
+                    &mut dq[r0 * d..r1 * d],
+                    d,
+                    Mat::rows(dp, cols),
+                    Mat::rows(k_tile, d),
+                    self.scale,
+                    true,
+                );
+            }
+        }
+    }
+}
+
+impl Attention for Exact {
+    fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
+        let (output, lse) = self.forward_with_lse(x)?;
+        Ok(Forward {
+            saved: Saved::new(
+                Self::INFO.name,
+                x.dims(),
+                SavedState::Exact {
+                    lse,
+                    output: output.clone(),
+                },
+            ),
+            output,
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        _seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        let SavedState::Exact { lse, output } = saved.check(Self::INFO.name, dims)? else {
+            return Err(Error::Saved {
+                message: "does not hold the log-sum-exp of an exact forward".to_string(),
+            });
+        };
+        x.check_grad_output(grad_output)?;
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = dims;
+        let bhs = dims.batch_heads();
+        let scale = resolve_scale(self.scale, d);
+
+        let delta: Vec<f32> = grad_output
+            .par_chunks(d_v)
+            .zip(output.par_chunks(d_v))
+            .map(|(g, o)| g.iter().zip(o).map(|(a, b)| a * b).sum())
+            .collect();
+
+        // Split each head's keys into chunks (whole backward tiles) until there are about
+        // BACKWARD_TASKS tasks; a chunk count independent of the machine keeps dQ reproducible.
+        let key_tiles = n_k.div_ceil(BACKWARD_KEY_TILE);
+        let chunks = BACKWARD_TASKS.div_ceil(bhs).clamp(1, key_tiles);
+        let chunk_keys = key_tiles.div_ceil(chunks) * BACKWARD_KEY_TILE;
+        let chunks = n_k.div_ceil(chunk_keys);
+
+        let mut grads = Grads {
+            dq: vec![0.0; x.q().len()],
+            dk: vec![0.0; x.k().len()],
+            dv: vec![0.0; x.v().len()],
+        };
+        // With one chunk per head the chunk accumulates straight into dq.
+        let mut dq_partial = if chunks > 1 {
+            vec![0.0f32; bhs * chunks * n_q * d]
+        } else {
+            Vec::new()
+        };
+        let dq_target: &mut [f32] = if chunks > 1 {
+            &mut dq_partial
+        } else {
+            &mut grads.dq
+        };
+        dq_target
+            .par_chunks_mut(chunks * n_q * d)
+            .zip(grads.dk.par_chunks_mut(n_k * d))
+            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .enumerate()
+            .for_each(|(bh, ((dq_h, dk_h), dv_h))| {
+                let head = HeadBackward {
+                    q: x.q_head(bh),
+                    k: x.k_head(bh),
+                    v: x.v_head(bh),
+                    grad_out: &grad_output[bh * n_q * d_v..(bh + 1) * n_q * d_v],
+                    lse: &lse[bh * n_q..(bh + 1) * n_q],
+                    delta: &delta[bh * n_q..(bh + 1) * n_q],
+                    keep: x.key_mask_row(bh / heads),
+                    dims,
+                    scale,
+                };
+                dq_h.par_chunks_mut(n_q * d)
+                    .zip(dk_h.par_chunks_mut(chunk_keys * d))
+                    .zip(dv_h.par_chunks_mut(chunk_keys * d_v))
+                    .enumerate()
+                    .for_each(|(c, ((dq_c, dk_c), dv_c))| {
+                        head.run_chunk(c * chunk_keys, dq_c, dk_c, dv_c);
+                    });
+            });
+        if chunks > 1 {
+            grads
+                .dq
+                .par_chunks_mut(n_q * d)
+                .zip(dq_partial.par_chunks(chunks * n_q * d))
+                .for_each(|(dq, parts)| {
+                    for part in parts.chunks_exact(n_q * d) {
+                        for (a, b) in dq.iter_mut().zip(part) {
+                            *a += *b;
+                        }
+                    }
+                });
+        }
+        Ok(grads)
+    }
+}

@@ -1,0 +1,3 @@
+//! The estimators, one file per method family.
+
+pub mod exact;
