@@ -1,1 +1,156 @@
-fn main() {}
+//! `randattn`: run, compare and benchmark randomized attention estimators.
+//!
+//! Thin over the `randattn` crate: argument parsing, `.npy` I/O, tables and progress only.
+//! Exit status: 0 on success, 2 on any error (bad arguments, bad files, bad parameters).
+
+mod alloc;
+mod bench;
+mod compare;
+mod npy;
+mod report;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use randattn::Method;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+#[derive(Parser)]
+#[command(
+    name = "randattn",
+    version,
+    about = "Randomized approximations of transformer self-attention"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one method on Q/K/V .npy files (forward, and backward with --grad-out).
+    Run(run::RunArgs),
+    /// List every method with its parameters, defaults and valid ranges.
+    Methods {
+        /// Write the list as JSON to stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Median wall time, speed-up over `exact` and peak memory of each method.
+    Bench(bench::BenchArgs),
+    /// The main job: every method on a built-in realistic workload, error and speed vs `exact`.
+    Compare(compare::CompareArgs),
+}
+
+/// Parses `--set key=value` settings.
+pub fn parse_settings(settings: &[String]) -> Result<Vec<(String, String)>> {
+    settings
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => bail!("--set expects key=value, got `{s}`"),
+        })
+        .collect()
+}
+
+/// Parses a comma-separated method list (`all` = every method).
+pub fn parse_methods(list: &str, default_all: &[&str]) -> Result<Vec<String>> {
+    let names: Vec<String> = if list.trim() == "all" {
+        default_all.iter().map(|s| s.to_string()).collect()
+    } else {
+        list.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    for n in &names {
+        Method::from_name(n)?;
+    }
+    if names.is_empty() {
+        bail!("--methods is empty");
+    }
+    Ok(names)
+}
+
+/// Writes JSON to a file.
+pub fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn methods(json: bool) -> Result<()> {
+    let catalog = Method::catalog();
+    if json {
+        let list: Vec<_> = catalog
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.name, "summary": m.summary, "cost": m.cost, "random": m.random,
+                    "approximates_softmax": m.approximates_softmax,
+                    "params": m.params.iter().map(|p| serde_json::json!({
+                        "name": p.name, "default": p.default, "range": p.range, "help": p.help,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "methods": list }))?
+        );
+        return Ok(());
+    }
+    for m in catalog {
+        println!("{}  —  {}", m.name, m.summary);
+        println!(
+            "    cost: {}; {}",
+            m.cost,
+            if m.random {
+                "random (seeded)"
+            } else {
+                "deterministic"
+            }
+        );
+        if m.params.is_empty() {
+            println!("    parameters: none");
+        }
+        for p in m.params {
+            println!(
+                "    --set {}=…   default {}; valid: {}",
+                p.name, p.default, p.range
+            );
+            println!("        {}", p.help);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Methods { json } => methods(json),
+        Command::Bench(args) => bench::bench(args),
+        Command::Compare(args) => compare::compare(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

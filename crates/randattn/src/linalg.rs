@@ -135,20 +135,25 @@ pub fn exp_approx(x: f32) -> f32 {
 
 #[inline(always)]
 fn exp_shifted_sum_impl(row: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-            *x = exp_approx(*x - shift);
+    // Two simple loops rather than one fused one: the loop vectoriser handles each, whereas the
+    // fused form was left scalar.
+    for x in row.iter_mut() {
+        *x = exp_approx(*x - shift);
+    }
+    sum_impl(row)
+}
+
+#[inline(always)]
+fn sum_impl(row: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
             *a += *x;
         }
     }
-    let mut tail = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp_approx(*x - shift);
-        tail += *x;
-    }
-    acc.iter().sum::<f32>() + tail
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
 #[inline(always)]

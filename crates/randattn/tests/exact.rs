@@ -4,7 +4,7 @@
 
 use rand::Rng;
 use rand_distr::StandardNormal;
-use randattn::methods::exact::{Exact, ExactNaive};
+use randattn::methods::exact::{Exact, ExactNaive, KEY_TILE, QUERY_BLOCK};
 use randattn::rng::stream;
 use randattn::{Attention, AttentionInputs, Error, Grads, Method};
 
@@ -96,6 +96,7 @@ fn fast_matches_naive_over_many_shapes() {
         (1, 2, 65, 63, 17, 9),
         (1, 1, 130, 129, 1, 2),
         (1, 1, 257, 300, 64, 64),
+        (1, 2, 300, 1030, 64, 64),
         (2, 1, 100, 513, 160, 40),
         (1, 3, 64, 256, 32, 32),
         (3, 2, 33, 45, 96, 7),
@@ -114,7 +115,7 @@ fn masks_including_all_masked_rows_and_batches() {
     for (i, shape) in [
         (3, 2, 70, 300, 16, 8),
         (2, 1, 5, 9, 4, 4),
-        (2, 2, 130, 520, 8, 3),
+        (2, 2, 130, 1100, 8, 3),
     ]
     .into_iter()
     .enumerate()
@@ -125,11 +126,11 @@ fn masks_including_all_masked_rows_and_batches() {
         let mut km: Vec<bool> = (0..b * nk).map(|_| r.random_bool(0.6)).collect();
         // Batch element 1 attends to nothing; in batch 0 a whole key tile is masked (when long).
         km[nk..2 * nk].fill(false);
-        if nk > 300 {
-            km[256..512].fill(false);
+        if nk > 2 * KEY_TILE {
+            km[KEY_TILE..2 * KEY_TILE].fill(false);
         }
         let mut qm: Vec<bool> = (0..b * nq).map(|_| r.random_bool(0.7)).collect();
-        qm[..nq.min(64)].fill(false); // a whole query block masked
+        qm[..nq.min(QUERY_BLOCK)].fill(false); // a whole query block masked
         case.key_mask = Some(km.clone());
         case.query_mask = Some(qm.clone());
         check_against_naive(&case, 2e-5);

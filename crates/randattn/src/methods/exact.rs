@@ -32,9 +32,9 @@ use crate::method::{
 };
 
 /// Query rows per block (forward task granularity, and the backward's inner tile).
-pub const QUERY_BLOCK: usize = 64;
+pub const QUERY_BLOCK: usize = 128;
 /// Keys per tile in the forward pass.
-pub const KEY_TILE: usize = 256;
+pub const KEY_TILE: usize = 512;
 /// Keys per tile in the backward pass (smaller: four tiles of scratch are live at once).
 pub const BACKWARD_KEY_TILE: usize = 128;
 /// The backward splits each head's keys into chunks until there are about this many tasks. A

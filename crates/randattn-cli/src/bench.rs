@@ -1,0 +1,182 @@
+//! `randattn bench`: median wall time, speed-up over `exact`, GFLOP/s and peak memory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use randattn::workload::clustered;
+use randattn::{Attention, AttentionInputs, Method};
+use serde_json::json;
+
+use crate::report::{mib, ms, progress, table};
+use crate::{alloc, parse_methods, write_json};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Comma-separated methods, or `all` (every method but the O(n²) f64 reference
+    /// `exact-naive`, which must be named to run).
+    #[arg(long, default_value = "all")]
+    methods: String,
+    /// Sequence lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = [512, 1024, 4096])]
+    n: Vec<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Head dimension (of Q, K and V).
+    #[arg(long, default_value_t = 64)]
+    d: usize,
+    /// Also time forward + backward.
+    #[arg(long)]
+    backward: bool,
+    /// Minimum timed runs per measurement (after one warm-up); more are taken within ~2 s.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Seed of the workload and of the methods.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write results as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct Timing {
+    forward_ms: f64,
+    backward_ms: Option<f64>,
+    peak_extra_bytes: usize,
+}
+
+fn measure(m: &Method, x: &AttentionInputs<'_>, a: &BenchArgs) -> Result<Timing> {
+    let budget = Duration::from_secs(2);
+    // Peak memory of one forward (+ backward, with its all-ones output gradient), beyond the
+    // inputs already allocated.
+    let base = alloc::start();
+    {
+        let f = m.forward(x, a.seed)?;
+        if a.backward {
+            let g = vec![1.0f32; f.output.len()];
+            drop(m.backward(x, a.seed, &f.saved, &g)?);
+        }
+    }
+    let peak_extra_bytes = alloc::peak_since(base);
+    let forward_ms = crate::report::median_ms(a.repeats, budget, || m.forward(x, a.seed));
+    let backward_ms = if a.backward {
+        let g = vec![1.0f32; x.dims().out_len()];
+        let both = crate::report::median_ms(a.repeats, budget, || -> Result<()> {
+            let f = m.forward(x, a.seed)?;
+            m.backward(x, a.seed, &f.saved, &g)?;
+            Ok(())
+        });
+        Some((both - forward_ms).max(0.0))
+    } else {
+        None
+    };
+    Ok(Timing {
+        forward_ms,
+        backward_ms,
+        peak_extra_bytes,
+    })
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let everything: Vec<&str> = Method::catalog()
+        .iter()
+        .map(|m| m.name)
+        .filter(|n| *n != "exact-naive")
+        .collect();
+    let mut names = parse_methods(&a.methods, &everything)?;
+    // `exact` is the yardstick: always measured, first.
+    names.retain(|n| n != "exact");
+    names.insert(0, "exact".to_string());
+    let methods: Vec<Method> = names
+        .iter()
+        .map(|n| Method::parse::<&str>(n, &[]))
+        .collect::<Result<_, _>>()?;
+
+    let bar = progress((a.n.len() * methods.len()) as u64, a.quiet);
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for &n in &a.n {
+        let w = clustered(a.batch, a.heads, n, a.d, a.seed);
+        let shape = [a.batch, a.heads, n, a.d];
+        let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape)?;
+        let mut exact_ms = f64::NAN;
+        for m in &methods {
+            bar.set_message(format!("{} n={n}", m.name()));
+            let t = measure(m, &x, &a)?;
+            if m.name() == "exact" {
+                exact_ms = t.forward_ms;
+            }
+            let speedup = exact_ms / t.forward_ms;
+            // Forward: Q Kᵀ and P V; backward: recomputed Q Kᵀ, dV, dP, dK, dQ.
+            let pairs = (a.batch * a.heads * n * n) as f64;
+            let fwd_flops = 2.0 * pairs * (2 * a.d) as f64;
+            let bwd_flops = 2.0 * pairs * (5 * a.d) as f64;
+            let is_exact = m.name().starts_with("exact");
+            let gflops = is_exact.then(|| fwd_flops / t.forward_ms / 1e6);
+            let gflops_bwd = t
+                .backward_ms
+                .filter(|_| is_exact)
+                .map(|b| (fwd_flops + bwd_flops) / (t.forward_ms + b) / 1e6);
+            let params: serde_json::Map<String, serde_json::Value> = m
+                .params()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            rows.push(vec![
+                m.name().to_string(),
+                n.to_string(),
+                ms(t.forward_ms),
+                t.backward_ms.map_or("-".into(), ms),
+                t.backward_ms.map_or("-".into(), |b| ms(t.forward_ms + b)),
+                format!("{speedup:.2}x"),
+                gflops.map_or("-".into(), |g| format!("{g:.1}")),
+                gflops_bwd.map_or("-".into(), |g| format!("{g:.1}")),
+                mib(t.peak_extra_bytes),
+            ]);
+            results.push(json!({
+                "method": m.name(), "params": params, "batch": a.batch, "heads": a.heads, "n": n,
+                "d": a.d, "forward_ms": t.forward_ms, "backward_ms": t.backward_ms,
+                "speedup_vs_exact": speedup, "peak_extra_bytes": t.peak_extra_bytes,
+                "gflops_forward": gflops, "gflops_forward_backward": gflops_bwd,
+            }));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "batch={} heads={} d={} threads={} (median ms; peak = bytes allocated beyond the inputs)",
+        a.batch,
+        a.heads,
+        a.d,
+        rayon::current_num_threads()
+    );
+    print!(
+        "{}",
+        table(
+            &[
+                "method",
+                "n",
+                "fwd ms",
+                "bwd ms",
+                "fwd+bwd ms",
+                "speedup",
+                "GFLOP/s fwd",
+                "GFLOP/s f+b",
+                "peak MiB"
+            ],
+            &rows
+        )
+    );
+    if let Some(path) = &a.json {
+        write_json(path, &json!({ "results": results }))?;
+    }
+    Ok(())
+}

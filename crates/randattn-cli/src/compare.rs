@@ -1,0 +1,152 @@
+//! `randattn compare`: the main job. Every method on the built-in clustered workload: relative
+//! error of the output vs `exact`, forward time and speed-up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use randattn::workload::clustered;
+use randattn::{Attention, AttentionInputs, Method};
+use serde_json::json;
+
+use crate::report::{median_ms, ms, progress, table};
+use crate::{parse_methods, write_json};
+
+/// Longest sequence at which the O(n²) f64 reference is run.
+const NAIVE_MAX_N: usize = 2048;
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Sequence lengths (default 1024 and 4096; 256 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    n: Vec<usize>,
+    /// A small, fast run (n=256, 4 heads, d=32) for smoke tests and CI.
+    #[arg(long)]
+    quick: bool,
+    /// Comma-separated methods, or `all`.
+    #[arg(long, default_value = "all")]
+    methods: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Heads (default 8; 4 with --quick).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Head dimension (default 64; 32 with --quick).
+    #[arg(long)]
+    d: Option<usize>,
+    /// Seed of the workload and of the methods.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write results as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+pub fn compare(a: CompareArgs) -> Result<()> {
+    let ns = if !a.n.is_empty() {
+        a.n.clone()
+    } else if a.quick {
+        vec![256]
+    } else {
+        vec![1024, 4096]
+    };
+    let heads = a.heads.unwrap_or(if a.quick { 4 } else { 8 });
+    let d = a.d.unwrap_or(if a.quick { 32 } else { 64 });
+    let all: Vec<&str> = Method::catalog().iter().map(|m| m.name).collect();
+    let mut names = parse_methods(&a.methods, &all)?;
+    names.retain(|n| n != "exact");
+    names.insert(0, "exact".to_string());
+    let methods: Vec<Method> = names
+        .iter()
+        .map(|n| Method::parse::<&str>(n, &[]))
+        .collect::<Result<_, _>>()?;
+    let (runs, budget) = if a.quick {
+        (1, Duration::ZERO)
+    } else {
+        (3, Duration::from_secs(1))
+    };
+
+    let bar = progress((ns.len() * methods.len()) as u64, a.quiet);
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    let mut skipped = Vec::new();
+    for &n in &ns {
+        let w = clustered(a.batch, heads, n, d, a.seed);
+        let shape = [a.batch, heads, n, d];
+        let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape)?;
+        let reference = methods[0].forward(&x, a.seed)?.output;
+        let mut exact_ms = f64::NAN;
+        for m in &methods {
+            bar.set_message(format!("{} n={n}", m.name()));
+            if m.name() == "exact-naive" && n > NAIVE_MAX_N {
+                skipped.push(format!(
+                    "exact-naive at n={n} (O(n^2) f64 reference, run only up to n={NAIVE_MAX_N})"
+                ));
+                bar.inc(1);
+                continue;
+            }
+            let out = m.forward(&x, a.seed)?.output;
+            let err = rel_error(&out, &reference);
+            let t = median_ms(runs, budget, || m.forward(&x, a.seed));
+            if m.name() == "exact" {
+                exact_ms = t;
+            }
+            let speedup = exact_ms / t;
+            let params: Vec<String> = m.params().iter().map(|(k, v)| format!("{k}={v}")).collect();
+            rows.push(vec![
+                m.name().to_string(),
+                n.to_string(),
+                format!("{err:.2e}"),
+                ms(t),
+                format!("{speedup:.2}x"),
+                params.join(" "),
+            ]);
+            let params: serde_json::Map<String, serde_json::Value> = m
+                .params()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            results.push(json!({
+                "method": m.name(), "params": params, "n": n, "rel_error": err,
+                "forward_ms": t, "speedup_vs_exact": speedup,
+            }));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "workload: clustered (peaked attention), batch={} heads={heads} d={d} seed={} threads={}",
+        a.batch,
+        a.seed,
+        rayon::current_num_threads()
+    );
+    println!("rel_error = ||O - O_exact||_F / ||O_exact||_F; forward time is the median in ms");
+    print!(
+        "{}",
+        table(
+            &["method", "n", "rel_error", "fwd ms", "speedup", "params"],
+            &rows
+        )
+    );
+    for s in &skipped {
+        println!("skipped: {s}");
+    }
+    if let Some(path) = &a.json {
+        write_json(path, &json!({ "results": results }))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! `randattn run`: one method on `.npy` inputs.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use randattn::{Attention, AttentionInputs, Method};
+
+use crate::npy;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Method name (see `randattn methods`).
+    #[arg(long)]
+    method: String,
+    /// Queries, float32 [batch, heads, n_q, d].
+    #[arg(long)]
+    q: PathBuf,
+    /// Keys, float32 [batch, heads, n_k, d].
+    #[arg(long)]
+    k: PathBuf,
+    /// Values, float32 [batch, heads, n_k, d_v].
+    #[arg(long)]
+    v: PathBuf,
+    /// Key-padding mask [batch, n_k] (1 keep, 0 drop); bool, uint8, int64 or float32.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Query mask [batch, n_q] (0 rows output zeros); same dtypes as --mask.
+    #[arg(long)]
+    query_mask: Option<PathBuf>,
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Method parameter, repeatable: --set key=value.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Output file, float32 [batch, heads, n_q, d_v].
+    #[arg(long)]
+    out: PathBuf,
+    /// Gradient of the loss w.r.t. the output (same shape); runs the backward pass.
+    #[arg(long, requires = "grads_dir")]
+    grad_out: Option<PathBuf>,
+    /// Directory that receives dq.npy, dk.npy and dv.npy.
+    #[arg(long, requires = "grad_out")]
+    grads_dir: Option<PathBuf>,
+}
+
+fn shape4(shape: &[usize]) -> [usize; 4] {
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let method = Method::parse(&a.method, &crate::parse_settings(&a.settings)?)?;
+    let (q, qs) = npy::read_f32(&a.q, 4, "q")?;
+    let (k, ks) = npy::read_f32(&a.k, 4, "k")?;
+    let (v, vs) = npy::read_f32(&a.v, 4, "v")?;
+    let mut inputs = AttentionInputs::new(&q, shape4(&qs), &k, shape4(&ks), &v, shape4(&vs))?;
+    let key_mask = a
+        .mask
+        .as_ref()
+        .map(|p| read_mask(p, "mask", [qs[0], ks[2]]))
+        .transpose()?;
+    let query_mask = a
+        .query_mask
+        .as_ref()
+        .map(|p| read_mask(p, "query mask", [qs[0], qs[2]]))
+        .transpose()?;
+    if let Some(m) = &key_mask {
+        inputs = inputs.with_key_mask(m)?;
+    }
+    if let Some(m) = &query_mask {
+        inputs = inputs.with_query_mask(m)?;
+    }
+    let fwd = method.forward(&inputs, a.seed)?;
+    let out_shape = inputs.dims().out_shape();
+    npy::write_f32(&a.out, &fwd.output, &out_shape)?;
+    if let (Some(g_path), Some(dir)) = (&a.grad_out, &a.grads_dir) {
+        let (g, gs) = npy::read_f32(g_path, 4, "grad-out")?;
+        if gs != out_shape {
+            bail!(
+                "{}: grad-out has shape {gs:?} but the output has shape {out_shape:?}",
+                g_path.display()
+            );
+        }
+        let grads = method.backward(&inputs, a.seed, &fwd.saved, &g)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        npy::write_f32(&dir.join("dq.npy"), &grads.dq, &qs)?;
+        npy::write_f32(&dir.join("dk.npy"), &grads.dk, &ks)?;
+        npy::write_f32(&dir.join("dv.npy"), &grads.dv, &vs)?;
+    }
+    Ok(())
+}
+
+fn read_mask(path: &std::path::Path, what: &str, want: [usize; 2]) -> Result<Vec<bool>> {
+    let (m, shape) = npy::read_mask(path, what)?;
+    if shape != want {
+        bail!(
+            "{}: {what} has shape {shape:?} but must be [batch, n] = {want:?}",
+            path.display()
+        );
+    }
+    Ok(m)
+}

@@ -1,0 +1,399 @@
+//! End-to-end tests of the `randattn` binary: the file contract, every bad-input case (exit code
+//! 2 and a message that names the problem), and the JSON shapes other tools parse.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_randattn"))
+}
+
+fn npy(descr: &str, fortran: bool, shape: &[usize], payload: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let f = if fortran { "True" } else { "False" };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {f}, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn f32_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let hl = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + hl..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+const SHAPE: [usize; 4] = [2, 3, 9, 5];
+
+impl Files {
+    fn new() -> Files {
+        let f = Files {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let n: usize = SHAPE.iter().product();
+        for (name, phase) in [("q", 0.3f32), ("k", 1.1), ("v", 2.3), ("g", 0.7)] {
+            let data: Vec<f32> = (0..n).map(|i| (i as f32 * phase).sin()).collect();
+            f.write(
+                &format!("{name}.npy"),
+                &npy("<f4", false, &SHAPE, &f32_bytes(&data)),
+            );
+        }
+        f
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn p(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+    fn write(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.path(name), bytes).unwrap();
+    }
+    fn run(&self, method: &str, extra: &[&str]) -> Output {
+        let mut c = bin();
+        c.args([
+            "run",
+            "--method",
+            method,
+            "--q",
+            &self.p("q.npy"),
+            "--k",
+            &self.p("k.npy"),
+        ]);
+        c.args(["--v", &self.p("v.npy"), "--out", &self.p("out.npy")]);
+        c.args(extra);
+        c.output().unwrap()
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_fails(o: Output, needle: &str) {
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "exit code; stderr: {err}");
+    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+}
+
+#[test]
+fn run_forward_and_backward_match_the_reference() {
+    let f = Files::new();
+    let o = f.run(
+        "exact",
+        &["--grad-out", &f.p("g.npy"), "--grads-dir", &f.p("grads")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fast = read_f32(&f.path("out.npy"));
+    let dq = read_f32(&f.path("grads/dq.npy"));
+    assert_eq!(fast.len(), SHAPE.iter().product::<usize>());
+    assert_eq!(read_f32(&f.path("grads/dk.npy")).len(), dq.len());
+    assert_eq!(read_f32(&f.path("grads/dv.npy")).len(), dq.len());
+    let o = f.run(
+        "exact-naive",
+        &["--grad-out", &f.p("g.npy"), "--grads-dir", &f.p("ref")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (a, b) in fast.iter().zip(read_f32(&f.path("out.npy"))) {
+        assert!((a - b).abs() < 1e-5);
+    }
+    for (a, b) in dq.iter().zip(read_f32(&f.path("ref/dq.npy"))) {
+        assert!((a - b).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn masks_of_every_accepted_dtype_agree() {
+    let f = Files::new();
+    let keep: Vec<u8> = (0..2 * 9).map(|i| u8::from(i % 4 != 1)).collect();
+    let variants: [(&str, Vec<u8>); 4] = [
+        ("|b1", keep.clone()),
+        ("|u1", keep.clone()),
+        (
+            "<i8",
+            keep.iter()
+                .flat_map(|k| (*k as i64).to_le_bytes())
+                .collect(),
+        ),
+        (
+            "<f4",
+            keep.iter()
+                .flat_map(|k| (*k as f32).to_le_bytes())
+                .collect(),
+        ),
+    ];
+    let mut outputs = Vec::new();
+    for (descr, payload) in variants {
+        f.write("m.npy", &npy(descr, false, &[2, 9], &payload));
+        let o = f.run("exact", &["--mask", &f.p("m.npy")]);
+        assert!(o.status.success(), "{descr}: {}", stderr(&o));
+        outputs.push(read_f32(&f.path("out.npy")));
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    let o = f.run("exact", &[]);
+    assert!(o.status.success());
+    assert_ne!(
+        read_f32(&f.path("out.npy")),
+        outputs[0],
+        "the mask changes the output"
+    );
+}
+
+#[test]
+fn bad_files_exit_2_with_clear_messages() {
+    let f = Files::new();
+    let n: usize = SHAPE.iter().product();
+    let ok = f32_bytes(&vec![0.5; n]);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "f64",
+            npy("<f8", false, &SHAPE, &vec![0; 8 * n]),
+            "unsupported dtype `<f8`",
+        ),
+        (
+            "big-endian",
+            npy(">f4", false, &SHAPE, &ok),
+            "unsupported dtype `>f4`",
+        ),
+        ("fortran", npy("<f4", true, &SHAPE, &ok), "Fortran"),
+        (
+            "rank3",
+            npy("<f4", false, &[6, 9, 5], &ok),
+            "must have rank 4",
+        ),
+        (
+            "truncated",
+            npy("<f4", false, &SHAPE, &ok[..ok.len() - 3]),
+            "truncated or corrupt",
+        ),
+        (
+            "garbage",
+            b"this is not an array".to_vec(),
+            "not a .npy file",
+        ),
+        (
+            "mask-as-q",
+            npy("|b1", false, &SHAPE, &vec![1; n]),
+            "q must be float32",
+        ),
+    ];
+    for (_label, bytes, needle) in cases {
+        f.write("bad.npy", &bytes);
+        let mut c = bin();
+        c.args([
+            "run",
+            "--method",
+            "exact",
+            "--q",
+            &f.p("bad.npy"),
+            "--k",
+            &f.p("k.npy"),
+        ]);
+        c.args(["--v", &f.p("v.npy"), "--out", &f.p("out.npy")]);
+        let o = c.output().unwrap();
+        assert_fails(o, needle);
+    }
+    let mut nan = vec![0.5f32; n];
+    nan[17] = f32::NAN;
+    f.write("k.npy", &npy("<f4", false, &SHAPE, &f32_bytes(&nan)));
+    assert_fails(
+        f.run("exact", &[]),
+        "k contains a non-finite value (NaN) at flat index 17",
+    );
+    f.write(
+        "k.npy",
+        &npy(
+            "<f4",
+            false,
+            &[2, 3, 9, 4],
+            &f32_bytes(&vec![0.5; 2 * 3 * 9 * 4]),
+        ),
+    );
+    assert_fails(f.run("exact", &[]), "k has head dim 4");
+    let mut missing = bin();
+    missing.args([
+        "run",
+        "--method",
+        "exact",
+        "--q",
+        &f.p("nope.npy"),
+        "--k",
+        &f.p("k.npy"),
+    ]);
+    missing.args(["--v", &f.p("v.npy"), "--out", &f.p("out.npy")]);
+    assert_fails(missing.output().unwrap(), "cannot read");
+}
+
+#[test]
+fn bad_masks_params_and_flags_exit_2() {
+    let f = Files::new();
+    f.write("m.npy", &npy("|u1", false, &[2, 9], &[2; 18]));
+    assert_fails(
+        f.run("exact", &["--mask", &f.p("m.npy")]),
+        "must be 0 (drop) or 1 (keep), found 2",
+    );
+    f.write("m.npy", &npy("|u1", false, &[2, 8], &[1; 16]));
+    assert_fails(
+        f.run("exact", &["--mask", &f.p("m.npy")]),
+        "mask has shape [2, 8] but must be [batch, n] = [2, 9]",
+    );
+    f.write("m.npy", &npy("<i4", false, &[2, 9], &[0; 72]));
+    assert_fails(
+        f.run("exact", &["--mask", &f.p("m.npy")]),
+        "unsupported dtype `<i4`",
+    );
+    assert_fails(
+        f.run("softmax", &[]),
+        "unknown method `softmax`; valid methods: exact-naive, exact",
+    );
+    assert_fails(
+        f.run("exact", &["--set", "tau=3"]),
+        "has no parameter `tau`; valid parameters: scale",
+    );
+    assert_fails(
+        f.run("exact", &["--set", "scale=0"]),
+        "parameter `scale` of method `exact` must be",
+    );
+    assert_fails(
+        f.run("exact", &["--set", "scale"]),
+        "--set expects key=value",
+    );
+    assert_fails(
+        f.run("exact", &["--grad-out", &f.p("g.npy")]),
+        "--grads-dir",
+    );
+    f.write(
+        "g.npy",
+        &npy(
+            "<f4",
+            false,
+            &[2, 3, 9, 4],
+            &f32_bytes(&vec![0.5; 2 * 3 * 9 * 4]),
+        ),
+    );
+    assert_fails(
+        f.run(
+            "exact",
+            &["--grad-out", &f.p("g.npy"), "--grads-dir", &f.p("gr")],
+        ),
+        "grad-out has shape [2, 3, 9, 4] but the output has shape [2, 3, 9, 5]",
+    );
+}
+
+#[test]
+fn methods_lists_parameters() {
+    let o = bin().arg("methods").output().unwrap();
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("exact-naive") && text.contains("--set scale=") && text.contains("1/sqrt(d)"),
+        "{text}"
+    );
+    let o = bin().args(["methods", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["methods"][1]["name"], "exact");
+    assert_eq!(v["methods"][1]["params"][0]["name"], "scale");
+}
+
+#[test]
+fn compare_and_bench_write_the_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.json");
+    let o = bin()
+        .args(["compare", "--quick", "--quiet", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("rel_error") && text.contains("exact-naive"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows[0]["method"], "exact");
+    for key in [
+        "method",
+        "params",
+        "n",
+        "rel_error",
+        "forward_ms",
+        "speedup_vs_exact",
+    ] {
+        assert!(rows.iter().all(|r| r.get(key).is_some()), "missing {key}");
+    }
+    let naive = rows.iter().find(|r| r["method"] == "exact-naive").unwrap();
+    assert!(
+        naive["rel_error"].as_f64().unwrap() < 1e-5,
+        "exact kernels agree: {naive}"
+    );
+
+    let path = dir.path().join("b.json");
+    let o = bin()
+        .args([
+            "bench",
+            "--n",
+            "64,100",
+            "--heads",
+            "2",
+            "--d",
+            "16",
+            "--backward",
+            "--repeats",
+            "1",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for key in [
+        "method",
+        "params",
+        "batch",
+        "heads",
+        "n",
+        "d",
+        "forward_ms",
+        "backward_ms",
+        "speedup_vs_exact",
+        "peak_extra_bytes",
+    ] {
+        assert!(rows.iter().all(|r| r.get(key).is_some()), "missing {key}");
+    }
+    assert!(rows[0]["backward_ms"].is_number());
+    assert!(rows[0]["peak_extra_bytes"].as_u64().unwrap() > 0);
+    assert_fails(
+        bin().args(["bench", "--methods", "nope"]).output().unwrap(),
+        "unknown method `nope`",
+    );
+}
