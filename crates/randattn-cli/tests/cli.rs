@@ -397,3 +397,47 @@ fn compare_and_bench_write_the_documented_json() {
         "unknown method `nope`",
     );
 }
+
+/// The real MiniLM layers in `shared/fixtures/minilm` (beside the repository, as on CI).
+fn fixture(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/minilm");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {} (shared/ must sit beside the repository)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn exact_reproduces_real_minilm_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.npy");
+    for (prefix, mask) in [
+        ("layer0", None),
+        ("layer5", None),
+        ("layer0-padded", Some("layer0-padded-mask.npy")),
+    ] {
+        let mut c = bin();
+        c.args(["run", "--method", "exact"]);
+        c.arg("--q").arg(fixture(&format!("{prefix}-q.npy")));
+        c.arg("--k").arg(fixture(&format!("{prefix}-k.npy")));
+        c.arg("--v").arg(fixture(&format!("{prefix}-v.npy")));
+        if let Some(m) = mask {
+            c.arg("--mask").arg(fixture(m));
+        }
+        let o = c.arg("--out").arg(&out).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got = read_f32(&out);
+        let want = read_f32(&fixture(&format!("{prefix}-out.npy")));
+        assert_eq!(got.len(), want.len());
+        // The reference is float64; f32 storage of O(1) outputs allows ~1e-6 error per element.
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 5e-5, "{prefix}: max abs error {worst}");
+    }
+}
