@@ -363,16 +363,59 @@ fn forward_block(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let Dims { n_k, d, d_v, .. } = dims;
+    let Dims { n_k, .. } = dims;
     let rows = lse.len();
     out.fill(0.0);
     if query_keep.is_some_and(|m| m.iter().all(|k| !k)) {
         lse.fill(f32::INFINITY);
         return;
     }
-    let mut s = vec![0.0f32; rows * KEY_TILE.min(n_k)];
-    let mut row_max_run = vec![f32::NEG_INFINITY; rows];
-    let mut denom = vec![0.0f32; rows];
+    FORWARD_SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        scratch.resize(rows * (KEY_TILE.min(n_k) + 2), 0.0);
+        let (s, running) = scratch.split_at_mut(rows * KEY_TILE.min(n_k));
+        let (row_max_run, denom) = running.split_at_mut(rows);
+        row_max_run.fill(f32::NEG_INFINITY);
+        forward_block_tiles(
+            q_blk,
+            k,
+            v,
+            keep,
+            query_keep,
+            dims,
+            scale,
+            out,
+            lse,
+            s,
+            row_max_run,
+            denom,
+        );
+    });
+}
+
+thread_local! {
+    /// Per-thread scratch of [`forward_block`] (logit tile, running maxima and denominators),
+    /// reused across blocks so the hot loop neither allocates nor page-faults.
+    static FORWARD_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_block_tiles(
+    q_blk: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keep: Option<&[bool]>,
+    query_keep: Option<&[bool]>,
+    dims: Dims,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+    s: &mut [f32],
+    row_max_run: &mut [f32],
+    denom: &mut [f32],
+) {
+    let Dims { n_k, d, d_v, .. } = dims;
+    let rows = lse.len();
     for c0 in (0..n_k).step_by(KEY_TILE) {
         let c1 = (c0 + KEY_TILE).min(n_k);
         let cols = c1 - c0;
