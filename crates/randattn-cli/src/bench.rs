@@ -1,6 +1,5 @@
 //! `randattn bench`: median wall time, speed-up over `exact`, GFLOP/s and peak memory.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -36,15 +35,8 @@ pub struct BenchArgs {
     /// Minimum timed runs per measurement (after one warm-up); more are taken within ~2 s.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Seed of the workload and of the methods.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Write results as JSON to FILE.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    common: crate::ReportArgs,
 }
 
 struct Timing {
@@ -59,19 +51,19 @@ fn measure(m: &Method, x: &AttentionInputs<'_>, a: &BenchArgs) -> Result<Timing>
     // inputs already allocated.
     let base = alloc::start();
     {
-        let f = m.forward(x, a.seed)?;
+        let f = m.forward(x, a.common.seed)?;
         if a.backward {
             let g = vec![1.0f32; f.output.len()];
-            drop(m.backward(x, a.seed, &f.saved, &g)?);
+            drop(m.backward(x, a.common.seed, &f.saved, &g)?);
         }
     }
     let peak_extra_bytes = alloc::peak_since(base);
-    let forward_ms = crate::report::median_ms(a.repeats, budget, || m.forward(x, a.seed));
+    let forward_ms = crate::report::median_ms(a.repeats, budget, || m.forward(x, a.common.seed));
     let backward_ms = if a.backward {
         let g = vec![1.0f32; x.dims().out_len()];
         let both = crate::report::median_ms(a.repeats, budget, || -> Result<()> {
-            let f = m.forward(x, a.seed)?;
-            m.backward(x, a.seed, &f.saved, &g)?;
+            let f = m.forward(x, a.common.seed)?;
+            m.backward(x, a.common.seed, &f.saved, &g)?;
             Ok(())
         });
         Some((both - forward_ms).max(0.0))
@@ -100,11 +92,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .map(|n| Method::parse::<&str>(n, &[]))
         .collect::<Result<_, _>>()?;
 
-    let bar = progress((a.n.len() * methods.len()) as u64, a.quiet);
+    let bar = progress((a.n.len() * methods.len()) as u64, a.common.quiet);
     let mut rows = Vec::new();
     let mut results = Vec::new();
     for &n in &a.n {
-        let w = clustered(a.batch, a.heads, n, a.d, a.seed);
+        let w = clustered(a.batch, a.heads, n, a.d, a.common.seed);
         let shape = [a.batch, a.heads, n, a.d];
         let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape)?;
         let mut exact_ms = f64::NAN;
@@ -175,7 +167,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             &rows
         )
     );
-    if let Some(path) = &a.json {
+    if let Some(path) = &a.common.json {
         write_json(path, &json!({ "results": results }))?;
     }
     Ok(())

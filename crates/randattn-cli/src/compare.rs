@@ -1,7 +1,6 @@
 //! `randattn compare`: the main job. Every method on the built-in clustered workload: relative
 //! error of the output vs `exact`, forward time and speed-up.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -36,15 +35,8 @@ pub struct CompareArgs {
     /// Head dimension (default 64; 32 with --quick).
     #[arg(long)]
     d: Option<usize>,
-    /// Seed of the workload and of the methods.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Write results as JSON to FILE.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    common: crate::ReportArgs,
 }
 
 fn rel_error(got: &[f32], want: &[f32]) -> f64 {
@@ -80,15 +72,15 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         (3, Duration::from_secs(1))
     };
 
-    let bar = progress((ns.len() * methods.len()) as u64, a.quiet);
+    let bar = progress((ns.len() * methods.len()) as u64, a.common.quiet);
     let mut rows = Vec::new();
     let mut results = Vec::new();
     let mut skipped = Vec::new();
     for &n in &ns {
-        let w = clustered(a.batch, heads, n, d, a.seed);
+        let w = clustered(a.batch, heads, n, d, a.common.seed);
         let shape = [a.batch, heads, n, d];
         let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape)?;
-        let reference = methods[0].forward(&x, a.seed)?.output;
+        let reference = methods[0].forward(&x, a.common.seed)?.output;
         let mut exact_ms = f64::NAN;
         for m in &methods {
             bar.set_message(format!("{} n={n}", m.name()));
@@ -99,9 +91,9 @@ pub fn compare(a: CompareArgs) -> Result<()> {
                 bar.inc(1);
                 continue;
             }
-            let out = m.forward(&x, a.seed)?.output;
+            let out = m.forward(&x, a.common.seed)?.output;
             let err = rel_error(&out, &reference);
-            let t = median_ms(runs, budget, || m.forward(&x, a.seed));
+            let t = median_ms(runs, budget, || m.forward(&x, a.common.seed));
             if m.name() == "exact" {
                 exact_ms = t;
             }
@@ -131,7 +123,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     println!(
         "workload: clustered (peaked attention), batch={} heads={heads} d={d} seed={} threads={}",
         a.batch,
-        a.seed,
+        a.common.seed,
         rayon::current_num_threads()
     );
     println!("rel_error = ||O - O_exact||_F / ||O_exact||_F; forward time is the median in ms");
@@ -145,7 +137,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     for s in &skipped {
         println!("skipped: {s}");
     }
-    if let Some(path) = &a.json {
+    if let Some(path) = &a.common.json {
         write_json(path, &json!({ "results": results }))?;
     }
     Ok(())

@@ -47,6 +47,20 @@ enum Command {
     Compare(compare::CompareArgs),
 }
 
+/// Options shared by the commands that run a workload and report on it.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Seed of the workload and of the methods.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write results as JSON to FILE.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
 /// Parses `--set key=value` settings.
 pub fn parse_settings(settings: &[String]) -> Result<Vec<(String, String)>> {
     settings

@@ -350,131 +350,107 @@ fn logits_tile(
     }
 }
 
-/// Forward of one query block: writes `out` (`rows × d_v`) and `lse` (`rows`).
-#[allow(clippy::too_many_arguments)]
-fn forward_block(
-    q_blk: &[f32],
-    k: &[f32],
-    v: &[f32],
-    keep: Option<&[bool]>,
-    query_keep: Option<&[bool]>,
-    dims: Dims,
-    scale: f32,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    let Dims { n_k, .. } = dims;
-    let rows = lse.len();
-    out.fill(0.0);
-    if query_keep.is_some_and(|m| m.iter().all(|k| !k)) {
-        lse.fill(f32::INFINITY);
-        return;
-    }
-    FORWARD_SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
-        scratch.resize(rows * (KEY_TILE.min(n_k) + 2), 0.0);
-        let (s, running) = scratch.split_at_mut(rows * KEY_TILE.min(n_k));
-        let (row_max_run, denom) = running.split_at_mut(rows);
-        row_max_run.fill(f32::NEG_INFINITY);
-        forward_block_tiles(
-            q_blk,
-            k,
-            v,
-            keep,
-            query_keep,
-            dims,
-            scale,
-            out,
-            lse,
-            s,
-            row_max_run,
-            denom,
-        );
-    });
-}
-
 thread_local! {
-    /// Per-thread scratch of [`forward_block`] (logit tile, running maxima and denominators),
-    /// reused across blocks so the hot loop neither allocates nor page-faults.
-    static FORWARD_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread scratch of [`HeadForward::block`] (logit tile, running maxima and
+    /// denominators), reused across blocks so the hot loop neither allocates nor page-faults.
+    static FORWARD_SCRATCH: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward_block_tiles(
-    q_blk: &[f32],
-    k: &[f32],
-    v: &[f32],
-    keep: Option<&[bool]>,
-    query_keep: Option<&[bool]>,
+/// Everything the forward of one head needs, borrowed.
+struct HeadForward<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    keep: Option<&'a [bool]>,
     dims: Dims,
     scale: f32,
-    out: &mut [f32],
-    lse: &mut [f32],
-    s: &mut [f32],
-    row_max_run: &mut [f32],
-    denom: &mut [f32],
-) {
-    let Dims { n_k, d, d_v, .. } = dims;
-    let rows = lse.len();
-    for c0 in (0..n_k).step_by(KEY_TILE) {
-        let c1 = (c0 + KEY_TILE).min(n_k);
-        let cols = c1 - c0;
-        let tile_keep = keep.map(|m| &m[c0..c1]);
-        let mask = tile_mask(keep, c0..c1);
-        if mask == TileMask::AllMasked {
-            continue;
+}
+
+impl HeadForward<'_> {
+    /// Forward of one query block: writes `out` (`rows × d_v`) and `lse` (`rows`).
+    fn block(&self, q_blk: &[f32], query_keep: Option<&[bool]>, out: &mut [f32], lse: &mut [f32]) {
+        let Dims { n_k, d_v, .. } = self.dims;
+        let rows = lse.len();
+        out.fill(0.0);
+        if query_keep.is_some_and(|m| m.iter().all(|k| !k)) {
+            lse.fill(f32::INFINITY);
+            return;
         }
-        let s = &mut s[..rows * cols];
-        logits_tile(
-            s,
-            q_blk,
-            &k[c0 * d..c1 * d],
-            rows,
-            cols,
-            d,
-            scale,
-            tile_keep,
-            mask,
-        );
-        for (r, srow) in s.chunks_exact_mut(cols).enumerate() {
-            let m_old = row_max_run[r];
-            let m_new = m_old.max(row_max(srow));
-            if m_new == f32::NEG_INFINITY {
-                srow.fill(0.0);
-                continue;
-            }
-            let correction = (m_old - m_new).exp();
-            denom[r] = denom[r] * correction + exp_shifted_sum(srow, m_new);
-            if correction != 1.0 {
-                for o in &mut out[r * d_v..(r + 1) * d_v] {
-                    *o *= correction;
+        FORWARD_SCRATCH.with_borrow_mut(|scratch| {
+            let tile = KEY_TILE.min(n_k);
+            scratch.clear();
+            scratch.resize(rows * (tile + 2), 0.0);
+            let (s, running) = scratch.split_at_mut(rows * tile);
+            let (row_max_run, denom) = running.split_at_mut(rows);
+            row_max_run.fill(f32::NEG_INFINITY);
+            self.stream_tiles(q_blk, out, s, row_max_run, denom);
+            for r in 0..rows {
+                let o = &mut out[r * d_v..(r + 1) * d_v];
+                if denom[r] > 0.0 && query_keep.is_none_or(|m| m[r]) {
+                    let inv = 1.0 / denom[r];
+                    for x in o.iter_mut() {
+                        *x *= inv;
+                    }
+                    lse[r] = row_max_run[r] + denom[r].ln();
+                } else {
+                    o.fill(0.0);
+                    lse[r] = f32::INFINITY;
                 }
             }
-            row_max_run[r] = m_new;
-        }
-        gemm(
-            rows,
-            d_v,
-            cols,
-            out,
-            d_v,
-            Mat::rows(s, cols),
-            Mat::rows(&v[c0 * d_v..c1 * d_v], d_v),
-            1.0,
-            true,
-        );
+        });
     }
-    for r in 0..rows {
-        let o = &mut out[r * d_v..(r + 1) * d_v];
-        if denom[r] > 0.0 && query_keep.is_none_or(|m| m[r]) {
-            let inv = 1.0 / denom[r];
-            for x in o.iter_mut() {
-                *x *= inv;
+
+    /// The online softmax over all key tiles: accumulates the unnormalised output in `out`, the
+    /// running row maxima and the softmax denominators.
+    fn stream_tiles(
+        &self,
+        q_blk: &[f32],
+        out: &mut [f32],
+        s: &mut [f32],
+        row_max_run: &mut [f32],
+        denom: &mut [f32],
+    ) {
+        let Dims { n_k, d, d_v, .. } = self.dims;
+        let rows = denom.len();
+        for c0 in (0..n_k).step_by(KEY_TILE) {
+            let c1 = (c0 + KEY_TILE).min(n_k);
+            let cols = c1 - c0;
+            let mask = tile_mask(self.keep, c0..c1);
+            if mask == TileMask::AllMasked {
+                continue;
             }
-            lse[r] = row_max_run[r] + denom[r].ln();
-        } else {
-            o.fill(0.0);
-            lse[r] = f32::INFINITY;
+            let tile_keep = self.keep.map(|m| &m[c0..c1]);
+            let s = &mut s[..rows * cols];
+            let k_tile = &self.k[c0 * d..c1 * d];
+            logits_tile(s, q_blk, k_tile, rows, cols, d, self.scale, tile_keep, mask);
+            for (r, srow) in s.chunks_exact_mut(cols).enumerate() {
+                let m_old = row_max_run[r];
+                let m_new = m_old.max(row_max(srow));
+                if m_new == f32::NEG_INFINITY {
+                    srow.fill(0.0);
+                    continue;
+                }
+                let correction = (m_old - m_new).exp();
+                denom[r] = denom[r] * correction + exp_shifted_sum(srow, m_new);
+                if correction != 1.0 {
+                    for o in &mut out[r * d_v..(r + 1) * d_v] {
+                        *o *= correction;
+                    }
+                }
+                row_max_run[r] = m_new;
+            }
+            let v_tile = Mat::rows(&self.v[c0 * d_v..c1 * d_v], d_v);
+            gemm(
+                rows,
+                d_v,
+                cols,
+                out,
+                d_v,
+                Mat::rows(s, cols),
+                v_tile,
+                1.0,
+                true,
+            );
         }
     }
 }
@@ -497,8 +473,15 @@ impl Exact {
             .enumerate()
             .for_each(|(bh, (out_h, lse_h))| {
                 let b = bh / heads;
-                let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
-                let (keep, query_keep) = (x.key_mask_row(b), x.query_mask_row(b));
+                let q = x.q_head(bh);
+                let query_keep = x.query_mask_row(b);
+                let head = HeadForward {
+                    k: x.k_head(bh),
+                    v: x.v_head(bh),
+                    keep: x.key_mask_row(b),
+                    dims,
+                    scale,
+                };
                 out_h
                     .par_chunks_mut(QUERY_BLOCK * d_v)
                     .zip(lse_h.par_chunks_mut(QUERY_BLOCK))
@@ -506,14 +489,9 @@ impl Exact {
                     .for_each(|(blk, (out, lse))| {
                         let r0 = blk * QUERY_BLOCK;
                         let rows = lse.len();
-                        forward_block(
+                        head.block(
                             &q[r0 * d..(r0 + rows) * d],
-                            k,
-                            v,
-                            keep,
                             query_keep.map(|m| &m[r0..r0 + rows]),
-                            dims,
-                            scale,
                             out,
                             lse,
                         );
