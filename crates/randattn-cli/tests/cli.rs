@@ -159,6 +159,20 @@ fn masks_of_every_accepted_dtype_agree() {
         outputs[0],
         "the mask changes the output"
     );
+
+    // Query mask: batch element 0 keeps only its first query row.
+    let qkeep: Vec<u8> = (0..2 * 9).map(|i| u8::from(i == 0 || i >= 9)).collect();
+    f.write("qm.npy", &npy("|u1", false, &[2, 9], &qkeep));
+    let o = f.run("exact", &["--query-mask", &f.p("qm.npy")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = read_f32(&f.path("out.npy"));
+    let (heads, n, dv) = (SHAPE[1], SHAPE[2], SHAPE[3]);
+    for h in 0..heads {
+        for i in 0..n {
+            let row = &out[(h * n + i) * dv..][..dv];
+            assert_eq!(row.iter().all(|x| *x == 0.0), i != 0, "head {h} row {i}");
+        }
+    }
 }
 
 #[test]

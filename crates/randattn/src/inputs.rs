@@ -64,7 +64,10 @@ pub struct AttentionInputs<'a> {
 }
 
 fn check_len(arg: &'static str, data_len: usize, shape: &[usize]) -> Result<()> {
-    let want: usize = shape.iter().product();
+    let want = shape
+        .iter()
+        .try_fold(1usize, |acc, s| acc.checked_mul(*s))
+        .ok_or_else(|| Error::shape(arg, format!("has shape {shape:?}, too large to address")))?;
     if data_len != want {
         return Err(Error::shape(
             arg,
@@ -315,6 +318,9 @@ mod tests {
         );
         bad[33] = f32::NEG_INFINITY;
         let err = check_finite("v", &bad).unwrap_err();
+        let huge = [usize::MAX / 2, 4, 1, 1];
+        let err2 = AttentionInputs::new(&ok, huge, &ok, huge, &ok, huge).unwrap_err();
+        assert!(err2.to_string().contains("too large"), "{err2}");
         assert!(matches!(err, Error::NonFinite { index: 33, .. }));
     }
 
