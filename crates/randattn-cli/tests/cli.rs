@@ -455,3 +455,33 @@ fn exact_reproduces_real_minilm_attention() {
         assert!(worst < 5e-5, "{prefix}: max abs error {worst}");
     }
 }
+
+#[test]
+fn exact_never_allocates_an_n_by_n_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.json");
+    let n = 4096u64;
+    let o = bin()
+        .args([
+            "bench",
+            "--methods",
+            "exact",
+            "--n",
+            "4096",
+            "--heads",
+            "1",
+            "--d",
+            "16",
+        ])
+        .args(["--backward", "--repeats", "1", "--quiet", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let peak = v["results"][0]["peak_extra_bytes"].as_u64().unwrap();
+    // Forward + backward keep O(n·d) state (output, saved output, lse, gradients, per-chunk dQ);
+    // one n×n f32 matrix alone would be 64 MiB.
+    assert!(peak < n * n * 4 / 8, "peak extra bytes {peak}");
+}
