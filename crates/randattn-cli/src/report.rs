@@ -72,6 +72,7 @@ pub fn progress(len: u64, quiet: bool) -> ProgressBar {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
             .expect("valid template"),
     );
+    bar.enable_steady_tick(Duration::from_millis(250));
     bar
 }
 
