@@ -37,6 +37,8 @@ pub const QUERY_BLOCK: usize = 128;
 pub const KEY_TILE: usize = 512;
 /// Keys per tile in the backward pass (smaller: four tiles of scratch are live at once).
 pub const BACKWARD_KEY_TILE: usize = 128;
+/// Query rows per inner tile of the backward pass.
+pub const BACKWARD_QUERY_BLOCK: usize = 128;
 /// The backward splits each head's keys into chunks until there are about this many tasks. A
 /// constant rather than the thread count, so that the summation order (and thus every bit of dQ)
 /// does not depend on the machine.
@@ -522,8 +524,8 @@ impl HeadBackward<'_> {
         let Dims { n_q, d, d_v, .. } = self.dims;
         let n_keys = dk.len() / d;
         let tile = BACKWARD_KEY_TILE.min(n_keys);
-        let mut p = vec![0.0f32; QUERY_BLOCK * tile];
-        let mut dp = vec![0.0f32; QUERY_BLOCK * tile];
+        let mut p = vec![0.0f32; BACKWARD_QUERY_BLOCK * tile];
+        let mut dp = vec![0.0f32; BACKWARD_QUERY_BLOCK * tile];
         for t0 in (0..n_keys).step_by(BACKWARD_KEY_TILE) {
             let t1 = (t0 + BACKWARD_KEY_TILE).min(n_keys);
             let (c0, c1) = (k0 + t0, k0 + t1);
@@ -537,8 +539,8 @@ impl HeadBackward<'_> {
             let v_tile = &self.v[c0 * d_v..c1 * d_v];
             let dk_tile = &mut dk[t0 * d..t1 * d];
             let dv_tile = &mut dv[t0 * d_v..t1 * d_v];
-            for r0 in (0..n_q).step_by(QUERY_BLOCK) {
-                let r1 = (r0 + QUERY_BLOCK).min(n_q);
+            for r0 in (0..n_q).step_by(BACKWARD_QUERY_BLOCK) {
+                let r1 = (r0 + BACKWARD_QUERY_BLOCK).min(n_q);
                 let rows = r1 - r0;
                 let lse = &self.lse[r0..r1];
                 if lse.iter().all(|l| *l == f32::INFINITY) {
