@@ -33,7 +33,7 @@ const HEAVY_TOKENS: usize = 4;
 /// `R² = 5·√d`, so that a query at its centre has a logit of about 5 (at scale `1/√d`) against
 /// keys of its cluster and about 0 against others; every token belongs to a random cluster; keys
 /// are centre + isotropic noise of norm ≈ 0.9R; queries are centre + half a shared global
-/// direction `g` + the same noise; [`HEAVY_TOKENS`] keys are `1.6·g` + noise, so every query
+/// direction `g` + the same noise; four "heavy" keys are `1.6·g` + noise, so every query
 /// gives them a logit of about 4. V is standard normal.
 ///
 /// Calibrated against the real MiniLM layers in `shared/fixtures/minilm` (n = 512): there the
