@@ -83,14 +83,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .map(|m| m.name)
         .filter(|n| *n != "exact-naive")
         .collect();
-    let mut names = parse_methods(&a.methods, &everything)?;
-    // `exact` is the yardstick: always measured, first.
-    names.retain(|n| n != "exact");
-    names.insert(0, "exact".to_string());
-    let methods: Vec<Method> = names
-        .iter()
-        .map(|n| Method::parse::<&str>(n, &[]))
-        .collect::<Result<_, _>>()?;
+    let methods = parse_methods(&a.methods, &everything)?;
 
     let bar = progress((a.n.len() * methods.len()) as u64, a.common.quiet);
     let mut rows = Vec::new();

@@ -59,13 +59,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let heads = a.heads.unwrap_or(if a.quick { 4 } else { 8 });
     let d = a.d.unwrap_or(if a.quick { 32 } else { 64 });
     let all: Vec<&str> = Method::catalog().iter().map(|m| m.name).collect();
-    let mut names = parse_methods(&a.methods, &all)?;
-    names.retain(|n| n != "exact");
-    names.insert(0, "exact".to_string());
-    let methods: Vec<Method> = names
-        .iter()
-        .map(|n| Method::parse::<&str>(n, &[]))
-        .collect::<Result<_, _>>()?;
+    let methods = parse_methods(&a.methods, &all)?;
     let (runs, budget) = if a.quick {
         (1, Duration::ZERO)
     } else {

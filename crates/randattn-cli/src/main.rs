@@ -74,9 +74,10 @@ pub fn parse_settings(settings: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// Parses a comma-separated method list (`all` = every method).
-pub fn parse_methods(list: &str, default_all: &[&str]) -> Result<Vec<String>> {
-    let names: Vec<String> = if list.trim() == "all" {
+/// Parses a comma-separated method list (`all` = every method in `default_all`) into methods
+/// with default parameters, `exact` first: it is the yardstick of every speed-up and error.
+pub fn parse_methods(list: &str, default_all: &[&str]) -> Result<Vec<Method>> {
+    let mut names: Vec<String> = if list.trim() == "all" {
         default_all.iter().map(|s| s.to_string()).collect()
     } else {
         list.split(',')
@@ -84,13 +85,15 @@ pub fn parse_methods(list: &str, default_all: &[&str]) -> Result<Vec<String>> {
             .filter(|s| !s.is_empty())
             .collect()
     };
-    for n in &names {
-        Method::from_name(n)?;
-    }
     if names.is_empty() {
         bail!("--methods is empty");
     }
-    Ok(names)
+    names.retain(|n| n != "exact");
+    names.insert(0, "exact".to_string());
+    Ok(names
+        .iter()
+        .map(|n| Method::parse::<&str>(n, &[]))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Writes JSON to a file.
