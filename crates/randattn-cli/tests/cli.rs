@@ -32,6 +32,16 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// A float32 `.npy` of `shape` filled with `value`.
+fn constant_f32(shape: &[usize], value: f32) -> Vec<u8> {
+    npy(
+        "<f4",
+        false,
+        shape,
+        &f32_bytes(&vec![value; shape.iter().product()]),
+    )
+}
+
 fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
     let hl = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
@@ -72,13 +82,17 @@ impl Files {
         std::fs::write(self.path(name), bytes).unwrap();
     }
     fn run(&self, method: &str, extra: &[&str]) -> Output {
+        self.run_with_q("q.npy", method, extra)
+    }
+    /// `run` with another file (possibly missing or broken) as the queries.
+    fn run_with_q(&self, q: &str, method: &str, extra: &[&str]) -> Output {
         let mut c = bin();
         c.args([
             "run",
             "--method",
             method,
             "--q",
-            &self.p("q.npy"),
+            &self.p(q),
             "--k",
             &self.p("k.npy"),
         ]);
@@ -90,6 +104,17 @@ impl Files {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs the binary with `args` plus `--json FILE`; returns its stdout and the parsed JSON.
+fn run_json(args: &[&str]) -> (String, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.json");
+    let o = bin().args(args).arg("--json").arg(&path).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    (stdout, serde_json::from_str(&text).unwrap())
 }
 
 fn assert_fails(o: Output, needle: &str) {
@@ -213,21 +238,10 @@ fn bad_files_exit_2_with_clear_messages() {
             "q must be float32",
         ),
     ];
-    for (_label, bytes, needle) in cases {
+    for (label, bytes, needle) in cases {
+        eprintln!("bad-file case: {label}"); // shown with the failure
         f.write("bad.npy", &bytes);
-        let mut c = bin();
-        c.args([
-            "run",
-            "--method",
-            "exact",
-            "--q",
-            &f.p("bad.npy"),
-            "--k",
-            &f.p("k.npy"),
-        ]);
-        c.args(["--v", &f.p("v.npy"), "--out", &f.p("out.npy")]);
-        let o = c.output().unwrap();
-        assert_fails(o, needle);
+        assert_fails(f.run_with_q("bad.npy", "exact", &[]), needle);
     }
     let mut nan = vec![0.5f32; n];
     nan[17] = f32::NAN;
@@ -236,28 +250,9 @@ fn bad_files_exit_2_with_clear_messages() {
         f.run("exact", &[]),
         "k contains a non-finite value (NaN) at flat index 17",
     );
-    f.write(
-        "k.npy",
-        &npy(
-            "<f4",
-            false,
-            &[2, 3, 9, 4],
-            &f32_bytes(&vec![0.5; 2 * 3 * 9 * 4]),
-        ),
-    );
+    f.write("k.npy", &constant_f32(&[2, 3, 9, 4], 0.5));
     assert_fails(f.run("exact", &[]), "k has head dim 4");
-    let mut missing = bin();
-    missing.args([
-        "run",
-        "--method",
-        "exact",
-        "--q",
-        &f.p("nope.npy"),
-        "--k",
-        &f.p("k.npy"),
-    ]);
-    missing.args(["--v", &f.p("v.npy"), "--out", &f.p("out.npy")]);
-    assert_fails(missing.output().unwrap(), "cannot read");
+    assert_fails(f.run_with_q("nope.npy", "exact", &[]), "cannot read");
 }
 
 #[test]
@@ -298,15 +293,7 @@ fn bad_masks_params_and_flags_exit_2() {
         f.run("exact", &["--grad-out", &f.p("g.npy")]),
         "--grads-dir",
     );
-    f.write(
-        "g.npy",
-        &npy(
-            "<f4",
-            false,
-            &[2, 3, 9, 4],
-            &f32_bytes(&vec![0.5; 2 * 3 * 9 * 4]),
-        ),
-    );
+    f.write("g.npy", &constant_f32(&[2, 3, 9, 4], 0.5));
     assert_fails(
         f.run(
             "exact",
@@ -333,21 +320,11 @@ fn methods_lists_parameters() {
 
 #[test]
 fn compare_and_bench_write_the_documented_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.json");
-    let o = bin()
-        .args(["compare", "--quick", "--quiet", "--json"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let text = String::from_utf8_lossy(&o.stdout);
+    let (text, v) = run_json(&["compare", "--quick", "--quiet"]);
     assert!(
         text.contains("rel_error") && text.contains("exact-naive"),
         "{text}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let rows = v["results"].as_array().unwrap();
     assert_eq!(rows[0]["method"], "exact");
     for key in [
@@ -366,28 +343,19 @@ fn compare_and_bench_write_the_documented_json() {
         "exact kernels agree: {naive}"
     );
 
-    let path = dir.path().join("b.json");
-    let o = bin()
-        .args([
-            "bench",
-            "--n",
-            "64,100",
-            "--heads",
-            "2",
-            "--d",
-            "16",
-            "--backward",
-            "--repeats",
-            "1",
-            "--quiet",
-            "--json",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (_, v) = run_json(&[
+        "bench",
+        "--n",
+        "64,100",
+        "--heads",
+        "2",
+        "--d",
+        "16",
+        "--backward",
+        "--repeats",
+        "1",
+        "--quiet",
+    ]);
     let rows = v["results"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for key in [
@@ -458,28 +426,22 @@ fn exact_reproduces_real_minilm_attention() {
 
 #[test]
 fn exact_never_allocates_an_n_by_n_matrix() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("b.json");
     let n = 4096u64;
-    let o = bin()
-        .args([
-            "bench",
-            "--methods",
-            "exact",
-            "--n",
-            "4096",
-            "--heads",
-            "1",
-            "--d",
-            "16",
-        ])
-        .args(["--backward", "--repeats", "1", "--quiet", "--json"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (_, v) = run_json(&[
+        "bench",
+        "--methods",
+        "exact",
+        "--n",
+        "4096",
+        "--heads",
+        "1",
+        "--d",
+        "16",
+        "--backward",
+        "--repeats",
+        "1",
+        "--quiet",
+    ]);
     let peak = v["results"][0]["peak_extra_bytes"].as_u64().unwrap();
     // Forward + backward keep O(n·d) state (output, saved output, lse, gradients, per-chunk dQ);
     // one n×n f32 matrix alone would be 64 MiB.
