@@ -40,7 +40,8 @@ pub struct RunArgs {
     /// Gradient of the loss w.r.t. the output (same shape); runs the backward pass.
     #[arg(long, requires = "grads_dir")]
     grad_out: Option<PathBuf>,
-    /// Directory that receives dq.npy, dk.npy and dv.npy.
+    /// Directory that receives dq.npy, dk.npy, dv.npy and one NAME.npy per learnable parameter
+    /// of the method (e.g. conv_weights.npy for yoso with conv > 0).
     #[arg(long, requires = "grad_out")]
     grads_dir: Option<PathBuf>,
 }
@@ -87,6 +88,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         npy::write_f32(&dir.join("dq.npy"), &grads.dq, &qs)?;
         npy::write_f32(&dir.join("dk.npy"), &grads.dk, &ks)?;
         npy::write_f32(&dir.join("dv.npy"), &grads.dv, &vs)?;
+        for p in &grads.params {
+            npy::write_f32(&dir.join(format!("{}.npy", p.name)), &p.grad, &p.shape)?;
+        }
     }
     Ok(())
 }

@@ -35,4 +35,6 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use inputs::{AttentionInputs, Dims};
-pub use method::{Attention, Forward, Grads, Method, MethodConfig, MethodInfo, ParamInfo, Saved};
+pub use method::{
+    Attention, Forward, Grads, Method, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved,
+};

@@ -185,6 +185,38 @@ fn row_max_impl(row: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, x| m.max(*x))
 }
 
+/// Defines a function whose body is compiled three times — for AVX-512F, for AVX2 + FMA and for
+/// the baseline target — and runs the best one the CPU supports (checked at run time).
+///
+/// For the project's own kernels (hashing, scatter/gather, pair walks): their loops are written
+/// plainly over `chunks_exact` / fixed-size lane arrays, and the compiler vectorises each copy to
+/// its register width. Helpers called from the body should be `#[inline(always)]` so they are
+/// compiled with the same features. Free functions only (no `self`, no generics).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? $body
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? $body
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for `avx2`.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use multiversion;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     #[target_feature(enable = "avx512f,fma")]

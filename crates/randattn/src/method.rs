@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::exact::{Exact, ExactNaive};
+use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
 
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
@@ -26,6 +27,20 @@ pub struct Grads {
     pub dk: Vec<f32>,
     /// `∂L/∂V`, shape of V.
     pub dv: Vec<f32>,
+    /// Gradients of the method's own learnable parameters (e.g. YOSO-C's `conv_weights`), in a
+    /// fixed order per method; empty for methods without any.
+    pub params: Vec<ParamGrad>,
+}
+
+/// The gradient of one learnable parameter of a method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGrad {
+    /// The parameter's name (as in `--set`).
+    pub name: &'static str,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// `∂L/∂parameter`, row-major.
+    pub grad: Vec<f32>,
 }
 
 /// State saved by a forward pass for its backward pass. Opaque: only the method that made it can
@@ -45,6 +60,8 @@ pub(crate) enum SavedState {
     /// Exact attention: per-row log-sum-exp of the scaled logits (`+∞` for rows with no
     /// attended key or a masked query) and the output, for FlashAttention-2's `D = rowsum(dO∘O)`.
     Exact { lse: Vec<f32>, output: Vec<f32> },
+    /// YOSO and YOSO-E: hash codes, the normalised attention branch, row norms, conv kernels.
+    Yoso(Box<YosoSaved>),
 }
 
 impl Saved {
@@ -66,6 +83,7 @@ impl Saved {
         match &self.state {
             SavedState::Nothing => 0,
             SavedState::Exact { lse, output } => 4 * (lse.len() + output.len()),
+            SavedState::Yoso(s) => s.bytes(),
         }
     }
 
@@ -170,7 +188,15 @@ pub(crate) fn parse_value<T: std::str::FromStr>(
     param: &'static str,
     value: &str,
 ) -> Result<T> {
-    value.trim().parse().map_err(|_| Error::Param {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| param_error(info, param, format!("`{value}`")))
+}
+
+/// Error for a parameter value out of range, quoting the range listed in `info`.
+pub(crate) fn param_error(info: &MethodInfo, param: &'static str, actual: String) -> Error {
+    Error::Param {
         method: info.name,
         param,
         expected: info
@@ -179,8 +205,8 @@ pub(crate) fn parse_value<T: std::str::FromStr>(
             .find(|p| p.name == param)
             .map_or("a valid value", |p| p.range)
             .to_string(),
-        actual: format!("`{value}`"),
-    })
+        actual,
+    }
 }
 
 macro_rules! methods {
@@ -258,6 +284,8 @@ macro_rules! methods {
 methods! {
     ExactNaive(ExactNaive),
     Exact(Exact),
+    Yoso(Yoso),
+    YosoE(YosoE),
 }
 
 impl Method {

@@ -2,72 +2,13 @@
 //! differences.
 #![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 
+mod common;
+
+use common::{Case, assert_close, normal};
 use rand::Rng;
-use rand_distr::StandardNormal;
 use randattn::methods::exact::{Exact, ExactNaive, KEY_TILE, QUERY_BLOCK};
 use randattn::rng::stream;
 use randattn::{Attention, AttentionInputs, Error, Grads, Method};
-
-struct Case {
-    shape: (usize, usize, usize, usize, usize, usize), // b, h, n_q, n_k, d, d_v
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    key_mask: Option<Vec<bool>>,
-    query_mask: Option<Vec<bool>>,
-}
-
-fn normal(len: usize, scale: f32, seed: u64, what: &str) -> Vec<f32> {
-    let mut r = stream(seed, 0, 0, what);
-    (0..len)
-        .map(|_| scale * r.sample::<f32, _>(StandardNormal))
-        .collect()
-}
-
-impl Case {
-    fn new(shape: (usize, usize, usize, usize, usize, usize), seed: u64) -> Case {
-        let (b, h, nq, nk, d, dv) = shape;
-        Case {
-            shape,
-            q: normal(b * h * nq * d, 1.0, seed, "q"),
-            k: normal(b * h * nk * d, 1.0, seed, "k"),
-            v: normal(b * h * nk * dv, 1.0, seed, "v"),
-            key_mask: None,
-            query_mask: None,
-        }
-    }
-    fn inputs(&self) -> AttentionInputs<'_> {
-        let (b, h, nq, nk, d, dv) = self.shape;
-        let mut x = AttentionInputs::new(
-            &self.q,
-            [b, h, nq, d],
-            &self.k,
-            [b, h, nk, d],
-            &self.v,
-            [b, h, nk, dv],
-        )
-        .unwrap();
-        if let Some(m) = &self.key_mask {
-            x = x.with_key_mask(m).unwrap();
-        }
-        if let Some(m) = &self.query_mask {
-            x = x.with_query_mask(m).unwrap();
-        }
-        x
-    }
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite(), "{what}[{i}] = {g}");
-        assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}[{i}]: got {g}, want {w} (tol {tol} x {scale})"
-        );
-    }
-}
 
 fn fwd_bwd(m: &dyn Attention, x: &AttentionInputs<'_>, g: &[f32]) -> (Vec<f32>, Grads) {
     let f = m.forward(x, 0).unwrap();

@@ -235,6 +235,7 @@ impl Attention for ExactNaive {
             dq: vec![0.0; x.q().len()],
             dk: vec![0.0; x.k().len()],
             dv: vec![0.0; x.v().len()],
+            params: Vec::new(),
         };
         grads
             .dq
@@ -674,6 +675,7 @@ impl Attention for Exact {
             dq: vec![0.0; x.q().len()],
             dk: vec![0.0; x.k().len()],
             dv: vec![0.0; x.v().len()],
+            params: Vec::new(),
         };
         // With one chunk per head the chunk accumulates straight into dq.
         let mut dq_partial = if chunks > 1 {

@@ -1,0 +1,1096 @@
+//! YOSO: attention as Bernoulli sampling with locality-sensitive hashing.
+//!
+//! Zeng, Xiong, Ravi, Acharya, Fung, Singh, *You Only Sample (Almost) Once: Linear Cost
+//! Self-Attention Via Bernoulli Sampling*, ICML 2021 (arXiv 2111.09714); official code
+//! `github.com/mlpen/YOSO`. Brief: `shared/papers/yoso.md`.
+//!
+//! # The estimator
+//!
+//! Softmax is replaced by a collision kernel. With `q̂, k̂` the L2-normalised rows and
+//! `θ_ij = arccos(q̂_i·k̂_j)`, the weight of key `j` for query `i` is the probability that a
+//! τ-bit random-hyperplane hash puts them in the same bucket,
+//!
+//! ```text
+//! B_ij = (1 − θ_ij/π)^τ ,    Y_raw = (B ⊙ M) V ,    Y = rownormalise(Y_raw) [+ conv(V ⊙ mask)]
+//! ```
+//!
+//! (`M` the mask, `rownormalise(y) = y / max(‖y‖₂, 10⁻¹²)`, which stands in for softmax's
+//! row-sum normalisation; `B` has none).
+//!
+//! - [`Yoso`] (`yoso`) samples: `m` independent hashes `c_h`; keys scatter-add their V rows into
+//!   bucket sums, each query reads its bucket: `Ŷ_raw,i = (1/m) Σ_h Σ_{j: c_h(k_j)=c_h(q_i)} v_j`.
+//!   With SimHash, `E[Ŷ_raw] = Y_raw` exactly and each entry of the implied `B̂` has variance
+//!   `B_ij(1 − B_ij)/m`; the fast hash is close to that. Cost `O(m·(n_q + n_k)·d_v)` plus hashing
+//!   (`O(n·m·τ·d)` SimHash, `O(n·⌈m/⌊d_pad/τ⌋⌉·d_pad log d_pad)` fast); memory `O(n·m)` for the
+//!   codes (saved for the backward) and `O(n·d_v)` for the bucket sums.
+//! - [`YosoE`] (`yoso-e`) computes the expectation `Y_raw = (B ⊙ M) V` exactly, blocked
+//!   (`O(n_q·n_k·(d + d_v))` time, `O(n·d)` memory).
+//! - `conv = w > 0` adds YOSO-C's branch: a depthwise convolution of the masked V along the
+//!   sequence, one `w`-tap kernel per head shared by all features of the head (zero-padded,
+//!   centred, cross-correlation as PyTorch's `Conv2d`), added after the normalisation.
+//!
+//! # Backward
+//!
+//! `G = ∂L/∂Y_raw` (through the output normalisation). Exactly, `dV = B̃ᵀ G`,
+//! `dq̂_i = Σ_j (g_i·v_j) B'(x_ij) k̂_j` and symmetrically for `k̂_j`, with
+//! `B'(x) = τ (1 − θ/π)^{τ−1} / (π sin θ)`, which is infinite at `x = ±1`. Three choices
+//! (`backward`):
+//!
+//! - `surrogate-lsh` (the paper's default, `yoso` only): `B' ≈ (τ/2)·B`, with `B̂` from the
+//!   **same hash codes** as the forward: `dQ̂ = (τ/2)·[(G Vᵀ) ⊙ B̂] K̂`, `dK̂` symmetric,
+//!   `dV = B̂ᵀ G` — the exact gradient of the sampled forward with respect to V. Linear time:
+//!   colliding pairs are walked bucket by bucket (cost ∝ collisions), switching to outer-product
+//!   sums in large buckets so the worst case is `O(m·n·d·d_v)`.
+//! - `surrogate-exact-b` (default of `yoso-e`; also allowed for `yoso`): the same formula with the
+//!   exact `B`, O(n²). For `yoso`, `dV` stays the exact `B̂ᵀ G`.
+//! - `true` (`yoso-e` only): the exact derivative, with `x` clamped to `±`
+//!   [`expectation::SLOPE_CLAMP`] inside `B'` (see there).
+//!
+//! The surrogate is a lower bound of the true slope: `B'/B = τ / (sin θ (π − θ)) ≥ 0.5495 τ`.
+//! All three then differentiate the input and output normalisations and the conv branch; the
+//! conv kernel's gradient is returned as the parameter gradient `conv_weights` (`[heads, w]`).
+//!
+//! # Masks, randomness, conventions
+//!
+//! Masked keys are never inserted into a bucket (nor weighted in `yoso-e`); masked queries output
+//! zero and pass no gradient. The hashes of head `(b, h)` come from
+//! `rng::stream(seed, b, h, "yoso/hash")` and are shared by its queries and keys; they do not
+//! depend on the thread count, and different seeds give independent hashes.
+//!
+//! Where we differ from the reference code on purpose: the padding mask is honoured (HF turns a
+//! 0/1 mask into all ones); queries are hashed with their own codes (HF's SimHash path reused the
+//! key codes); any `n` (the kernels skip the last `n mod 8` tokens), any `d` and `d_v` (the fast
+//! hash pads to a power of two internally instead of requiring `d ∈ {32, 64, …}`); and a query
+//! that collides with no key in any hash outputs zero and passes **no** gradient, where
+//! `F.normalize` would pass `dY/10⁻¹²`.
+
+mod buckets;
+pub mod expectation;
+pub mod hash;
+
+use rand::Rng;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
+    param_error, parse_value, unknown_param,
+};
+use crate::rng::stream;
+
+use buckets::{CumulationScratch, PairInputs, colliding_pairs, cumulate};
+use expectation::{Head, Slope};
+pub use hash::{HashFamily, LshHash, MAX_TAU, NO_CODE};
+
+/// Row norms below this are clamped in `x / max(‖x‖, NORM_EPS)` (as `torch.nn.functional.normalize`).
+pub const NORM_EPS: f32 = 1e-12;
+/// Largest number of hashes accepted.
+pub const MAX_HASHES: usize = 4096;
+/// Largest conv window accepted.
+pub const MAX_CONV: usize = 255;
+/// Range of the automatic code length `τ = ⌈log2 n_k⌉`.
+pub const AUTO_TAU_RANGE: (u32, u32) = (4, 20);
+/// Work is split into about this many tasks (heads × hash or key chunks). A constant rather
+/// than the thread count, so the summation order — hence every bit of the result — does not
+/// depend on the machine.
+const TASKS: usize = 16;
+
+/// Which backward pass a YOSO method runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YosoBackward {
+    /// `B' ≈ (τ/2) B̂` with the forward's hash codes; linear time (sampled `yoso` only).
+    SurrogateLsh,
+    /// `B' ≈ (τ/2) B` with the exact `B`; O(n²).
+    SurrogateExactB,
+    /// The exact derivative of `B` (`yoso-e` only); O(n²).
+    True,
+}
+
+impl YosoBackward {
+    /// The name used by `--set backward=...`.
+    pub fn name(self) -> &'static str {
+        match self {
+            YosoBackward::SurrogateLsh => "surrogate-lsh",
+            YosoBackward::SurrogateExactB => "surrogate-exact-b",
+            YosoBackward::True => "true",
+        }
+    }
+}
+
+/// The sampled LSH estimator `yoso`. See the module documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yoso {
+    /// Code length τ in bits; `None` = `⌈log2 n_k⌉` clamped to [`AUTO_TAU_RANGE`].
+    pub tau: Option<u32>,
+    /// Number of hashes `m`.
+    pub m: usize,
+    /// Hash family.
+    pub hash: HashFamily,
+    /// L2-normalise the output rows (the paper); `false` exposes the raw estimate of `B·V`.
+    pub normalize: bool,
+    /// YOSO-C conv window width (odd), 0 = off.
+    pub conv: usize,
+    /// Conv kernels `[heads, conv]`; `None` = seeded `U(−1/√w, 1/√w)` (PyTorch's default init).
+    pub conv_weights: Option<Vec<f32>>,
+    /// Backward pass.
+    pub backward: YosoBackward,
+}
+
+impl Default for Yoso {
+    fn default() -> Self {
+        Yoso {
+            tau: None,
+            m: 32,
+            hash: HashFamily::Fast,
+            normalize: true,
+            conv: 0,
+            conv_weights: None,
+            backward: YosoBackward::SurrogateLsh,
+        }
+    }
+}
+
+/// The expectation `yoso-e` (exact `B`, O(n²)). See the module documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct YosoE {
+    /// Code length τ; `None` = `⌈log2 n_k⌉` clamped to [`AUTO_TAU_RANGE`].
+    pub tau: Option<u32>,
+    /// L2-normalise the output rows.
+    pub normalize: bool,
+    /// YOSO-C conv window width (odd), 0 = off.
+    pub conv: usize,
+    /// Conv kernels `[heads, conv]`; `None` = seeded.
+    pub conv_weights: Option<Vec<f32>>,
+    /// Backward pass (`surrogate-exact-b`, the paper's, or `true`).
+    pub backward: YosoBackward,
+}
+
+impl Default for YosoE {
+    fn default() -> Self {
+        YosoE {
+            tau: None,
+            normalize: true,
+            conv: 0,
+            conv_weights: None,
+            backward: YosoBackward::SurrogateExactB,
+        }
+    }
+}
+
+const TAU_PARAM: ParamInfo = ParamInfo {
+    name: "tau",
+    default: "auto",
+    range: "`auto` (ceil(log2 n_k) clamped to 4..=20) or an integer in 1..=30",
+    help: "hash code length in bits; larger = sharper attention",
+};
+const M_PARAM: ParamInfo = ParamInfo {
+    name: "m",
+    default: "32",
+    range: "an integer in 1..=4096",
+    help: "number of independent hashes (samples)",
+};
+const HASH_PARAM: ParamInfo = ParamInfo {
+    name: "hash",
+    default: "fast",
+    range: "`fast` or `simhash`",
+    help: "hash family: Hadamard pseudo-rotation or Gaussian hyperplanes",
+};
+const NORMALIZE_PARAM: ParamInfo = ParamInfo {
+    name: "normalize",
+    default: "true",
+    range: "`true` or `false`",
+    help: "L2-normalise output rows (false: raw estimate of B V)",
+};
+const CONV_PARAM: ParamInfo = ParamInfo {
+    name: "conv",
+    default: "0",
+    range: "0 (off) or an odd integer in 1..=255",
+    help: "YOSO-C depthwise conv window on V along the sequence",
+};
+const CONV_WEIGHTS_PARAM: ParamInfo = ParamInfo {
+    name: "conv_weights",
+    default: "auto",
+    range: "`auto` (seeded) or heads*conv comma-separated finite numbers",
+    help: "conv kernels [heads, conv], row-major",
+};
+const YOSO_BACKWARD_PARAM: ParamInfo = ParamInfo {
+    name: "backward",
+    default: "surrogate-lsh",
+    range: "`surrogate-lsh` or `surrogate-exact-b`",
+    help: "gradient: tau/2 surrogate with the forward's codes (linear) or with exact B (n^2)",
+};
+const YOSO_E_BACKWARD_PARAM: ParamInfo = ParamInfo {
+    name: "backward",
+    default: "surrogate-exact-b",
+    range: "`surrogate-exact-b` or `true`",
+    help: "gradient: tau/2 surrogate with exact B, or the exact derivative",
+};
+
+/// The parameters shared by `yoso` and `yoso-e`, with a method name for error messages.
+struct Common<'a> {
+    info: &'static MethodInfo,
+    tau: Option<u32>,
+    normalize: bool,
+    conv: usize,
+    conv_weights: Option<&'a [f32]>,
+    backward: YosoBackward,
+}
+
+fn parse_tau(info: &MethodInfo, value: &str) -> Result<Option<u32>> {
+    if value.trim() == "auto" {
+        return Ok(None);
+    }
+    Ok(Some(parse_value(info, "tau", value)?))
+}
+
+fn parse_bool(info: &MethodInfo, param: &'static str, value: &str) -> Result<bool> {
+    parse_value(info, param, value)
+}
+
+fn parse_conv_weights(info: &MethodInfo, value: &str) -> Result<Option<Vec<f32>>> {
+    if value.trim() == "auto" {
+        return Ok(None);
+    }
+    value
+        .split(',')
+        .map(|w| parse_value::<f32>(info, "conv_weights", w))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn parse_backward(info: &MethodInfo, value: &str) -> Result<YosoBackward> {
+    match value.trim() {
+        "surrogate-lsh" => Ok(YosoBackward::SurrogateLsh),
+        "surrogate-exact-b" => Ok(YosoBackward::SurrogateExactB),
+        "true" => Ok(YosoBackward::True),
+        _ => Err(param_error(info, "backward", format!("`{value}`"))),
+    }
+}
+
+fn text<T: ToString>(x: Option<T>) -> String {
+    x.map_or_else(|| "auto".to_string(), |v| v.to_string())
+}
+
+fn weights_text(w: &Option<Vec<f32>>) -> String {
+    w.as_ref().map_or_else(
+        || "auto".to_string(),
+        |w| w.iter().map(f32::to_string).collect::<Vec<_>>().join(","),
+    )
+}
+
+impl Common<'_> {
+    fn validate(&self) -> Result<()> {
+        if let Some(t) = self.tau
+            && !(1..=MAX_TAU).contains(&t)
+        {
+            return Err(param_error(self.info, "tau", t.to_string()));
+        }
+        if self.conv > MAX_CONV || (self.conv > 0 && self.conv.is_multiple_of(2)) {
+            return Err(param_error(self.info, "conv", self.conv.to_string()));
+        }
+        if let Some(w) = self.conv_weights {
+            if self.conv == 0 {
+                return Err(param_error(
+                    self.info,
+                    "conv_weights",
+                    format!(
+                        "{} weights with conv=0 (set conv to the window width)",
+                        w.len()
+                    ),
+                ));
+            }
+            if w.is_empty() || w.len() % self.conv != 0 || w.iter().any(|x| !x.is_finite()) {
+                return Err(param_error(
+                    self.info,
+                    "conv_weights",
+                    format!("{} values (conv={})", w.len(), self.conv),
+                ));
+            }
+        }
+        let allowed = self
+            .info
+            .params
+            .iter()
+            .find(|p| p.name == "backward")
+            .expect("both methods list `backward`")
+            .range;
+        if !allowed.contains(&format!("`{}`", self.backward.name())) {
+            let why = match self.backward {
+                YosoBackward::True => {
+                    "; the sampled forward is piecewise constant in Q and K, use yoso-e for the \
+                     exact derivative of the expectation"
+                }
+                _ => "; yoso-e has no hash codes, use surrogate-exact-b",
+            };
+            return Err(param_error(
+                self.info,
+                "backward",
+                format!("`{}`{why}", self.backward.name()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// τ for these inputs.
+    fn tau(&self, n_k: usize) -> u32 {
+        self.tau.unwrap_or_else(|| auto_tau(n_k))
+    }
+
+    /// The conv kernels for `heads` heads (`None` when conv is off); checks the self-attention
+    /// shape and the weights' count.
+    fn conv_kernels(&self, dims: Dims, seed: u64) -> Result<Option<Vec<f32>>> {
+        if self.conv == 0 {
+            return Ok(None);
+        }
+        if dims.n_q != dims.n_k {
+            return Err(Error::shape(
+                "q",
+                format!(
+                    "has {} rows but k has {}: the conv branch (conv={}) adds conv(V) to the \
+                     output row by row, so it needs self-attention (n_q = n_k)",
+                    dims.n_q, dims.n_k, self.conv
+                ),
+            ));
+        }
+        match self.conv_weights {
+            Some(w) if w.len() != dims.heads * self.conv => Err(param_error(
+                self.info,
+                "conv_weights",
+                format!(
+                    "{} values, but heads * conv = {} * {} = {} are needed",
+                    w.len(),
+                    dims.heads,
+                    self.conv,
+                    dims.heads * self.conv
+                ),
+            )),
+            Some(w) => Ok(Some(w.to_vec())),
+            None => Ok(Some(seeded_conv_weights(dims.heads, self.conv, seed))),
+        }
+    }
+}
+
+/// `⌈log2 n_k⌉` clamped to [`AUTO_TAU_RANGE`].
+pub fn auto_tau(n_k: usize) -> u32 {
+    let log2 = usize::BITS - n_k.saturating_sub(1).leading_zeros();
+    log2.clamp(AUTO_TAU_RANGE.0, AUTO_TAU_RANGE.1)
+}
+
+/// The conv kernels used when none are given: `U(−1/√w, 1/√w)` (PyTorch's default
+/// initialisation of the reference's `Conv2d`), head `h` drawn from
+/// `rng::stream(seed, 0, h, "yoso/conv")`. Row-major `[heads, w]`.
+pub fn seeded_conv_weights(heads: usize, w: usize, seed: u64) -> Vec<f32> {
+    let bound = 1.0 / (w as f32).sqrt();
+    (0..heads)
+        .flat_map(|h| {
+            let mut rng = stream(seed, 0, h, "yoso/conv");
+            (0..w)
+                .map(move |_| rng.random_range(-bound..bound))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+impl MethodConfig for Yoso {
+    const INFO: MethodInfo = MethodInfo {
+        name: "yoso",
+        summary: "YOSO: LSH Bernoulli-sampled attention with bucket scatter/gather (ICML 2021)",
+        cost: "O(n m d_v + hashing) time, O(n m) memory; linear-time surrogate backward",
+        random: true,
+        approximates_softmax: false,
+        params: &[
+            TAU_PARAM,
+            M_PARAM,
+            HASH_PARAM,
+            NORMALIZE_PARAM,
+            CONV_PARAM,
+            CONV_WEIGHTS_PARAM,
+            YOSO_BACKWARD_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "tau" => self.tau = parse_tau(info, value)?,
+            "m" => self.m = parse_value(info, "m", value)?,
+            "hash" => {
+                self.hash = match value.trim() {
+                    "fast" => HashFamily::Fast,
+                    "simhash" => HashFamily::SimHash,
+                    _ => return Err(param_error(info, "hash", format!("`{value}`"))),
+                }
+            }
+            "normalize" => self.normalize = parse_bool(info, "normalize", value)?,
+            "conv" => self.conv = parse_value(info, "conv", value)?,
+            "conv_weights" => self.conv_weights = parse_conv_weights(info, value)?,
+            "backward" => self.backward = parse_backward(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("tau", text(self.tau)),
+            ("m", self.m.to_string()),
+            ("hash", self.hash.name().to_string()),
+            ("normalize", self.normalize.to_string()),
+            ("conv", self.conv.to_string()),
+            ("conv_weights", weights_text(&self.conv_weights)),
+            ("backward", self.backward.name().to_string()),
+        ]
+    }
+    fn validate(&self) -> Result<()> {
+        if !(1..=MAX_HASHES).contains(&self.m) {
+            return Err(param_error(&Self::INFO, "m", self.m.to_string()));
+        }
+        self.common().validate()
+    }
+}
+
+impl MethodConfig for YosoE {
+    const INFO: MethodInfo = MethodInfo {
+        name: "yoso-e",
+        summary: "YOSO-E: the expectation of YOSO, B = (1 - arccos(q.k)/pi)^tau, exact and blocked",
+        cost: "O(n_q n_k (d + d_v)) time, O(n d) memory",
+        random: false,
+        approximates_softmax: false,
+        params: &[
+            TAU_PARAM,
+            NORMALIZE_PARAM,
+            CONV_PARAM,
+            CONV_WEIGHTS_PARAM,
+            YOSO_E_BACKWARD_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "tau" => self.tau = parse_tau(info, value)?,
+            "normalize" => self.normalize = parse_bool(info, "normalize", value)?,
+            "conv" => self.conv = parse_value(info, "conv", value)?,
+            "conv_weights" => self.conv_weights = parse_conv_weights(info, value)?,
+            "backward" => self.backward = parse_backward(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("tau", text(self.tau)),
+            ("normalize", self.normalize.to_string()),
+            ("conv", self.conv.to_string()),
+            ("conv_weights", weights_text(&self.conv_weights)),
+            ("backward", self.backward.name().to_string()),
+        ]
+    }
+    fn validate(&self) -> Result<()> {
+        self.common().validate()
+    }
+}
+
+impl Yoso {
+    fn common(&self) -> Common<'_> {
+        Common {
+            info: &Self::INFO,
+            tau: self.tau,
+            normalize: self.normalize,
+            conv: self.conv,
+            conv_weights: self.conv_weights.as_deref(),
+            backward: self.backward,
+        }
+    }
+
+    /// The deterministic method this estimator is unbiased for (with SimHash; approximately with
+    /// the fast hash): `yoso-e` with the same τ, normalisation and conv branch.
+    pub fn expectation(&self) -> YosoE {
+        YosoE {
+            tau: self.tau,
+            normalize: self.normalize,
+            conv: self.conv,
+            conv_weights: self.conv_weights.clone(),
+            backward: YosoBackward::SurrogateExactB,
+        }
+    }
+
+    /// The hash functions of head `(b, h)` for these inputs and seed (the ones the forward uses).
+    pub fn hasher(&self, dims: Dims, seed: u64, b: usize, h: usize) -> Result<LshHash> {
+        self.validate()?;
+        let tau = self.common().tau(dims.n_k);
+        LshHash::draw(
+            self.hash,
+            dims.d,
+            tau,
+            self.m,
+            &mut stream(seed, b, h, "yoso/hash"),
+        )
+    }
+}
+
+impl YosoE {
+    fn common(&self) -> Common<'_> {
+        Common {
+            info: &Self::INFO,
+            tau: self.tau,
+            normalize: self.normalize,
+            conv: self.conv,
+            conv_weights: self.conv_weights.as_deref(),
+            backward: self.backward,
+        }
+    }
+}
+
+/// What the backward of either YOSO method needs.
+#[derive(Debug, Clone)]
+pub(crate) struct YosoSaved {
+    tau: u32,
+    /// Hash-major codes per head (`[bh][m][n_q]`, `[bh][m][n_k]`); empty for `yoso-e`.
+    q_codes: Vec<u32>,
+    k_codes: Vec<u32>,
+    m: usize,
+    /// The attention branch of the output (after normalisation, before conv).
+    attention: Vec<f32>,
+    /// `‖Y_raw,i‖` per row (when normalising).
+    norms: Vec<f32>,
+    /// Conv kernels used, `[heads, w]`.
+    conv_weights: Option<Vec<f32>>,
+}
+
+impl YosoSaved {
+    pub(crate) fn bytes(&self) -> usize {
+        4 * (self.q_codes.len()
+            + self.k_codes.len()
+            + self.attention.len()
+            + self.norms.len()
+            + self.conv_weights.as_ref().map_or(0, Vec::len))
+    }
+}
+
+/// `x / max(‖x‖, NORM_EPS)` row by row; returns the normalised rows and the norms.
+fn normalize_rows(x: &[f32], w: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut out = x.to_vec();
+    let norms = out
+        .chunks_exact_mut(w)
+        .map(|row| {
+            let norm = buckets::dot(row, row).sqrt();
+            let inv = 1.0 / norm.max(NORM_EPS);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+            norm
+        })
+        .collect();
+    (out, norms)
+}
+
+/// Backward of `y = x / max(‖x‖, ε)` in place: `dy ← (dy − y (y·dy)) / ‖x‖` (or `dy/ε` when
+/// `‖x‖ ≤ ε`, the clamped branch). With `zero_at_zero`, rows whose `‖x‖` is exactly 0 pass no
+/// gradient (see the module documentation).
+fn normalize_backward(dy: &mut [f32], y: &[f32], norms: &[f32], w: usize, zero_at_zero: bool) {
+    for ((g, y), &norm) in dy.chunks_exact_mut(w).zip(y.chunks_exact(w)).zip(norms) {
+        if norm > NORM_EPS {
+            let proj = buckets::dot(g, y);
+            let inv = 1.0 / norm;
+            for (gv, yv) in g.iter_mut().zip(y) {
+                *gv = (*gv - yv * proj) * inv;
+            }
+        } else if zero_at_zero && norm == 0.0 {
+            g.fill(0.0);
+        } else {
+            for gv in g.iter_mut() {
+                *gv /= NORM_EPS;
+            }
+        }
+    }
+}
+
+/// Splits `m` hashes into chunks so that `heads × chunks ≈ TASKS`.
+fn hash_chunks(m: usize, heads: usize) -> Vec<std::ops::Range<usize>> {
+    let chunks = TASKS.div_ceil(heads).clamp(1, m);
+    let per = m.div_ceil(chunks);
+    (0..m)
+        .step_by(per)
+        .map(|h0| h0..(h0 + per).min(m))
+        .collect()
+}
+
+/// `out += Σ_{h} T_h[c_h(dst)]` over all `m` hashes, split over hash chunks run in parallel and
+/// summed in a fixed order.
+#[allow(clippy::too_many_arguments)]
+fn parallel_cumulate(
+    src_codes: &[u32],
+    src_vals: &[f32],
+    dst_codes: &[u32],
+    out: &mut [f32],
+    w: usize,
+    m: usize,
+    heads: usize,
+    tau: u32,
+) {
+    let partials: Vec<Vec<f32>> = hash_chunks(m, heads)
+        .into_par_iter()
+        .map(|hashes| {
+            let mut part = vec![0.0f32; out.len()];
+            let mut scratch = CumulationScratch::default();
+            cumulate(
+                src_codes,
+                src_vals,
+                dst_codes,
+                &mut part,
+                w,
+                hashes,
+                tau,
+                &mut scratch,
+            );
+            part
+        })
+        .collect();
+    for p in &partials {
+        buckets::add_assign(out, p);
+    }
+}
+
+/// Adds the YOSO-C branch `conv(V ⊙ mask)` of head `h` to `out` (`n × d_v`).
+fn conv_forward(out: &mut [f32], v: &[f32], keep: Option<&[bool]>, kernel: &[f32], d_v: usize) {
+    let n = v.len() / d_v;
+    let half = kernel.len() / 2;
+    for (i, o) in out.chunks_exact_mut(d_v).enumerate() {
+        for (t, &wt) in kernel.iter().enumerate() {
+            let Some(j) = (i + t).checked_sub(half).filter(|j| *j < n) else {
+                continue;
+            };
+            if keep.is_some_and(|k| !k[j]) {
+                continue;
+            }
+            for (ov, vv) in o.iter_mut().zip(&v[j * d_v..(j + 1) * d_v]) {
+                *ov += wt * vv;
+            }
+        }
+    }
+}
+
+/// Backward of [`conv_forward`] for one head: adds to `dv` and to the kernel gradient `dw`.
+fn conv_backward(
+    g: &[f32],
+    v: &[f32],
+    keep: Option<&[bool]>,
+    kernel: &[f32],
+    d_v: usize,
+    dv: &mut [f32],
+    dw: &mut [f32],
+) {
+    let n = v.len() / d_v;
+    let half = kernel.len() / 2;
+    for (i, gi) in g.chunks_exact(d_v).enumerate() {
+        for (t, (&wt, dwt)) in kernel.iter().zip(dw.iter_mut()).enumerate() {
+            let Some(j) = (i + t).checked_sub(half).filter(|j| *j < n) else {
+                continue;
+            };
+            if keep.is_some_and(|k| !k[j]) {
+                continue;
+            }
+            *dwt += buckets::dot(gi, &v[j * d_v..(j + 1) * d_v]);
+            for (dvv, gv) in dv[j * d_v..(j + 1) * d_v].iter_mut().zip(gi) {
+                *dvv += wt * gv;
+            }
+        }
+    }
+}
+
+/// The attention branch is done: normalise it, save it, add conv, zero masked queries.
+fn finish_forward(
+    x: &AttentionInputs<'_>,
+    common: &Common<'_>,
+    mut raw: Vec<f32>,
+    conv_weights: Option<Vec<f32>>,
+    tau: u32,
+    codes: (Vec<u32>, Vec<u32>, usize),
+    name: &'static str,
+) -> Forward {
+    let dims = x.dims();
+    let Dims {
+        heads, n_q, d_v, ..
+    } = dims;
+    let norms = if common.normalize {
+        let (normed, norms) = normalize_rows(&raw, d_v);
+        raw = normed;
+        norms
+    } else {
+        Vec::new()
+    };
+    let attention = raw.clone();
+    let mut output = raw;
+    if let Some(w) = &conv_weights {
+        let conv = w.len() / heads;
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let h = bh % heads;
+                let keep = x.key_mask_row(bh / heads);
+                conv_forward(out, x.v_head(bh), keep, &w[h * conv..(h + 1) * conv], d_v);
+            });
+    }
+    zero_masked_queries(x, &mut output);
+    Forward {
+        output,
+        saved: Saved::new(
+            name,
+            dims,
+            SavedState::Yoso(Box::new(YosoSaved {
+                tau,
+                q_codes: codes.0,
+                k_codes: codes.1,
+                m: codes.2,
+                attention,
+                norms,
+                conv_weights,
+            })),
+        ),
+    }
+}
+
+fn zero_masked_queries(x: &AttentionInputs<'_>, rows: &mut [f32]) {
+    let Dims {
+        heads, n_q, d_v, ..
+    } = x.dims();
+    if x.query_mask().is_none() {
+        return;
+    }
+    for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
+        let keep = x.query_mask_row(bh / heads).expect("checked above");
+        for (row, k) in head.chunks_exact_mut(d_v).zip(keep) {
+            if !k {
+                row.fill(0.0);
+            }
+        }
+    }
+}
+
+impl Attention for Yoso {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let common = self.common();
+        let dims = x.dims();
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d_v,
+            ..
+        } = dims;
+        let conv_weights = common.conv_kernels(dims, seed)?;
+        let tau = common.tau(n_k);
+        let m = self.m;
+        let bhs = dims.batch_heads();
+        let hashers: Vec<LshHash> = (0..bhs)
+            .map(|bh| self.hasher(dims, seed, bh / heads, bh % heads))
+            .collect::<Result<_>>()?;
+        let mut q_codes = vec![0u32; bhs * m * n_q];
+        let mut k_codes = vec![0u32; bhs * m * n_k];
+        let mut raw = vec![0.0f32; dims.out_len()];
+        raw.par_chunks_mut(n_q * d_v)
+            .zip(q_codes.par_chunks_mut(m * n_q))
+            .zip(k_codes.par_chunks_mut(m * n_k))
+            .enumerate()
+            .for_each(|(bh, ((out, qc), kc))| {
+                let b = bh / heads;
+                let hasher = &hashers[bh];
+                rayon::join(
+                    || hasher.codes(x.q_head(bh), x.query_mask_row(b), qc),
+                    || hasher.codes(x.k_head(bh), x.key_mask_row(b), kc),
+                );
+                parallel_cumulate(kc, x.v_head(bh), qc, out, d_v, m, bhs, tau);
+                let inv = 1.0 / m as f32;
+                for o in out.iter_mut() {
+                    *o *= inv;
+                }
+            });
+        Ok(finish_forward(
+            x,
+            &common,
+            raw,
+            conv_weights,
+            tau,
+            (q_codes, k_codes, m),
+            Self::INFO.name,
+        ))
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        _seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        backward(x, &self.common(), saved, grad_output, Self::INFO.name)
+    }
+}
+
+impl Attention for YosoE {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let common = self.common();
+        let dims = x.dims();
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = dims;
+        let conv_weights = common.conv_kernels(dims, seed)?;
+        let tau = common.tau(n_k);
+        let (qn, _) = normalize_rows(x.q(), d);
+        let (kn, _) = normalize_rows(x.k(), d);
+        let mut raw = vec![0.0f32; dims.out_len()];
+        raw.par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out_h)| {
+                let b = bh / heads;
+                let head = Head {
+                    q: &qn[bh * n_q * d..(bh + 1) * n_q * d],
+                    k: &kn[bh * n_k * d..(bh + 1) * n_k * d],
+                    v: x.v_head(bh),
+                    keep: x.key_mask_row(b),
+                    d,
+                    d_v,
+                    tau,
+                };
+                let query_keep = x.query_mask_row(b);
+                out_h
+                    .par_chunks_mut(expectation::QUERY_BLOCK * d_v)
+                    .enumerate()
+                    .for_each(|(blk, out)| {
+                        let r0 = blk * expectation::QUERY_BLOCK;
+                        let rows = out.len() / d_v;
+                        if query_keep.is_some_and(|m| m[r0..r0 + rows].iter().all(|k| !k)) {
+                            out.fill(0.0);
+                            return;
+                        }
+                        let mut scratch = Vec::new();
+                        head.forward_block(&head.q[r0 * d..(r0 + rows) * d], out, &mut scratch);
+                    });
+            });
+        zero_masked_queries(x, &mut raw);
+        Ok(finish_forward(
+            x,
+            &common,
+            raw,
+            conv_weights,
+            tau,
+            (Vec::new(), Vec::new(), 0),
+            Self::INFO.name,
+        ))
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        _seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        backward(x, &self.common(), saved, grad_output, Self::INFO.name)
+    }
+}
+
+/// The backward of both methods.
+fn backward(
+    x: &AttentionInputs<'_>,
+    common: &Common<'_>,
+    saved: &Saved,
+    grad_output: &[f32],
+    name: &'static str,
+) -> Result<Grads> {
+    let dims = x.dims();
+    let SavedState::Yoso(s) = saved.check(name, dims)? else {
+        return Err(Error::Saved {
+            message: "does not hold the state of a YOSO forward".to_string(),
+        });
+    };
+    x.check_grad_output(grad_output)?;
+    let Dims {
+        heads,
+        n_q,
+        n_k,
+        d,
+        d_v,
+        ..
+    } = dims;
+    let bhs = dims.batch_heads();
+    let tau = s.tau;
+
+    // G = ∂L/∂Y_raw: masked query rows carry nothing, then through the output normalisation.
+    let mut g = grad_output.to_vec();
+    zero_masked_queries(x, &mut g);
+    let g_total = g.clone();
+    if common.normalize {
+        normalize_backward(&mut g, &s.attention, &s.norms, d_v, true);
+    }
+
+    let (qn, q_norms) = normalize_rows(x.q(), d);
+    let (kn, k_norms) = normalize_rows(x.k(), d);
+    let mut grads = Grads {
+        dq: vec![0.0; x.q().len()],
+        dk: vec![0.0; x.k().len()],
+        dv: vec![0.0; x.v().len()],
+        params: Vec::new(),
+    };
+    let sampled = !s.q_codes.is_empty();
+    grads
+        .dq
+        .par_chunks_mut(n_q * d)
+        .zip(grads.dk.par_chunks_mut(n_k * d))
+        .zip(grads.dv.par_chunks_mut(n_k * d_v))
+        .enumerate()
+        .for_each(|(bh, ((dq, dk), dv))| {
+            let head = Head {
+                q: &qn[bh * n_q * d..(bh + 1) * n_q * d],
+                k: &kn[bh * n_k * d..(bh + 1) * n_k * d],
+                v: x.v_head(bh),
+                keep: x.key_mask_row(bh / heads),
+                d,
+                d_v,
+                tau,
+            };
+            let g = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+            if sampled {
+                let m = s.m;
+                let qc = &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q];
+                let kc = &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k];
+                // dV = B̂ᵀ G: the cumulation with the roles of queries and keys swapped.
+                parallel_cumulate(qc, g, kc, dv, d_v, m, bhs, tau);
+                let inv = 1.0 / m as f32;
+                for v in dv.iter_mut() {
+                    *v *= inv;
+                }
+                if common.backward == YosoBackward::SurrogateLsh {
+                    let pairs = PairInputs {
+                        q: head.q,
+                        k: head.k,
+                        g,
+                        v: head.v,
+                        q_codes: qc,
+                        k_codes: kc,
+                        d,
+                        d_v,
+                        tau,
+                    };
+                    lsh_pairs(&pairs, m, bhs, 0.5 * tau as f32 / m as f32, dq, dk);
+                } else {
+                    exact_b_backward(&head, g, Slope::Surrogate, bhs, dq, dk, None);
+                }
+            } else {
+                let slope = match common.backward {
+                    YosoBackward::True => Slope::True,
+                    _ => Slope::Surrogate,
+                };
+                exact_b_backward(&head, g, slope, bhs, dq, dk, Some(dv));
+            }
+        });
+    normalize_backward(&mut grads.dq, &qn, &q_norms, d, false);
+    normalize_backward(&mut grads.dk, &kn, &k_norms, d, false);
+
+    if let Some(w) = &s.conv_weights {
+        let conv = w.len() / heads;
+        let mut per_head_dw = vec![0.0f32; bhs * conv];
+        grads
+            .dv
+            .par_chunks_mut(n_k * d_v)
+            .zip(per_head_dw.par_chunks_mut(conv))
+            .enumerate()
+            .for_each(|(bh, (dv, dw))| {
+                let h = bh % heads;
+                conv_backward(
+                    &g_total[bh * n_q * d_v..(bh + 1) * n_q * d_v],
+                    x.v_head(bh),
+                    x.key_mask_row(bh / heads),
+                    &w[h * conv..(h + 1) * conv],
+                    d_v,
+                    dv,
+                    dw,
+                );
+            });
+        let mut dw = vec![0.0f32; heads * conv];
+        for (bh, part) in per_head_dw.chunks_exact(conv).enumerate() {
+            let h = bh % heads;
+            buckets::add_assign(&mut dw[h * conv..(h + 1) * conv], part);
+        }
+        grads.params.push(ParamGrad {
+            name: "conv_weights",
+            shape: vec![heads, conv],
+            grad: dw,
+        });
+    }
+    Ok(grads)
+}
+
+/// The surrogate-lsh walk over colliding pairs, split over hash chunks (each with private dQ̂
+/// and dK̂, summed in a fixed order).
+fn lsh_pairs(
+    x: &PairInputs<'_>,
+    m: usize,
+    heads: usize,
+    coef: f32,
+    dq: &mut [f32],
+    dk: &mut [f32],
+) {
+    let chunks = hash_chunks(m, heads);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = chunks
+        .par_iter()
+        .map(|hashes| {
+            let mut scratch = CumulationScratch::default();
+            let (mut pq, mut pk) = (vec![0.0f32; dq.len()], vec![0.0f32; dk.len()]);
+            colliding_pairs(x, hashes.clone(), coef, &mut pq, &mut pk, &mut scratch);
+            (pq, pk)
+        })
+        .collect();
+    for (pq, pk) in &partials {
+        buckets::add_assign(dq, pq);
+        buckets::add_assign(dk, pk);
+    }
+}
+
+/// The blocked exact-`B` backward of one head, parallel over key chunks: each chunk owns its
+/// slice of dK̂ (and dV) and a private dQ̂, summed in a fixed order.
+fn exact_b_backward(
+    head: &Head<'_>,
+    g: &[f32],
+    slope: Slope,
+    heads: usize,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: Option<&mut [f32]>,
+) {
+    let (d, d_v) = (head.d, head.d_v);
+    let n_k = head.k.len() / d;
+    let tiles = n_k.div_ceil(expectation::KEY_TILE);
+    let chunks = TASKS.div_ceil(heads).clamp(1, tiles);
+    let chunk_keys = tiles.div_ceil(chunks) * expectation::KEY_TILE;
+    let run = |c: usize, dk_c: &mut [f32], dv_c: Option<&mut [f32]>| {
+        let mut dq_c = vec![0.0f32; dq.len()];
+        expectation::backward_chunk(head, g, slope, c * chunk_keys, &mut dq_c, dk_c, dv_c);
+        dq_c
+    };
+    let partial_dq: Vec<Vec<f32>> = match dv {
+        Some(dv) => dk
+            .par_chunks_mut(chunk_keys * d)
+            .zip(dv.par_chunks_mut(chunk_keys * d_v))
+            .enumerate()
+            .map(|(c, (dk_c, dv_c))| run(c, dk_c, Some(dv_c)))
+            .collect(),
+        None => dk
+            .par_chunks_mut(chunk_keys * d)
+            .enumerate()
+            .map(|(c, dk_c)| run(c, dk_c, None))
+            .collect(),
+    };
+    for p in &partial_dq {
+        buckets::add_assign(dq, p);
+    }
+}
