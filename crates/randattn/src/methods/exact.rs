@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max};
+use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, zeroed};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, parse_value,
     unknown_param,
@@ -468,7 +468,7 @@ impl Exact {
             heads, n_q, d, d_v, ..
         } = dims;
         let scale = resolve_scale(self.scale, d);
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = zeroed(dims.out_len());
         let mut lse = vec![0.0f32; dims.batch_heads() * n_q];
         output
             .par_chunks_mut(n_q * d_v)
@@ -672,14 +672,14 @@ impl Attention for Exact {
         let chunks = n_k.div_ceil(chunk_keys);
 
         let mut grads = Grads {
-            dq: vec![0.0; x.q().len()],
-            dk: vec![0.0; x.k().len()],
-            dv: vec![0.0; x.v().len()],
+            dq: zeroed(x.q().len()),
+            dk: zeroed(x.k().len()),
+            dv: zeroed(x.v().len()),
             params: Vec::new(),
         };
         // With one chunk per head the chunk accumulates straight into dq.
         let mut dq_partial = if chunks > 1 {
-            vec![0.0f32; bhs * chunks * n_q * d]
+            zeroed(bhs * chunks * n_q * d)
         } else {
             Vec::new()
         };

@@ -67,12 +67,14 @@
 mod buckets;
 pub mod expectation;
 pub mod hash;
+mod lanes;
 
 use rand::Rng;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::zeroed;
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
     param_error, parse_value, unknown_param,
@@ -93,8 +95,9 @@ pub const MAX_CONV: usize = 255;
 pub const AUTO_TAU_RANGE: (u32, u32) = (4, 20);
 /// Work is split into about this many tasks (heads × hash or key chunks). A constant rather
 /// than the thread count, so the summation order — hence every bit of the result — does not
-/// depend on the machine.
-const TASKS: usize = 16;
+/// depend on the machine. With 8 or more heads each head is one task, accumulating straight into
+/// its output (no per-chunk buffers).
+const TASKS: usize = 8;
 
 /// Which backward pass a YOSO method runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -604,6 +607,13 @@ fn normalize_backward(dy: &mut [f32], y: &[f32], norms: &[f32], w: usize, zero_a
     }
 }
 
+thread_local! {
+    /// Per-thread bucket tables and index buffers of the cumulations and pair walks, reused across
+    /// heads and calls so the hot loops neither allocate nor page-fault.
+    static SCRATCH: std::cell::RefCell<CumulationScratch> =
+        std::cell::RefCell::new(CumulationScratch::default());
+}
+
 /// Splits `m` hashes into chunks so that `heads × chunks ≈ TASKS`.
 fn hash_chunks(m: usize, heads: usize) -> Vec<std::ops::Range<usize>> {
     let chunks = TASKS.div_ceil(heads).clamp(1, m);
@@ -627,21 +637,20 @@ fn parallel_cumulate(
     heads: usize,
     tau: u32,
 ) {
-    let partials: Vec<Vec<f32>> = hash_chunks(m, heads)
+    let chunks = hash_chunks(m, heads);
+    if chunks.len() == 1 {
+        SCRATCH.with_borrow_mut(|scratch| {
+            cumulate(src_codes, src_vals, dst_codes, out, w, 0..m, tau, scratch)
+        });
+        return;
+    }
+    let partials: Vec<Vec<f32>> = chunks
         .into_par_iter()
         .map(|hashes| {
-            let mut part = vec![0.0f32; out.len()];
-            let mut scratch = CumulationScratch::default();
-            cumulate(
-                src_codes,
-                src_vals,
-                dst_codes,
-                &mut part,
-                w,
-                hashes,
-                tau,
-                &mut scratch,
-            );
+            let mut part = zeroed(out.len());
+            SCRATCH.with_borrow_mut(|scratch| {
+                cumulate(src_codes, src_vals, dst_codes, &mut part, w, hashes, tau, scratch)
+            });
             part
         })
         .collect();
@@ -788,7 +797,7 @@ impl Attention for Yoso {
             .collect::<Result<_>>()?;
         let mut q_codes = vec![0u32; bhs * m * n_q];
         let mut k_codes = vec![0u32; bhs * m * n_k];
-        let mut raw = vec![0.0f32; dims.out_len()];
+        let mut raw = zeroed(dims.out_len());
         raw.par_chunks_mut(n_q * d_v)
             .zip(q_codes.par_chunks_mut(m * n_q))
             .zip(k_codes.par_chunks_mut(m * n_k))
@@ -846,7 +855,7 @@ impl Attention for YosoE {
         let tau = common.tau(n_k);
         let (qn, _) = normalize_rows(x.q(), d);
         let (kn, _) = normalize_rows(x.k(), d);
-        let mut raw = vec![0.0f32; dims.out_len()];
+        let mut raw = zeroed(dims.out_len());
         raw.par_chunks_mut(n_q * d_v)
             .enumerate()
             .for_each(|(bh, out_h)| {
@@ -936,9 +945,9 @@ fn backward(
     let (qn, q_norms) = normalize_rows(x.q(), d);
     let (kn, k_norms) = normalize_rows(x.k(), d);
     let mut grads = Grads {
-        dq: vec![0.0; x.q().len()],
-        dk: vec![0.0; x.k().len()],
-        dv: vec![0.0; x.v().len()],
+        dq: zeroed(x.q().len()),
+        dk: zeroed(x.k().len()),
+        dv: zeroed(x.v().len()),
         params: Vec::new(),
     };
     let sampled = !s.q_codes.is_empty();
@@ -998,7 +1007,7 @@ fn backward(
 
     if let Some(w) = &s.conv_weights {
         let conv = w.len() / heads;
-        let mut per_head_dw = vec![0.0f32; bhs * conv];
+        let mut per_head_dw = zeroed(bhs * conv);
         grads
             .dv
             .par_chunks_mut(n_k * d_v)
@@ -1016,7 +1025,7 @@ fn backward(
                     dw,
                 );
             });
-        let mut dw = vec![0.0f32; heads * conv];
+        let mut dw = zeroed(heads * conv);
         for (bh, part) in per_head_dw.chunks_exact(conv).enumerate() {
             let h = bh % heads;
             buckets::add_assign(&mut dw[h * conv..(h + 1) * conv], part);
@@ -1041,12 +1050,17 @@ fn lsh_pairs(
     dk: &mut [f32],
 ) {
     let chunks = hash_chunks(m, heads);
+    if chunks.len() == 1 {
+        SCRATCH.with_borrow_mut(|scratch| colliding_pairs(x, 0..m, coef, dq, dk, scratch));
+        return;
+    }
     let partials: Vec<(Vec<f32>, Vec<f32>)> = chunks
         .par_iter()
         .map(|hashes| {
-            let mut scratch = CumulationScratch::default();
-            let (mut pq, mut pk) = (vec![0.0f32; dq.len()], vec![0.0f32; dk.len()]);
-            colliding_pairs(x, hashes.clone(), coef, &mut pq, &mut pk, &mut scratch);
+            let (mut pq, mut pk) = (zeroed(dq.len()), zeroed(dk.len()));
+            SCRATCH.with_borrow_mut(|scratch| {
+                colliding_pairs(x, hashes.clone(), coef, &mut pq, &mut pk, scratch)
+            });
             (pq, pk)
         })
         .collect();
@@ -1073,7 +1087,7 @@ fn exact_b_backward(
     let chunks = TASKS.div_ceil(heads).clamp(1, tiles);
     let chunk_keys = tiles.div_ceil(chunks) * expectation::KEY_TILE;
     let run = |c: usize, dk_c: &mut [f32], dv_c: Option<&mut [f32]>| {
-        let mut dq_c = vec![0.0f32; dq.len()];
+        let mut dq_c = zeroed(dq.len());
         expectation::backward_chunk(head, g, slope, c * chunk_keys, &mut dq_c, dk_c, dv_c);
         dq_c
     };

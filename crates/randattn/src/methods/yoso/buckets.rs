@@ -34,6 +34,8 @@ pub(crate) struct BucketIndex {
     /// Sorted path scratch: `code << 32 | token`.
     keyed: Vec<u64>,
     dense: bool,
+    /// Fill positions while grouping.
+    cursor: Vec<u32>,
     /// Per-query scratch of the pairwise walk.
     grouped: Vec<u32>,
     group_bounds: Vec<u32>,
@@ -70,7 +72,9 @@ impl BucketIndex {
                 start += size;
             }
             self.order.resize(start as usize, 0);
-            let mut cursor = counts.clone();
+            let mut cursor = std::mem::take(&mut self.cursor);
+            cursor.clear();
+            cursor.extend_from_slice(&counts);
             counts.push(start);
             for (j, &c) in codes.iter().enumerate() {
                 if c == NO_CODE {
@@ -81,6 +85,7 @@ impl BucketIndex {
                 cursor[b] += 1;
             }
             self.bounds = counts;
+            self.cursor = cursor;
         } else {
             self.keyed.clear();
             self.keyed.extend(
@@ -115,6 +120,7 @@ impl BucketIndex {
     }
 
     /// The bucket holding `code`, if any token has it.
+    #[inline(always)]
     pub(crate) fn lookup(&self, code: u32) -> Option<usize> {
         if code == NO_CODE {
             return None;
@@ -134,13 +140,18 @@ pub(crate) struct CumulationScratch {
     index: BucketIndex,
     bucket_sums: Vec<f32>,
     gathered: Vec<f32>,
+    bucket_of: Vec<u32>,
+    grouped_ids: Vec<u32>,
+    counts: Vec<usize>,
 }
 
 /// For each hash `h` in `hashes`: `out_i += Σ_{j : c_h(src_j) = c_h(dst_i)} src_vals_j`.
 ///
 /// `src_codes` (`m × n_src`) and `dst_codes` (`m × n_dst`) are hash-major; rows of `src_vals`
-/// and `out` are `w` wide. Tokens with [`NO_CODE`] are skipped on both sides. Cost
-/// `O(|hashes| · (n_src + n_dst) · w)`.
+/// and `out` are `w` wide. Tokens with [`NO_CODE`] are skipped on both sides. Bucket ids are
+/// resolved first; then, hash by hash, the source rows are scatter-added into compact bucket sums
+/// and each destination row adds its bucket's sum. Cost `O(|hashes| · (n_src + n_dst) · w)`,
+/// scratch `O(|hashes| · (n_src + n_dst) + n_src · w)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cumulate(
     src_codes: &[u32],
@@ -154,23 +165,130 @@ pub(crate) fn cumulate(
 ) {
     let n_src = src_vals.len() / w;
     let n_dst = out.len() / w;
-    for h in hashes {
-        let src = &src_codes[h * n_src..(h + 1) * n_src];
-        let dst = &dst_codes[h * n_dst..(h + 1) * n_dst];
-        scratch.index.build(src, tau);
-        let sums = &mut scratch.bucket_sums;
-        sums.clear();
-        sums.resize(scratch.index.buckets() * w, 0.0);
-        for (b, sum) in sums.chunks_exact_mut(w).enumerate() {
-            for &j in scratch.index.members(b) {
-                add_assign(sum, &src_vals[j as usize * w..(j as usize + 1) * w]);
+    let slots = 1usize << tau;
+    let src = &src_codes[hashes.start * n_src..hashes.end * n_src];
+    let dst = &dst_codes[hashes.start * n_dst..hashes.end * n_dst];
+    if slots <= DENSE_SLOTS_PER_TOKEN * n_src.max(DENSE_MIN_TOKENS) {
+        // Dense: the code itself is the row of the bucket-sum table; only the rows some token
+        // uses are zeroed, so the 2^τ-row table costs nothing to reset.
+        scratch.bucket_sums.resize(slots * w, 0.0);
+        let ids = BucketIds {
+            src,
+            dst,
+            counts: &[],
+            n_src,
+            n_dst,
+        };
+        scatter_gather(&ids, src_vals, out, w, &mut scratch.bucket_sums);
+        return;
+    }
+    // Sparse codes: compact bucket ids from sorting each hash's source codes.
+    let mut src_ids = std::mem::take(&mut scratch.bucket_of);
+    let mut dst_ids = std::mem::take(&mut scratch.grouped_ids);
+    let mut counts = std::mem::take(&mut scratch.counts);
+    src_ids.clear();
+    dst_ids.clear();
+    counts.clear();
+    for (src, dst) in src.chunks_exact(n_src).zip(dst.chunks_exact(n_dst)) {
+        let index = &mut scratch.index;
+        index.build(src, tau);
+        let index = &*index;
+        src_ids.extend(
+            src.iter()
+                .map(|&c| index.lookup(c).map_or(NO_CODE, |b| b as u32)),
+        );
+        dst_ids.extend(
+            dst.iter()
+                .map(|&c| index.lookup(c).map_or(NO_CODE, |b| b as u32)),
+        );
+        counts.push(index.buckets());
+    }
+    let most = counts.iter().copied().max().unwrap_or(0);
+    scratch.bucket_sums.clear();
+    scratch.bucket_sums.resize(most * w, 0.0);
+    let ids = BucketIds {
+        src: &src_ids,
+        dst: &dst_ids,
+        counts: &counts,
+        n_src,
+        n_dst,
+    };
+    scatter_gather(&ids, src_vals, out, w, &mut scratch.bucket_sums);
+    scratch.bucket_of = src_ids;
+    scratch.grouped_ids = dst_ids;
+    scratch.counts = counts;
+}
+
+/// Bucket ids of the sources and destinations of several hashes (hash-major, [`NO_CODE`] for
+/// tokens without a bucket) and the bucket count of each hash; no counts means the ids are dense
+/// codes whose rows are zeroed on use.
+struct BucketIds<'a> {
+    src: &'a [u32],
+    dst: &'a [u32],
+    counts: &'a [usize],
+    n_src: usize,
+    n_dst: usize,
+}
+
+crate::linalg::multiversion! {
+    /// The scatter-add and gather of [`cumulate`], hash by hash, whole rows at a time.
+    fn scatter_gather(
+        ids: &BucketIds<'_>,
+        src_vals: &[f32],
+        out: &mut [f32],
+        w: usize,
+        sums: &mut [f32],
+    ) {
+        let hashes = ids.src.len() / ids.n_src;
+        let zero = std::hint::black_box(0.0f32);
+        for h in 0..hashes {
+            let src = &ids.src[h * ids.n_src..(h + 1) * ids.n_src];
+            let dst = &ids.dst[h * ids.n_dst..(h + 1) * ids.n_dst];
+            if let Some(&count) = ids.counts.get(h) {
+                sums[..count * w].fill(0.0);
+            } else {
+                for &b in src.iter().chain(dst) {
+                    if b != NO_CODE {
+                        zero_row(&mut sums[b as usize * w..(b as usize + 1) * w], zero);
+                    }
+                }
+            }
+            for (v, &b) in src_vals.chunks_exact(w).zip(src) {
+                if b != NO_CODE {
+                    add_row(&mut sums[b as usize * w..(b as usize + 1) * w], v);
+                }
+            }
+            for (o, &b) in out.chunks_exact_mut(w).zip(dst) {
+                if b != NO_CODE {
+                    add_row(o, &sums[b as usize * w..(b as usize + 1) * w]);
+                }
             }
         }
-        for (&c, o) in dst.iter().zip(out.chunks_exact_mut(w)) {
-            if let Some(b) = scratch.index.lookup(c) {
-                add_assign(o, &sums[b * w..(b + 1) * w]);
-            }
+    }
+}
+
+/// `a ← zero` with inline vector stores. `zero` is 0 passed through `black_box`: with a literal
+/// 0 the compiler turns the loop into a `memset` call per row, which measured slower than the
+/// whole scatter-add.
+#[inline(always)]
+fn zero_row(a: &mut [f32], zero: f32) {
+    for x in a.iter_mut() {
+        *x = zero;
+    }
+}
+
+/// `a += b` for rows of equal length, sixteen floats at a time.
+#[inline(always)]
+fn add_row(a: &mut [f32], b: &[f32]) {
+    let mut ac = a.chunks_exact_mut(16);
+    let mut bc = b.chunks_exact(16);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..16 {
+            x[l] += y[l];
         }
+    }
+    for (x, y) in ac.into_remainder().iter_mut().zip(bc.remainder()) {
+        *x += *y;
     }
 }
 
@@ -210,10 +328,9 @@ pub(crate) fn colliding_pairs(
     dk: &mut [f32],
     scratch: &mut CumulationScratch,
 ) {
-    let (d, d_v) = (x.d, x.d_v);
+    let d = x.d;
     let n_q = x.q.len() / d;
     let n_k = x.k.len() / d;
-    let mut dq_row = vec![0.0f32; d];
     for h in hashes {
         let kc = &x.k_codes[h * n_k..(h + 1) * n_k];
         let qc = &x.q_codes[h * n_q..(h + 1) * n_q];
@@ -223,32 +340,64 @@ pub(crate) fn colliding_pairs(
         let nb = index.buckets();
         let mut group_bounds = std::mem::take(&mut index.group_bounds);
         let mut grouped = std::mem::take(&mut index.grouped);
+        let mut cursor = std::mem::take(&mut index.cursor);
+        let bucket_of = &mut scratch.bucket_of;
+        bucket_of.clear();
+        bucket_of.extend(
+            qc.iter()
+                .map(|&c| index.lookup(c).map_or(NO_CODE, |b| b as u32)),
+        );
         group_bounds.clear();
         group_bounds.resize(nb + 1, 0);
-        let bucket_of: Vec<Option<usize>> = qc.iter().map(|&c| index.lookup(c)).collect();
-        for b in bucket_of.iter().flatten() {
-            group_bounds[b + 1] += 1;
+        for &b in bucket_of.iter() {
+            if b != NO_CODE {
+                group_bounds[b as usize + 1] += 1;
+            }
         }
         for b in 0..nb {
             group_bounds[b + 1] += group_bounds[b];
         }
         grouped.clear();
         grouped.resize(group_bounds[nb] as usize, 0);
-        let mut cursor = group_bounds.clone();
-        for (i, b) in bucket_of.iter().enumerate() {
-            if let Some(b) = b {
-                grouped[cursor[*b] as usize] = i as u32;
-                cursor[*b] += 1;
+        cursor.clear();
+        cursor.extend_from_slice(&group_bounds);
+        for (i, &b) in bucket_of.iter().enumerate() {
+            if b != NO_CODE {
+                grouped[cursor[b as usize] as usize] = i as u32;
+                cursor[b as usize] += 1;
             }
         }
-        for b in 0..nb {
+        walk_buckets(x, index, &grouped, &group_bounds, coef, dq, dk, &mut scratch.gathered);
+        index.group_bounds = group_bounds;
+        index.grouped = grouped;
+        index.cursor = cursor;
+    }
+}
+
+crate::linalg::multiversion! {
+    /// The pairs of every bucket of one hash (queries grouped by bucket in `grouped`).
+    #[allow(clippy::too_many_arguments)]
+    fn walk_buckets(
+        x: &PairInputs<'_>,
+        index: &BucketIndex,
+        grouped: &[u32],
+        group_bounds: &[u32],
+        coef: f32,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        gathered: &mut Vec<f32>,
+    ) {
+        let (d, d_v) = (x.d, x.d_v);
+        let mut dq_row = [0.0f32; PAIR_ROW_MAX];
+        for b in 0..index.buckets() {
             let queries = &grouped[group_bounds[b] as usize..group_bounds[b + 1] as usize];
             if queries.is_empty() {
                 continue;
             }
             let keys = index.members(b);
             let (a, bk) = (queries.len(), keys.len());
-            if a * bk * (d_v + 2 * d) <= 2 * (a + bk) * d * d_v {
+            if d <= PAIR_ROW_MAX && a * bk * (d_v + 2 * d) <= 2 * (a + bk) * d * d_v {
+                let dq_row = &mut dq_row[..d];
                 for &i in queries {
                     let i = i as usize;
                     let gi = &x.g[i * d_v..(i + 1) * d_v];
@@ -257,19 +406,20 @@ pub(crate) fn colliding_pairs(
                     for &j in keys {
                         let j = j as usize;
                         let s = coef * dot(gi, &x.v[j * d_v..(j + 1) * d_v]);
-                        axpy(&mut dq_row, s, &x.k[j * d..(j + 1) * d]);
+                        axpy(dq_row, s, &x.k[j * d..(j + 1) * d]);
                         axpy(&mut dk[j * d..(j + 1) * d], s, qi);
                     }
-                    add_assign(&mut dq[i * d..(i + 1) * d], &dq_row);
+                    add_assign(&mut dq[i * d..(i + 1) * d], dq_row);
                 }
             } else {
-                outer_bucket(x, queries, keys, coef, dq, dk, &mut scratch.gathered);
+                outer_bucket(x, queries, keys, coef, dq, dk, gathered);
             }
         }
-        index.group_bounds = group_bounds;
-        index.grouped = grouped;
     }
 }
+
+/// Longest head dimension walked pair by pair with a stack row (longer ones use outer products).
+const PAIR_ROW_MAX: usize = 256;
 
 /// One large bucket through its outer-product sums: `dQ_a += coef·G_a (V_bᵀ K_b)` and
 /// `dK_b += coef·V_b (G_aᵀ Q_a)`.
@@ -355,7 +505,7 @@ fn outer_bucket(
 }
 
 /// `a += b`, elementwise.
-#[inline]
+#[inline(always)]
 pub(crate) fn add_assign(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += *y;
@@ -363,18 +513,18 @@ pub(crate) fn add_assign(a: &mut [f32], b: &[f32]) {
 }
 
 /// `a += s · b`, elementwise.
-#[inline]
+#[inline(always)]
 fn axpy(a: &mut [f32], s: f32, b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += s * *y;
     }
 }
 
-/// Dot product with eight partial sums, so that it vectorises.
-#[inline]
+/// Dot product with sixteen partial sums, so that it vectorises.
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
         .remainder()
         .iter()
@@ -382,7 +532,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
+        for l in 0..16 {
             acc[l] += x[l] * y[l];
         }
     }

@@ -21,6 +21,8 @@ use crate::error::{Error, Result};
 use crate::linalg::{Mat, gemm};
 use crate::rng::StreamRng;
 
+use super::lanes::{self, LANES, Lanes};
+
 /// Code stored for a token that was not hashed (a masked query or key); never a valid code.
 pub const NO_CODE: u32 = u32::MAX;
 /// Largest supported code length in bits.
@@ -46,8 +48,6 @@ impl HashFamily {
     }
 }
 
-/// Lanes of the fast hash: it transforms this many tokens at once, one per SIMD lane.
-const LANES: usize = 16;
 /// Tokens per GEMM block of SimHash (bounds its scratch to `SIMHASH_BLOCK · m · τ` floats).
 const SIMHASH_BLOCK: usize = 64;
 
@@ -197,7 +197,7 @@ impl LshHash {
 
 /// Sizes of a fast hash.
 #[derive(Debug, Clone, Copy)]
-struct FastShape {
+pub(super) struct FastShape {
     d: usize,
     d_pad: usize,
     tau: usize,
@@ -205,50 +205,152 @@ struct FastShape {
     per_rotation: usize,
 }
 
-crate::linalg::multiversion! {
-    /// The fast hash of all rows: [`LANES`] tokens at a time, one per SIMD lane, through
-    /// `H·D₃·H·D₂·H·D₁` per rotation; codes written hash-major.
-    fn fast_codes(rows: &[f32], shape: FastShape, signs: &[f32], codes: &mut [u32]) {
-        let FastShape { d, d_pad, tau, m, per_rotation } = shape;
-        let n = rows.len() / d;
-        // Rows transposed (coordinate-major, token per lane), then the rotation's work array.
-        let mut xt = vec![[0.0f32; LANES]; d];
-        let mut z = vec![[0.0f32; LANES]; d_pad];
-        for i0 in (0..n).step_by(LANES) {
-            let nb = LANES.min(n - i0);
-            for (l, row) in rows[i0 * d..(i0 + nb) * d].chunks_exact(d).enumerate() {
-                for (xc, x) in xt.iter_mut().zip(row) {
-                    xc[l] = *x;
-                }
+/// The fast hash of all rows, with the widest SIMD the CPU has.
+fn fast_codes(rows: &[f32], shape: FastShape, signs: &[f32], codes: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { lanes::fast_codes_avx512(rows, shape, signs, codes) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { lanes::fast_codes_avx2(rows, shape, signs, codes) };
+        }
+    }
+    // SAFETY: the portable lanes run on any CPU.
+    unsafe { fast_codes_with::<lanes::Portable>(rows, shape, signs, codes) };
+}
+
+/// The fast hash: [`LANES`] tokens at a time, one per SIMD lane, through `H·D₃·H·D₂·H·D₁` per
+/// rotation; codes written hash-major.
+///
+/// # Safety
+/// The CPU must support the instruction set `V` is compiled for.
+#[inline(always)]
+pub(super) unsafe fn fast_codes_with<V: Lanes>(
+    rows: &[f32],
+    shape: FastShape,
+    signs: &[f32],
+    codes: &mut [u32],
+) {
+    let FastShape {
+        d,
+        d_pad,
+        tau,
+        m,
+        per_rotation,
+    } = shape;
+    let n = rows.len() / d;
+    // Rows transposed (coordinate-major, one token per lane), then the rotation's work array.
+    let mut xt = vec![[0.0f32; LANES]; d];
+    let mut z = vec![[0.0f32; LANES]; d_pad];
+    let mut lane_codes = [0u32; LANES];
+    for i0 in (0..n).step_by(LANES) {
+        let nb = LANES.min(n - i0);
+        for (l, row) in rows[i0 * d..(i0 + nb) * d].chunks_exact(d).enumerate() {
+            for (xc, x) in xt.iter_mut().zip(row) {
+                xc[l] = *x;
             }
-            for (r, signs) in signs.chunks_exact(3 * d_pad).enumerate() {
-                let (s1, rest) = signs.split_at(d_pad);
-                let (s2, s3) = rest.split_at(d_pad);
+        }
+        for (r, signs) in signs.chunks_exact(3 * d_pad).enumerate() {
+            let (s1, rest) = signs.split_at(d_pad);
+            let (s2, s3) = rest.split_at(d_pad);
+            // SAFETY (this block): the caller guarantees the CPU supports `V`.
+            unsafe {
                 for ((zc, xc), s) in z.iter_mut().zip(&xt).zip(s1) {
-                    for (a, b) in zc.iter_mut().zip(xc) {
-                        *a = *b * s;
-                    }
+                    V::load(xc).scale(*s).store(zc);
                 }
                 for zc in &mut z[d..] {
                     *zc = [0.0; LANES];
                 }
-                fwht_lanes(&mut z);
-                scale_lanes(&mut z, s2);
-                fwht_lanes(&mut z);
-                scale_lanes(&mut z, s3);
-                fwht_lanes(&mut z);
+                fwht_lanes::<V>(&mut z, None);
+                fwht_lanes::<V>(&mut z, Some(s2));
+                fwht_lanes::<V>(&mut z, Some(s3));
                 for g in 0..per_rotation {
                     let h = r * per_rotation + g;
                     if h >= m {
                         break;
                     }
-                    let mut lane_codes = [0u32; LANES];
+                    let mut bits = V::no_codes();
                     for (u, zc) in z[g * tau..(g + 1) * tau].iter().enumerate() {
-                        for (code, x) in lane_codes.iter_mut().zip(zc) {
-                            *code |= u32::from(*x > 0.0) << u;
+                        bits = V::load(zc).set_bit_where_positive(u as u32, bits);
+                    }
+                    V::store_codes(bits, &mut lane_codes);
+                    codes[h * n + i0..h * n + i0 + nb].copy_from_slice(&lane_codes[..nb]);
+                }
+            }
+        }
+    }
+}
+
+/// `z ← H·diag(signs)·z` along the first axis (length a power of two), lane by lane, in passes
+/// of up to three butterfly stages whose eight operands stay in registers.
+///
+/// # Safety
+/// As [`fast_codes_with`].
+#[inline(always)]
+pub(super) unsafe fn fwht_lanes<V: Lanes>(z: &mut [[f32; LANES]], signs: Option<&[f32]>) {
+    let bits = z.len().trailing_zeros() as usize;
+    if bits == 0 {
+        if let Some(s) = signs {
+            // SAFETY: as the function's.
+            unsafe { V::load(&z[0]).scale(s[0]).store(&mut z[0]) };
+        }
+        return;
+    }
+    let mut s0 = 0;
+    while s0 < bits {
+        let signs = if s0 == 0 { signs } else { None };
+        // SAFETY: as the function's.
+        unsafe {
+            match (bits - s0).min(3) {
+                3 => fwht_pass::<V, 8>(z, 1 << s0, signs),
+                2 => fwht_pass::<V, 4>(z, 1 << s0, signs),
+                _ => fwht_pass::<V, 2>(z, 1 << s0, signs),
+            }
+        }
+        s0 += 3;
+    }
+}
+
+/// Butterfly stages `h0, 2·h0, …, (G/2)·h0` of the transform, on groups of `G` coordinates
+/// `h0` apart.
+///
+/// # Safety
+/// As [`fast_codes_with`].
+#[inline(always)]
+unsafe fn fwht_pass<V: Lanes, const G: usize>(
+    z: &mut [[f32; LANES]],
+    h0: usize,
+    signs: Option<&[f32]>,
+) {
+    let span = h0 * G;
+    for block in (0..z.len()).step_by(span) {
+        for base in block..block + h0 {
+            // SAFETY: as the function's.
+            unsafe {
+                let mut r = [V::zero(); G];
+                for (j, rj) in r.iter_mut().enumerate() {
+                    let c = base + j * h0;
+                    *rj = match signs {
+                        Some(s) => V::load(&z[c]).scale(s[c]),
+                        None => V::load(&z[c]),
+                    };
+                }
+                let mut h = 1;
+                while h < G {
+                    for j in 0..G {
+                        if j & h == 0 {
+                            let (a, b) = (r[j], r[j + h]);
+                            r[j] = a.add(b);
+                            r[j + h] = a.sub(b);
                         }
                     }
-                    codes[h * n + i0..h * n + i0 + nb].copy_from_slice(&lane_codes[..nb]);
+                    h *= 2;
+                }
+                for (j, v) in r.iter().enumerate() {
+                    v.store(&mut z[base + j * h0]);
                 }
             }
         }
@@ -262,36 +364,6 @@ fn pack_bits(bits: &[f32]) -> u32 {
         .fold(0, |code, (t, x)| code | u32::from(*x > 0.0) << t)
 }
 
-/// Unnormalised Walsh–Hadamard transform along the first axis of `z` (length a power of two),
-/// independently in each lane. Written on the flat array so every butterfly stage is a loop over
-/// contiguous runs of at least [`LANES`] floats (unit stride: plain vector adds).
-#[inline(always)]
-fn fwht_lanes(z: &mut [[f32; LANES]]) {
-    let n = z.len();
-    let flat = z.as_flattened_mut();
-    let mut h = 1;
-    while h < n {
-        for block in flat.chunks_exact_mut(2 * h * LANES) {
-            let (lo, hi) = block.split_at_mut(h * LANES);
-            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
-                let (s, t) = (*a + *b, *a - *b);
-                *a = s;
-                *b = t;
-            }
-        }
-        h *= 2;
-    }
-}
-
-#[inline(always)]
-fn scale_lanes(z: &mut [[f32; LANES]], signs: &[f32]) {
-    for (zc, s) in z.iter_mut().zip(signs) {
-        for x in zc.iter_mut() {
-            *x *= s;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +372,12 @@ mod tests {
 
     #[test]
     fn lane_transform_matches_the_scalar_fwht() {
-        let n = 32;
+        for n in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
+            check_lane_transform(n);
+        }
+    }
+
+    fn check_lane_transform(n: usize) {
         let mut z = vec![[0.0f32; LANES]; n];
         for (c, zc) in z.iter_mut().enumerate() {
             for (l, x) in zc.iter_mut().enumerate() {
@@ -310,13 +387,38 @@ mod tests {
         let mut want: Vec<Vec<f32>> = (0..LANES)
             .map(|l| z.iter().map(|zc| zc[l]).collect())
             .collect();
-        fwht_lanes(&mut z);
+        let signs: Vec<f32> = (0..n).map(|c| if c % 3 == 1 { -1.0 } else { 1.0 }).collect();
+        let mut z2 = z.clone();
+        // SAFETY: the portable lanes run on any CPU.
+        unsafe { fwht_lanes::<lanes::Portable>(&mut z, Some(&signs)) };
+        fast_transform_best(&mut z2, &signs);
         for (l, w) in want.iter_mut().enumerate() {
+            for (x, s) in w.iter_mut().zip(&signs) {
+                *x *= s;
+            }
             fwht(w).unwrap();
             for c in 0..n {
-                assert!((z[c][l] - w[c]).abs() < 1e-4);
+                assert!((z[c][l] - w[c]).abs() < 1e-4 * n as f32, "n={n}");
+                assert!((z2[c][l] - w[c]).abs() < 1e-4 * n as f32, "n={n}");
             }
         }
+    }
+
+    /// The transform with the SIMD backend the CPU has.
+    fn fast_transform_best(z: &mut [[f32; LANES]], signs: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { lanes::fwht_avx512(z, signs) };
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { lanes::fwht_avx2(z, signs) };
+            }
+        }
+        // SAFETY: the portable lanes run on any CPU.
+        unsafe { fwht_lanes::<lanes::Portable>(z, Some(signs)) };
     }
 
     #[test]
@@ -338,6 +440,18 @@ mod tests {
         let rows: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.91).cos()).collect();
         let mut codes = vec![0u32; n * m];
         h.codes(&rows, None, &mut codes);
+        // The portable lanes give the same codes as the SIMD path the CPU picked.
+        let mut portable = vec![0u32; n * m];
+        let shape = FastShape {
+            d,
+            d_pad: *d_pad,
+            tau: tau as usize,
+            m,
+            per_rotation: *per_rotation,
+        };
+        // SAFETY: the portable lanes run on any CPU.
+        unsafe { fast_codes_with::<lanes::Portable>(&rows, shape, signs, &mut portable) };
+        assert_eq!(portable, codes);
         let scaled: Vec<f32> = rows.iter().map(|x| x * 3.5).collect();
         let mut codes2 = vec![0u32; n * m];
         h.codes(&scaled, None, &mut codes2);
