@@ -572,39 +572,54 @@ impl YosoSaved {
 /// `x / max(‖x‖, NORM_EPS)` row by row; returns the normalised rows and the norms.
 fn normalize_rows(x: &[f32], w: usize) -> (Vec<f32>, Vec<f32>) {
     let mut out = x.to_vec();
-    let norms = out
-        .chunks_exact_mut(w)
-        .map(|row| {
-            let norm = buckets::dot(row, row).sqrt();
-            let inv = 1.0 / norm.max(NORM_EPS);
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
-            norm
-        })
-        .collect();
+    let norms = normalize_rows_in_place(&mut out, w);
     (out, norms)
+}
+
+/// Rows per parallel task of the row-wise passes.
+const ROW_TASK: usize = 512;
+
+/// `x ← x / max(‖x‖, NORM_EPS)` row by row, in parallel; returns the norms.
+fn normalize_rows_in_place(x: &mut [f32], w: usize) -> Vec<f32> {
+    let mut norms = zeroed(x.len() / w);
+    x.par_chunks_mut(ROW_TASK * w)
+        .zip(norms.par_chunks_mut(ROW_TASK))
+        .for_each(|(rows, norms)| {
+            for (row, norm) in rows.chunks_exact_mut(w).zip(norms) {
+                *norm = buckets::dot(row, row).sqrt();
+                let inv = 1.0 / norm.max(NORM_EPS);
+                for v in row.iter_mut() {
+                    *v *= inv;
+                }
+            }
+        });
+    norms
 }
 
 /// Backward of `y = x / max(‖x‖, ε)` in place: `dy ← (dy − y (y·dy)) / ‖x‖` (or `dy/ε` when
 /// `‖x‖ ≤ ε`, the clamped branch). With `zero_at_zero`, rows whose `‖x‖` is exactly 0 pass no
 /// gradient (see the module documentation).
 fn normalize_backward(dy: &mut [f32], y: &[f32], norms: &[f32], w: usize, zero_at_zero: bool) {
-    for ((g, y), &norm) in dy.chunks_exact_mut(w).zip(y.chunks_exact(w)).zip(norms) {
-        if norm > NORM_EPS {
-            let proj = buckets::dot(g, y);
-            let inv = 1.0 / norm;
-            for (gv, yv) in g.iter_mut().zip(y) {
-                *gv = (*gv - yv * proj) * inv;
+    dy.par_chunks_mut(ROW_TASK * w)
+        .zip(y.par_chunks(ROW_TASK * w))
+        .zip(norms.par_chunks(ROW_TASK))
+        .for_each(|((dy, y), norms)| {
+            for ((g, y), &norm) in dy.chunks_exact_mut(w).zip(y.chunks_exact(w)).zip(norms) {
+                if norm > NORM_EPS {
+                    let proj = buckets::dot(g, y);
+                    let inv = 1.0 / norm;
+                    for (gv, yv) in g.iter_mut().zip(y) {
+                        *gv = (*gv - yv * proj) * inv;
+                    }
+                } else if zero_at_zero && norm == 0.0 {
+                    g.fill(0.0);
+                } else {
+                    for gv in g.iter_mut() {
+                        *gv /= NORM_EPS;
+                    }
+                }
             }
-        } else if zero_at_zero && norm == 0.0 {
-            g.fill(0.0);
-        } else {
-            for gv in g.iter_mut() {
-                *gv /= NORM_EPS;
-            }
-        }
-    }
+        });
 }
 
 thread_local! {
@@ -649,7 +664,9 @@ fn parallel_cumulate(
         .map(|hashes| {
             let mut part = zeroed(out.len());
             SCRATCH.with_borrow_mut(|scratch| {
-                cumulate(src_codes, src_vals, dst_codes, &mut part, w, hashes, tau, scratch)
+                cumulate(
+                    src_codes, src_vals, dst_codes, &mut part, w, hashes, tau, scratch,
+                )
             });
             part
         })
@@ -721,9 +738,7 @@ fn finish_forward(
         heads, n_q, d_v, ..
     } = dims;
     let norms = if common.normalize {
-        let (normed, norms) = normalize_rows(&raw, d_v);
-        raw = normed;
-        norms
+        normalize_rows_in_place(&mut raw, d_v)
     } else {
         Vec::new()
     };
@@ -937,7 +952,8 @@ fn backward(
     // G = ∂L/∂Y_raw: masked query rows carry nothing, then through the output normalisation.
     let mut g = grad_output.to_vec();
     zero_masked_queries(x, &mut g);
-    let g_total = g.clone();
+    // The conv branch sees the gradient of the whole output.
+    let g_total = s.conv_weights.is_some().then(|| g.clone());
     if common.normalize {
         normalize_backward(&mut g, &s.attention, &s.norms, d_v, true);
     }
@@ -1015,6 +1031,7 @@ fn backward(
             .enumerate()
             .for_each(|(bh, (dv, dw))| {
                 let h = bh % heads;
+                let g_total = g_total.as_ref().expect("kept when conv is on");
                 conv_backward(
                     &g_total[bh * n_q * d_v..(bh + 1) * n_q * d_v],
                     x.v_head(bh),

@@ -367,7 +367,16 @@ pub(crate) fn colliding_pairs(
                 cursor[b as usize] += 1;
             }
         }
-        walk_buckets(x, index, &grouped, &group_bounds, coef, dq, dk, &mut scratch.gathered);
+        walk_buckets(
+            x,
+            index,
+            &grouped,
+            &group_bounds,
+            coef,
+            dq,
+            dk,
+            &mut scratch.gathered,
+        );
         index.group_bounds = group_bounds;
         index.grouped = grouped;
         index.cursor = cursor;

@@ -387,7 +387,9 @@ mod tests {
         let mut want: Vec<Vec<f32>> = (0..LANES)
             .map(|l| z.iter().map(|zc| zc[l]).collect())
             .collect();
-        let signs: Vec<f32> = (0..n).map(|c| if c % 3 == 1 { -1.0 } else { 1.0 }).collect();
+        let signs: Vec<f32> = (0..n)
+            .map(|c| if c % 3 == 1 { -1.0 } else { 1.0 })
+            .collect();
         let mut z2 = z.clone();
         // SAFETY: the portable lanes run on any CPU.
         unsafe { fwht_lanes::<lanes::Portable>(&mut z, Some(&signs)) };
