@@ -126,12 +126,17 @@ fn methods(json: bool) -> Result<()> {
     for m in catalog {
         println!("{}  —  {}", m.name, m.summary);
         println!(
-            "    cost: {}; {}",
+            "    cost: {}; {}{}",
             m.cost,
             if m.random {
                 "random (seeded)"
             } else {
                 "deterministic"
+            },
+            if m.approximates_softmax {
+                ""
+            } else {
+                "; its own kernel, not an approximation of softmax (models are trained with it)"
             }
         );
         if m.params.is_empty() {

@@ -25,10 +25,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let g: Vec<f32> = (0..w.q.len())
         .map(|i| ((i * 7) % 13) as f32 - 6.0)
         .collect();
+    if std::env::var_os("WARM_EXACT").is_some() {
+        let exact = Method::parse::<&str>("exact", &[])?;
+        for _ in 0..3 {
+            exact.forward(&x, 0)?;
+        }
+    }
     let (mut fwd_ms, mut bwd_ms) = (Vec::new(), Vec::new());
     for seed in 0..repeats as u64 {
         let t = Instant::now();
-        let f = method.forward(&x, seed)?;
+        let f = method.forward(
+            &x,
+            if std::env::var_os("FIXED_SEED").is_some() {
+                0
+            } else {
+                seed
+            },
+        )?;
         fwd_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if std::env::var_os("FORWARD_ONLY").is_some() {
             bwd_ms.push(0.0);

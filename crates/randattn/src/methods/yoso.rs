@@ -21,8 +21,11 @@
 //!   bucket sums, each query reads its bucket: `Ŷ_raw,i = (1/m) Σ_h Σ_{j: c_h(k_j)=c_h(q_i)} v_j`.
 //!   With SimHash, `E[Ŷ_raw] = Y_raw` exactly and each entry of the implied `B̂` has variance
 //!   `B_ij(1 − B_ij)/m`; the fast hash is close to that. Cost `O(m·(n_q + n_k)·d_v)` plus hashing
-//!   (`O(n·m·τ·d)` SimHash, `O(n·⌈m/⌊d_pad/τ⌋⌉·d_pad log d_pad)` fast); memory `O(n·m)` for the
-//!   codes (saved for the backward) and `O(n·d_v)` for the bucket sums.
+//!   (`O(n·m·τ·d)` SimHash, `O(n·⌈m/⌊d_pad/τ⌋⌉·d_pad log d_pad)` fast). Memory: the codes,
+//!   `4·m·(n_q + n_k)` bytes per head (saved for the backward), plus per worker thread one
+//!   bucket-sum table of at most `4·max(n_k, 1024)·d_v` floats — `2^τ` rows while τ is small,
+//!   one row per non-empty bucket (by sorting the codes) when `2^τ` would exceed that — so no
+//!   `2^τ × d_v` table ever explodes memory (τ up to 30 is accepted).
 //! - [`YosoE`] (`yoso-e`) computes the expectation `Y_raw = (B ⊙ M) V` exactly, blocked
 //!   (`O(n_q·n_k·(d + d_v))` time, `O(n·d)` memory).
 //! - `conv = w > 0` adds YOSO-C's branch: a depthwise convolution of the masked V along the
@@ -807,9 +810,6 @@ impl Attention for Yoso {
         let tau = common.tau(n_k);
         let m = self.m;
         let bhs = dims.batch_heads();
-        let hashers: Vec<LshHash> = (0..bhs)
-            .map(|bh| self.hasher(dims, seed, bh / heads, bh % heads))
-            .collect::<Result<_>>()?;
         let mut q_codes = vec![0u32; bhs * m * n_q];
         let mut k_codes = vec![0u32; bhs * m * n_k];
         let mut raw = zeroed(dims.out_len());
@@ -817,9 +817,10 @@ impl Attention for Yoso {
             .zip(q_codes.par_chunks_mut(m * n_q))
             .zip(k_codes.par_chunks_mut(m * n_k))
             .enumerate()
-            .for_each(|(bh, ((out, qc), kc))| {
+            .try_for_each(|(bh, ((out, qc), kc))| -> Result<()> {
                 let b = bh / heads;
-                let hasher = &hashers[bh];
+                // Drawn inside the task: one head's hash functions live at a time.
+                let hasher = self.hasher(dims, seed, b, bh % heads)?;
                 rayon::join(
                     || hasher.codes(x.q_head(bh), x.query_mask_row(b), qc),
                     || hasher.codes(x.k_head(bh), x.key_mask_row(b), kc),
@@ -829,7 +830,8 @@ impl Attention for Yoso {
                 for o in out.iter_mut() {
                     *o *= inv;
                 }
-            });
+                Ok(())
+            })?;
         Ok(finish_forward(
             x,
             &common,

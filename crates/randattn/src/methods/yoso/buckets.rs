@@ -1,12 +1,14 @@
 //! Buckets of one hash: the scatter-add / gather of the LSH cumulation, and the walk over
 //! colliding (query, key) pairs used by the linear-time surrogate backward.
 //!
-//! A [`BucketIndex`] groups the tokens of one hash by code. Bucket sums are stored compactly,
-//! one row per *non-empty* bucket, so memory is `O(n · d_v)` whatever `τ` is — never the
-//! `2^τ × d_v` tables of the reference kernels. Codes are mapped to bucket ids through a dense
-//! slot array when `2^τ ≤ DENSE_SLOTS_PER_TOKEN · max(n, DENSE_MIN_TOKENS)` (O(n + 2^τ) to build,
-//! O(1) lookups), and otherwise by sorting the codes (O(n log n), binary-search lookups), which
-//! keeps τ up to 30 at `O(n)` memory.
+//! Memory never grows with `2^τ` beyond `O(n)`: while `2^τ ≤ DENSE_SLOTS_PER_TOKEN ·
+//! max(n, DENSE_MIN_TOKENS)` the code itself indexes a bucket-sum table of `2^τ` rows (at most
+//! `4·max(n, 1024)·d_v` floats per worker thread, reset by zeroing only the rows in use), and a
+//! [`BucketIndex`] maps codes to buckets through a dense slot array (O(n + 2^τ) to build, O(1)
+//! lookups). Above that — large τ, e.g. τ = 20 at n = 4096 — the codes of each hash are sorted
+//! instead (O(n log n), binary-search lookups) and bucket sums are compact, one row per
+//! non-empty bucket: `O(n·d_v)` floats whatever τ is, never the `m × 2^τ × d_v` tables of the
+//! reference kernels.
 
 use std::ops::Range;
 
