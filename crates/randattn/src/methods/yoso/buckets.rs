@@ -144,6 +144,8 @@ pub(crate) struct CumulationScratch {
     gathered: Vec<f32>,
     bucket_of: Vec<u32>,
     grouped_ids: Vec<u32>,
+    query_rows: Vec<f32>,
+    key_rows: Vec<f32>,
     counts: Vec<usize>,
 }
 
@@ -330,9 +332,24 @@ pub(crate) fn colliding_pairs(
     dk: &mut [f32],
     scratch: &mut CumulationScratch,
 ) {
-    let d = x.d;
+    let (d, d_v) = (x.d, x.d_v);
     let n_q = x.q.len() / d;
     let n_k = x.k.len() / d;
+    // Everything one side of a pair touches, in one contiguous row: `[q̂_i | g_i | dq_i]` and
+    // `[k̂_j | v_j | dk_j]`. A pair then misses on two places instead of six, and the CPU's
+    // adjacent-line prefetch brings the rest (measured on the walk below).
+    let stride = 2 * d + d_v;
+    let mut query_rows = std::mem::take(&mut scratch.query_rows);
+    let mut key_rows = std::mem::take(&mut scratch.key_rows);
+    interleave(&mut query_rows, x.q, x.g, n_q, d, d_v);
+    interleave(&mut key_rows, x.k, x.v, n_k, d, d_v);
+    let mut rows = PairRows {
+        queries: &mut query_rows,
+        keys: &mut key_rows,
+        d,
+        d_v,
+        stride,
+    };
     for h in hashes {
         let kc = &x.k_codes[h * n_k..(h + 1) * n_k];
         let qc = &x.q_codes[h * n_q..(h + 1) * n_q];
@@ -370,36 +387,62 @@ pub(crate) fn colliding_pairs(
             }
         }
         walk_buckets(
-            x,
+            &mut rows,
             index,
             &grouped,
             &group_bounds,
             coef,
-            dq,
-            dk,
             &mut scratch.gathered,
         );
         index.group_bounds = group_bounds;
         index.grouped = grouped;
         index.cursor = cursor;
     }
+    for (out, row) in dq.chunks_exact_mut(d).zip(query_rows.chunks_exact(stride)) {
+        add_assign(out, &row[d + d_v..]);
+    }
+    for (out, row) in dk.chunks_exact_mut(d).zip(key_rows.chunks_exact(stride)) {
+        add_assign(out, &row[d + d_v..]);
+    }
+    scratch.query_rows = query_rows;
+    scratch.key_rows = key_rows;
+}
+
+/// `rows ← [a_i | b_i | 0]` for `n` rows (`a` is `n × d`, `b` is `n × d_v`).
+fn interleave(rows: &mut Vec<f32>, a: &[f32], b: &[f32], n: usize, d: usize, d_v: usize) {
+    let stride = 2 * d + d_v;
+    rows.clear();
+    rows.resize(n * stride, 0.0);
+    for ((row, a), b) in rows
+        .chunks_exact_mut(stride)
+        .zip(a.chunks_exact(d))
+        .zip(b.chunks_exact(d_v))
+    {
+        row[..d].copy_from_slice(a);
+        row[d..d + d_v].copy_from_slice(b);
+    }
+}
+
+/// The interleaved rows of one pair walk: `[q̂ | g | dq]` per query, `[k̂ | v | dk]` per key.
+struct PairRows<'a> {
+    queries: &'a mut [f32],
+    keys: &'a mut [f32],
+    d: usize,
+    d_v: usize,
+    stride: usize,
 }
 
 crate::linalg::multiversion! {
     /// The pairs of every bucket of one hash (queries grouped by bucket in `grouped`).
-    #[allow(clippy::too_many_arguments)]
     fn walk_buckets(
-        x: &PairInputs<'_>,
+        rows: &mut PairRows<'_>,
         index: &BucketIndex,
         grouped: &[u32],
         group_bounds: &[u32],
         coef: f32,
-        dq: &mut [f32],
-        dk: &mut [f32],
         gathered: &mut Vec<f32>,
     ) {
-        let (d, d_v) = (x.d, x.d_v);
-        let mut dq_row = [0.0f32; PAIR_ROW_MAX];
+        let (d, d_v, stride) = (rows.d, rows.d_v, rows.stride);
         for b in 0..index.buckets() {
             let queries = &grouped[group_bounds[b] as usize..group_bounds[b + 1] as usize];
             if queries.is_empty() {
@@ -408,22 +451,21 @@ crate::linalg::multiversion! {
             let keys = index.members(b);
             let (a, bk) = (queries.len(), keys.len());
             if d <= PAIR_ROW_MAX && a * bk * (d_v + 2 * d) <= 2 * (a + bk) * d * d_v {
-                let dq_row = &mut dq_row[..d];
                 for &i in queries {
                     let i = i as usize;
-                    let gi = &x.g[i * d_v..(i + 1) * d_v];
-                    let qi = &x.q[i * d..(i + 1) * d];
-                    dq_row.fill(0.0);
+                    let (qg, dq_i) = rows.queries[i * stride..(i + 1) * stride].split_at_mut(d + d_v);
+                    let (qi, gi) = qg.split_at(d);
                     for &j in keys {
                         let j = j as usize;
-                        let s = coef * dot(gi, &x.v[j * d_v..(j + 1) * d_v]);
-                        axpy(dq_row, s, &x.k[j * d..(j + 1) * d]);
-                        axpy(&mut dk[j * d..(j + 1) * d], s, qi);
+                        let (kv, dk_j) = rows.keys[j * stride..(j + 1) * stride].split_at_mut(d + d_v);
+                        let (kj, vj) = kv.split_at(d);
+                        let s = coef * dot(gi, vj);
+                        axpy(dq_i, s, kj);
+                        axpy(dk_j, s, qi);
                     }
-                    add_assign(&mut dq[i * d..(i + 1) * d], dq_row);
                 }
             } else {
-                outer_bucket(x, queries, keys, coef, dq, dk, gathered);
+                outer_bucket(rows, queries, keys, coef, gathered);
             }
         }
     }
@@ -435,19 +477,19 @@ const PAIR_ROW_MAX: usize = 256;
 /// One large bucket through its outer-product sums: `dQ_a += coef·G_a (V_bᵀ K_b)` and
 /// `dK_b += coef·V_b (G_aᵀ Q_a)`.
 fn outer_bucket(
-    x: &PairInputs<'_>,
+    rows: &mut PairRows<'_>,
     queries: &[u32],
     keys: &[u32],
     coef: f32,
-    dq: &mut [f32],
-    dk: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    let (d, d_v) = (x.d, x.d_v);
+    let (d, d_v, stride) = (rows.d, rows.d_v, rows.stride);
     let (a, b) = (queries.len(), keys.len());
-    let gather = |src: &[f32], w: usize, idx: &[u32], dst: &mut [f32]| {
+    // Copies columns `from..from + w` of the listed rows into a dense matrix.
+    let gather = |src: &[f32], from: usize, w: usize, idx: &[u32], dst: &mut [f32]| {
         for (row, &i) in dst.chunks_exact_mut(w).zip(idx) {
-            row.copy_from_slice(&src[i as usize * w..(i as usize + 1) * w]);
+            let at = i as usize * stride + from;
+            row.copy_from_slice(&src[at..at + w]);
         }
     };
     buf.clear();
@@ -457,10 +499,10 @@ fn outer_bucket(
     let (kb, rest) = rest.split_at_mut(b * d);
     let (vb, rest) = rest.split_at_mut(b * d_v);
     let (t, out) = rest.split_at_mut(d_v * d);
-    gather(x.q, d, queries, qa);
-    gather(x.g, d_v, queries, ga);
-    gather(x.k, d, keys, kb);
-    gather(x.v, d_v, keys, vb);
+    gather(rows.queries, 0, d, queries, qa);
+    gather(rows.queries, d, d_v, queries, ga);
+    gather(rows.keys, 0, d, keys, kb);
+    gather(rows.keys, d, d_v, keys, vb);
     // dQ_a = coef · G_a (V_bᵀ K_b)
     gemm(
         d_v,
@@ -485,7 +527,8 @@ fn outer_bucket(
         false,
     );
     for (row, &i) in out.chunks_exact(d).zip(queries) {
-        add_assign(&mut dq[i as usize * d..(i as usize + 1) * d], row);
+        let at = i as usize * stride + d + d_v;
+        add_assign(&mut rows.queries[at..at + d], row);
     }
     // dK_b = coef · V_b (G_aᵀ Q_a)
     gemm(
@@ -511,7 +554,8 @@ fn outer_bucket(
         false,
     );
     for (row, &j) in out.chunks_exact(d).zip(keys) {
-        add_assign(&mut dk[j as usize * d..(j as usize + 1) * d], row);
+        let at = j as usize * stride + d + d_v;
+        add_assign(&mut rows.keys[at..at + d], row);
     }
 }
 
