@@ -990,12 +990,7 @@ fn backward(
                 let m = s.m;
                 let qc = &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q];
                 let kc = &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k];
-                // dV = B̂ᵀ G: the cumulation with the roles of queries and keys swapped.
-                parallel_cumulate(qc, g, kc, dv, d_v, m, bhs, tau);
                 let inv = 1.0 / m as f32;
-                for v in dv.iter_mut() {
-                    *v *= inv;
-                }
                 if common.backward == YosoBackward::SurrogateLsh {
                     let pairs = PairInputs {
                         q: head.q,
@@ -1008,8 +1003,14 @@ fn backward(
                         d_v,
                         tau,
                     };
-                    lsh_pairs(&pairs, m, bhs, 0.5 * tau as f32 / m as f32, dq, dk);
+                    // dQ̂, dK̂ and dV = B̂ᵀ G in one walk over the colliding pairs.
+                    lsh_pairs(&pairs, m, bhs, 0.5 * tau as f32 * inv, inv, dq, dk, dv);
                 } else {
+                    // dV = B̂ᵀ G: the cumulation with the roles of queries and keys swapped.
+                    parallel_cumulate(qc, g, kc, dv, d_v, m, bhs, tau);
+                    for v in dv.iter_mut() {
+                        *v *= inv;
+                    }
                     exact_b_backward(&head, g, Slope::Surrogate, bhs, dq, dk, None);
                 }
             } else {
@@ -1058,34 +1059,41 @@ fn backward(
     Ok(grads)
 }
 
-/// The surrogate-lsh walk over colliding pairs, split over hash chunks (each with private dQ̂
-/// and dK̂, summed in a fixed order).
+/// The surrogate-lsh walk over colliding pairs, split over hash chunks (each with private dQ̂,
+/// dK̂ and dV, summed in a fixed order).
+#[allow(clippy::too_many_arguments)]
 fn lsh_pairs(
     x: &PairInputs<'_>,
     m: usize,
     heads: usize,
     coef: f32,
+    dv_coef: f32,
     dq: &mut [f32],
     dk: &mut [f32],
+    dv: &mut [f32],
 ) {
     let chunks = hash_chunks(m, heads);
     if chunks.len() == 1 {
-        SCRATCH.with_borrow_mut(|scratch| colliding_pairs(x, 0..m, coef, dq, dk, scratch));
+        SCRATCH.with_borrow_mut(|scratch| {
+            colliding_pairs(x, 0..m, coef, dv_coef, dq, dk, dv, scratch)
+        });
         return;
     }
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = chunks
+    let partials: Vec<[Vec<f32>; 3]> = chunks
         .par_iter()
         .map(|hashes| {
-            let (mut pq, mut pk) = (zeroed(dq.len()), zeroed(dk.len()));
+            let mut part = [zeroed(dq.len()), zeroed(dk.len()), zeroed(dv.len())];
+            let [pq, pk, pv] = &mut part;
             SCRATCH.with_borrow_mut(|scratch| {
-                colliding_pairs(x, hashes.clone(), coef, &mut pq, &mut pk, scratch)
+                colliding_pairs(x, hashes.clone(), coef, dv_coef, pq, pk, pv, scratch)
             });
-            (pq, pk)
+            part
         })
         .collect();
-    for (pq, pk) in &partials {
+    for [pq, pk, pv] in &partials {
         buckets::add_assign(dq, pq);
         buckets::add_assign(dk, pk);
+        buckets::add_assign(dv, pv);
     }
 }
 

@@ -315,40 +315,47 @@ pub(crate) struct PairInputs<'a> {
 }
 
 /// For each hash in `hashes` and each colliding pair `(i, j)`: with `s = coef · (g_i · v_j)`,
-/// `dq_i += s · k_j` and `dk_j += s · q_i` — i.e. `dQ += coef·[(G Vᵀ) ⊙ C] K` and
-/// `dK += coef·[(G Vᵀ) ⊙ C]ᵀ Q` with `C_ij` the number of hashes in which `i` and `j` collide,
-/// without ever forming an `n_q × n_k` matrix.
+/// `dq_i += s · k_j`, `dk_j += s · q_i` and `dv_j += dv_coef · g_i` — i.e.
+/// `dQ += coef·[(G Vᵀ) ⊙ C] K`, `dK += coef·[(G Vᵀ) ⊙ C]ᵀ Q` and `dV += dv_coef·Cᵀ G` with `C_ij`
+/// the number of hashes in which `i` and `j` collide, without ever forming an `n_q × n_k`
+/// matrix. (Accumulating `dV` here, on key rows the walk touches anyway, replaces a separate
+/// cumulation pass with its own random row accesses.)
 ///
 /// Each bucket with `a` queries and `b` keys is processed the cheaper of two ways: pair by pair
-/// (`a·b·(d_v + 2d)` multiply-adds) or through the `d_v × d` outer-product sums
+/// (`a·b·2(d + d_v)` multiply-adds) or through the `d_v × d` outer-product sums
 /// `Σ_j v_j k_jᵀ` and `Σ_i g_i q_iᵀ` (`2(a + b)·d·d_v`, small GEMMs). So the cost is
 /// proportional to the number of collisions when buckets are small and never exceeds
 /// `O(|hashes| · (n_q + n_k) · d · d_v)` when they are large (e.g. many identical tokens).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn colliding_pairs(
     x: &PairInputs<'_>,
     hashes: Range<usize>,
     coef: f32,
+    dv_coef: f32,
     dq: &mut [f32],
     dk: &mut [f32],
+    dv: &mut [f32],
     scratch: &mut CumulationScratch,
 ) {
     let (d, d_v) = (x.d, x.d_v);
     let n_q = x.q.len() / d;
     let n_k = x.k.len() / d;
     // Everything one side of a pair touches, in one contiguous row: `[q̂_i | g_i | dq_i]` and
-    // `[k̂_j | v_j | dk_j]`. A pair then misses on two places instead of six, and the CPU's
-    // adjacent-line prefetch brings the rest (measured on the walk below).
-    let stride = 2 * d + d_v;
+    // `[k̂_j | v_j | dk_j | dv_j]`. A pair then misses on two places instead of seven, and the
+    // CPU's adjacent-line prefetch brings the rest (measured on the walk below).
+    let q_stride = 2 * d + d_v;
+    let k_stride = 2 * d + 2 * d_v;
     let mut query_rows = std::mem::take(&mut scratch.query_rows);
     let mut key_rows = std::mem::take(&mut scratch.key_rows);
-    interleave(&mut query_rows, x.q, x.g, n_q, d, d_v);
-    interleave(&mut key_rows, x.k, x.v, n_k, d, d_v);
+    interleave(&mut query_rows, x.q, x.g, n_q, d, d_v, q_stride);
+    interleave(&mut key_rows, x.k, x.v, n_k, d, d_v, k_stride);
     let mut rows = PairRows {
         queries: &mut query_rows,
         keys: &mut key_rows,
         d,
         d_v,
-        stride,
+        q_stride,
+        k_stride,
     };
     for h in hashes {
         let kc = &x.k_codes[h * n_k..(h + 1) * n_k];
@@ -392,25 +399,41 @@ pub(crate) fn colliding_pairs(
             &grouped,
             &group_bounds,
             coef,
+            dv_coef,
             &mut scratch.gathered,
         );
         index.group_bounds = group_bounds;
         index.grouped = grouped;
         index.cursor = cursor;
     }
-    for (out, row) in dq.chunks_exact_mut(d).zip(query_rows.chunks_exact(stride)) {
+    for (out, row) in dq
+        .chunks_exact_mut(d)
+        .zip(query_rows.chunks_exact(q_stride))
+    {
         add_assign(out, &row[d + d_v..]);
     }
-    for (out, row) in dk.chunks_exact_mut(d).zip(key_rows.chunks_exact(stride)) {
-        add_assign(out, &row[d + d_v..]);
+    for ((dk, dv), row) in dk
+        .chunks_exact_mut(d)
+        .zip(dv.chunks_exact_mut(d_v))
+        .zip(key_rows.chunks_exact(k_stride))
+    {
+        add_assign(dk, &row[d + d_v..2 * d + d_v]);
+        add_assign(dv, &row[2 * d + d_v..]);
     }
     scratch.query_rows = query_rows;
     scratch.key_rows = key_rows;
 }
 
-/// `rows ← [a_i | b_i | 0]` for `n` rows (`a` is `n × d`, `b` is `n × d_v`).
-fn interleave(rows: &mut Vec<f32>, a: &[f32], b: &[f32], n: usize, d: usize, d_v: usize) {
-    let stride = 2 * d + d_v;
+/// `rows ← [a_i | b_i | 0…]` for `n` rows of `stride` floats (`a` is `n × d`, `b` is `n × d_v`).
+fn interleave(
+    rows: &mut Vec<f32>,
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    d: usize,
+    d_v: usize,
+    stride: usize,
+) {
     rows.clear();
     rows.resize(n * stride, 0.0);
     for ((row, a), b) in rows
@@ -423,26 +446,29 @@ fn interleave(rows: &mut Vec<f32>, a: &[f32], b: &[f32], n: usize, d: usize, d_v
     }
 }
 
-/// The interleaved rows of one pair walk: `[q̂ | g | dq]` per query, `[k̂ | v | dk]` per key.
+/// The interleaved rows of one pair walk: `[q̂ | g | dq]` per query, `[k̂ | v | dk | dv]` per key.
 struct PairRows<'a> {
     queries: &'a mut [f32],
     keys: &'a mut [f32],
     d: usize,
     d_v: usize,
-    stride: usize,
+    q_stride: usize,
+    k_stride: usize,
 }
 
 crate::linalg::multiversion! {
     /// The pairs of every bucket of one hash (queries grouped by bucket in `grouped`).
+    #[allow(clippy::too_many_arguments)]
     fn walk_buckets(
         rows: &mut PairRows<'_>,
         index: &BucketIndex,
         grouped: &[u32],
         group_bounds: &[u32],
         coef: f32,
+        dv_coef: f32,
         gathered: &mut Vec<f32>,
     ) {
-        let (d, d_v, stride) = (rows.d, rows.d_v, rows.stride);
+        let (d, d_v, qs, ks) = (rows.d, rows.d_v, rows.q_stride, rows.k_stride);
         for b in 0..index.buckets() {
             let queries = &grouped[group_bounds[b] as usize..group_bounds[b + 1] as usize];
             if queries.is_empty() {
@@ -450,22 +476,24 @@ crate::linalg::multiversion! {
             }
             let keys = index.members(b);
             let (a, bk) = (queries.len(), keys.len());
-            if d <= PAIR_ROW_MAX && a * bk * (d_v + 2 * d) <= 2 * (a + bk) * d * d_v {
+            if d <= PAIR_ROW_MAX && a * bk * (2 * d_v + 2 * d) <= 2 * (a + bk) * d * d_v {
                 for &i in queries {
                     let i = i as usize;
-                    let (qg, dq_i) = rows.queries[i * stride..(i + 1) * stride].split_at_mut(d + d_v);
+                    let (qg, dq_i) = rows.queries[i * qs..(i + 1) * qs].split_at_mut(d + d_v);
                     let (qi, gi) = qg.split_at(d);
                     for &j in keys {
                         let j = j as usize;
-                        let (kv, dk_j) = rows.keys[j * stride..(j + 1) * stride].split_at_mut(d + d_v);
+                        let (kv, grads) = rows.keys[j * ks..(j + 1) * ks].split_at_mut(d + d_v);
                         let (kj, vj) = kv.split_at(d);
+                        let (dk_j, dv_j) = grads.split_at_mut(d);
                         let s = coef * dot(gi, vj);
                         axpy(dq_i, s, kj);
                         axpy(dk_j, s, qi);
+                        axpy(dv_j, dv_coef, gi);
                     }
                 }
             } else {
-                outer_bucket(rows, queries, keys, coef, gathered);
+                outer_bucket(rows, queries, keys, coef, dv_coef, gathered);
             }
         }
     }
@@ -481,17 +509,19 @@ fn outer_bucket(
     queries: &[u32],
     keys: &[u32],
     coef: f32,
+    dv_coef: f32,
     buf: &mut Vec<f32>,
 ) {
-    let (d, d_v, stride) = (rows.d, rows.d_v, rows.stride);
+    let (d, d_v, qs, ks) = (rows.d, rows.d_v, rows.q_stride, rows.k_stride);
     let (a, b) = (queries.len(), keys.len());
-    // Copies columns `from..from + w` of the listed rows into a dense matrix.
-    let gather = |src: &[f32], from: usize, w: usize, idx: &[u32], dst: &mut [f32]| {
-        for (row, &i) in dst.chunks_exact_mut(w).zip(idx) {
-            let at = i as usize * stride + from;
-            row.copy_from_slice(&src[at..at + w]);
-        }
-    };
+    // Copies columns `from..from + w` of the listed rows (`stride` apart) into a dense matrix.
+    let gather =
+        |src: &[f32], stride: usize, from: usize, w: usize, idx: &[u32], dst: &mut [f32]| {
+            for (row, &i) in dst.chunks_exact_mut(w).zip(idx) {
+                let at = i as usize * stride + from;
+                row.copy_from_slice(&src[at..at + w]);
+            }
+        };
     buf.clear();
     buf.resize(a * (d + d_v) + b * (d + d_v) + d_v * d + a.max(b) * d, 0.0);
     let (qa, rest) = buf.split_at_mut(a * d);
@@ -499,10 +529,10 @@ fn outer_bucket(
     let (kb, rest) = rest.split_at_mut(b * d);
     let (vb, rest) = rest.split_at_mut(b * d_v);
     let (t, out) = rest.split_at_mut(d_v * d);
-    gather(rows.queries, 0, d, queries, qa);
-    gather(rows.queries, d, d_v, queries, ga);
-    gather(rows.keys, 0, d, keys, kb);
-    gather(rows.keys, d, d_v, keys, vb);
+    gather(rows.queries, qs, 0, d, queries, qa);
+    gather(rows.queries, qs, d, d_v, queries, ga);
+    gather(rows.keys, ks, 0, d, keys, kb);
+    gather(rows.keys, ks, d, d_v, keys, vb);
     // dQ_a = coef · G_a (V_bᵀ K_b)
     gemm(
         d_v,
@@ -527,7 +557,7 @@ fn outer_bucket(
         false,
     );
     for (row, &i) in out.chunks_exact(d).zip(queries) {
-        let at = i as usize * stride + d + d_v;
+        let at = i as usize * qs + d + d_v;
         add_assign(&mut rows.queries[at..at + d], row);
     }
     // dK_b = coef · V_b (G_aᵀ Q_a)
@@ -554,8 +584,18 @@ fn outer_bucket(
         false,
     );
     for (row, &j) in out.chunks_exact(d).zip(keys) {
-        let at = j as usize * stride + d + d_v;
+        let at = j as usize * ks + d + d_v;
         add_assign(&mut rows.keys[at..at + d], row);
+    }
+    // dV_b += dv_coef · Σ_a g_a, the same for every key of the bucket.
+    let g_sum = &mut t[..d_v];
+    g_sum.fill(0.0);
+    for g in ga.chunks_exact(d_v) {
+        add_assign(g_sum, g);
+    }
+    for &j in keys {
+        let at = j as usize * ks + 2 * d + d_v;
+        axpy(&mut rows.keys[at..at + d_v], dv_coef, g_sum);
     }
 }
 
@@ -638,44 +678,58 @@ mod tests {
 
     #[test]
     fn the_two_bucket_strategies_agree() {
-        // One bucket big enough for the outer-product path vs the same pairs walked one by one.
+        // One bucket big enough for the outer-product path vs the same pairs summed naively.
         let (d, d_v, n) = (3, 2, 200);
         let f = |i: usize, s: f32| ((i as f32) * s).sin();
         let q: Vec<f32> = (0..n * d).map(|i| f(i, 0.3)).collect();
         let k: Vec<f32> = (0..n * d).map(|i| f(i, 0.7)).collect();
         let g: Vec<f32> = (0..n * d_v).map(|i| f(i, 1.1)).collect();
         let v: Vec<f32> = (0..n * d_v).map(|i| f(i, 1.9)).collect();
-        let codes = vec![5u32; n];
-        let x = PairInputs {
-            q: &q,
-            k: &k,
-            g: &g,
-            v: &v,
-            q_codes: &codes,
-            k_codes: &codes,
-            d,
-            d_v,
-            tau: 4,
-        };
-        let (mut dq, mut dk) = (vec![0.0; n * d], vec![0.0; n * d]);
-        colliding_pairs(&x, 0..1, 0.5, &mut dq, &mut dk, &mut Default::default());
-        for i in 0..n {
-            for c in 0..d {
-                let (mut wq, mut wk) = (0.0f64, 0.0f64);
-                for j in 0..n {
-                    let s = 0.5
-                        * (0..d_v)
-                            .map(|l| g[i * d_v + l] * v[j * d_v + l])
-                            .sum::<f32>();
-                    wq += (s * k[j * d + c]) as f64;
-                    let s2 = 0.5
-                        * (0..d_v)
-                            .map(|l| g[j * d_v + l] * v[i * d_v + l])
-                            .sum::<f32>();
-                    wk += (s2 * q[j * d + c]) as f64;
+        for n_in_bucket in [n, 3] {
+            // Tokens past `n_in_bucket` sit in another bucket of one (pairs with themselves).
+            let codes: Vec<u32> = (0..n as u32)
+                .map(|i| if (i as usize) < n_in_bucket { 5 } else { 6 + i })
+                .collect();
+            let x = PairInputs {
+                q: &q,
+                k: &k,
+                g: &g,
+                v: &v,
+                q_codes: &codes,
+                k_codes: &codes,
+                d,
+                d_v,
+                tau: 9,
+            };
+            let (mut dq, mut dk, mut dv) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n * d_v]);
+            let mut scratch = CumulationScratch::default();
+            colliding_pairs(&x, 0..1, 0.5, 0.25, &mut dq, &mut dk, &mut dv, &mut scratch);
+            let together = |i: usize, j: usize| codes[i] == codes[j];
+            let s = |i: usize, j: usize| {
+                0.5 * (0..d_v)
+                    .map(|l| g[i * d_v + l] * v[j * d_v + l])
+                    .sum::<f32>() as f64
+            };
+            for i in 0..n {
+                for c in 0..d {
+                    let wq: f64 = (0..n)
+                        .filter(|&j| together(i, j))
+                        .map(|j| s(i, j) * k[j * d + c] as f64)
+                        .sum();
+                    let wk: f64 = (0..n)
+                        .filter(|&j| together(j, i))
+                        .map(|j| s(j, i) * q[j * d + c] as f64)
+                        .sum();
+                    assert!((dq[i * d + c] as f64 - wq).abs() < 1e-3, "dq {i} {c}");
+                    assert!((dk[i * d + c] as f64 - wk).abs() < 1e-3, "dk {i} {c}");
                 }
-                assert!((dq[i * d + c] as f64 - wq).abs() < 1e-3, "dq {i} {c}");
-                assert!((dk[i * d + c] as f64 - wk).abs() < 1e-3, "dk {i} {c}");
+                for c in 0..d_v {
+                    let wv: f64 = (0..n)
+                        .filter(|&j| together(j, i))
+                        .map(|j| 0.25 * g[j * d_v + c] as f64)
+                        .sum();
+                    assert!((dv[i * d_v + c] as f64 - wv).abs() < 1e-3, "dv {i} {c}");
+                }
             }
         }
     }
