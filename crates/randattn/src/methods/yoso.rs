@@ -84,7 +84,7 @@ use crate::method::{
 };
 use crate::rng::stream;
 
-use buckets::{CumulationScratch, PairInputs, colliding_pairs, cumulate};
+use buckets::{CumulationScratch, RowLayout, cumulate};
 use expectation::{Head, Slope};
 pub use hash::{HashFamily, LshHash, MAX_TAU, NO_CODE};
 
@@ -608,21 +608,27 @@ fn normalize_backward(dy: &mut [f32], y: &[f32], norms: &[f32], w: usize, zero_a
         .zip(norms.par_chunks(ROW_TASK))
         .for_each(|((dy, y), norms)| {
             for ((g, y), &norm) in dy.chunks_exact_mut(w).zip(y.chunks_exact(w)).zip(norms) {
-                if norm > NORM_EPS {
-                    let proj = buckets::dot(g, y);
-                    let inv = 1.0 / norm;
-                    for (gv, yv) in g.iter_mut().zip(y) {
-                        *gv = (*gv - yv * proj) * inv;
-                    }
-                } else if zero_at_zero && norm == 0.0 {
-                    g.fill(0.0);
-                } else {
-                    for gv in g.iter_mut() {
-                        *gv /= NORM_EPS;
-                    }
-                }
+                normalize_backward_row(g, y, norm, zero_at_zero);
             }
         });
+}
+
+/// [`normalize_backward`] of one row.
+#[inline]
+fn normalize_backward_row(g: &mut [f32], y: &[f32], norm: f32, zero_at_zero: bool) {
+    if norm > NORM_EPS {
+        let proj = buckets::dot(g, y);
+        let inv = 1.0 / norm;
+        for (gv, yv) in g.iter_mut().zip(y) {
+            *gv = (*gv - yv * proj) * inv;
+        }
+    } else if zero_at_zero && norm == 0.0 {
+        g.fill(0.0);
+    } else {
+        for gv in g.iter_mut() {
+            *gv /= NORM_EPS;
+        }
+    }
 }
 
 thread_local! {
@@ -642,7 +648,7 @@ fn hash_chunks(m: usize, heads: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// `out += Σ_{h} T_h[c_h(dst)]` over all `m` hashes, split over hash chunks run in parallel and
+/// `out ← Σ_{h} T_h[c_h(dst)]` over all `m` hashes, split over hash chunks run in parallel and
 /// summed in a fixed order.
 #[allow(clippy::too_many_arguments)]
 fn parallel_cumulate(
@@ -665,7 +671,7 @@ fn parallel_cumulate(
     let partials: Vec<Vec<f32>> = chunks
         .into_par_iter()
         .map(|hashes| {
-            let mut part = zeroed(out.len());
+            let mut part = vec![0.0f32; out.len()];
             SCRATCH.with_borrow_mut(|scratch| {
                 cumulate(
                     src_codes, src_vals, dst_codes, &mut part, w, hashes, tau, scratch,
@@ -674,7 +680,8 @@ fn parallel_cumulate(
             part
         })
         .collect();
-    for p in &partials {
+    out.copy_from_slice(&partials[0]);
+    for p in &partials[1..] {
         buckets::add_assign(out, p);
     }
 }
@@ -812,7 +819,8 @@ impl Attention for Yoso {
         let bhs = dims.batch_heads();
         let mut q_codes = vec![0u32; bhs * m * n_q];
         let mut k_codes = vec![0u32; bhs * m * n_k];
-        let mut raw = zeroed(dims.out_len());
+        // Every row is written by the cumulation before it is read.
+        let mut raw = vec![0.0f32; dims.out_len()];
         raw.par_chunks_mut(n_q * d_v)
             .zip(q_codes.par_chunks_mut(m * n_q))
             .zip(k_codes.par_chunks_mut(m * n_k))
@@ -949,81 +957,42 @@ fn backward(
         ..
     } = dims;
     let bhs = dims.batch_heads();
-    let tau = s.tau;
 
-    // G = ∂L/∂Y_raw: masked query rows carry nothing, then through the output normalisation.
-    let mut g = grad_output.to_vec();
-    zero_masked_queries(x, &mut g);
-    // The conv branch sees the gradient of the whole output.
-    let g_total = s.conv_weights.is_some().then(|| g.clone());
-    if common.normalize {
-        normalize_backward(&mut g, &s.attention, &s.norms, d_v, true);
-    }
-
-    let (qn, q_norms) = normalize_rows(x.q(), d);
-    let (kn, k_norms) = normalize_rows(x.k(), d);
-    let mut grads = Grads {
-        dq: zeroed(x.q().len()),
-        dk: zeroed(x.k().len()),
-        dv: zeroed(x.v().len()),
-        params: Vec::new(),
-    };
+    // The conv branch sees the gradient of the whole output (masked query rows carry nothing).
+    let g_total = s.conv_weights.is_some().then(|| {
+        let mut g = grad_output.to_vec();
+        zero_masked_queries(x, &mut g);
+        g
+    });
     let sampled = !s.q_codes.is_empty();
-    grads
-        .dq
-        .par_chunks_mut(n_q * d)
-        .zip(grads.dk.par_chunks_mut(n_k * d))
-        .zip(grads.dv.par_chunks_mut(n_k * d_v))
-        .enumerate()
-        .for_each(|(bh, ((dq, dk), dv))| {
-            let head = Head {
-                q: &qn[bh * n_q * d..(bh + 1) * n_q * d],
-                k: &kn[bh * n_k * d..(bh + 1) * n_k * d],
-                v: x.v_head(bh),
-                keep: x.key_mask_row(bh / heads),
-                d,
-                d_v,
-                tau,
-            };
-            let g = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
-            if sampled {
-                let m = s.m;
-                let qc = &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q];
-                let kc = &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k];
-                let inv = 1.0 / m as f32;
-                if common.backward == YosoBackward::SurrogateLsh {
-                    let pairs = PairInputs {
-                        q: head.q,
-                        k: head.k,
-                        g,
-                        v: head.v,
-                        q_codes: qc,
-                        k_codes: kc,
-                        d,
-                        d_v,
-                        tau,
-                    };
-                    // dQ̂, dK̂ and dV = B̂ᵀ G in one walk over the colliding pairs.
-                    lsh_pairs(&pairs, m, bhs, 0.5 * tau as f32 * inv, inv, dq, dk, dv);
-                } else {
-                    // dV = B̂ᵀ G: the cumulation with the roles of queries and keys swapped.
-                    parallel_cumulate(qc, g, kc, dv, d_v, m, bhs, tau);
-                    for v in dv.iter_mut() {
-                        *v *= inv;
-                    }
-                    exact_b_backward(&head, g, Slope::Surrogate, bhs, dq, dk, None);
-                }
-            } else {
-                let slope = match common.backward {
-                    YosoBackward::True => Slope::True,
-                    _ => Slope::Surrogate,
+    let mut grads = if sampled && common.backward == YosoBackward::SurrogateLsh {
+        // Every element is written once by its head (no zero fill needed).
+        let mut grads = Grads {
+            dq: vec![0.0; x.q().len()],
+            dk: vec![0.0; x.k().len()],
+            dv: vec![0.0; x.v().len()],
+            params: Vec::new(),
+        };
+        grads
+            .dq
+            .par_chunks_mut(n_q * d)
+            .zip(grads.dk.par_chunks_mut(n_k * d))
+            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let head = LshHead {
+                    x,
+                    saved: s,
+                    normalize: common.normalize,
+                    grad_output: &grad_output[bh * n_q * d_v..(bh + 1) * n_q * d_v],
+                    bh,
                 };
-                exact_b_backward(&head, g, slope, bhs, dq, dk, Some(dv));
-            }
-        });
-    normalize_backward(&mut grads.dq, &qn, &q_norms, d, false);
-    normalize_backward(&mut grads.dk, &kn, &k_norms, d, false);
-
+                head.backward(bhs, dq, dk, dv);
+            });
+        grads
+    } else {
+        exact_b_backward_all(x, common, s, grad_output)
+    };
     if let Some(w) = &s.conv_weights {
         let conv = w.len() / heads;
         let mut per_head_dw = zeroed(bhs * conv);
@@ -1059,41 +1028,233 @@ fn backward(
     Ok(grads)
 }
 
-/// The surrogate-lsh walk over colliding pairs, split over hash chunks (each with private dQ̂,
-/// dK̂ and dV, summed in a fixed order).
-#[allow(clippy::too_many_arguments)]
-fn lsh_pairs(
-    x: &PairInputs<'_>,
-    m: usize,
-    heads: usize,
-    coef: f32,
-    dv_coef: f32,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) {
-    let chunks = hash_chunks(m, heads);
-    if chunks.len() == 1 {
-        SCRATCH.with_borrow_mut(|scratch| {
-            colliding_pairs(x, 0..m, coef, dv_coef, dq, dk, dv, scratch)
-        });
-        return;
+/// The backward passes through the exact `B` (`surrogate-exact-b` for both methods, `true` for
+/// `yoso-e`): O(n²), blocked; `yoso` keeps `dV = B̂ᵀ G` from its hash codes.
+fn exact_b_backward_all(
+    x: &AttentionInputs<'_>,
+    common: &Common<'_>,
+    s: &YosoSaved,
+    grad_output: &[f32],
+) -> Grads {
+    let Dims {
+        heads,
+        n_q,
+        n_k,
+        d,
+        d_v,
+        ..
+    } = x.dims();
+    let bhs = x.dims().batch_heads();
+    let tau = s.tau;
+    // G = ∂L/∂Y_raw: masked query rows carry nothing, then through the output normalisation.
+    let mut g = grad_output.to_vec();
+    zero_masked_queries(x, &mut g);
+    if common.normalize {
+        normalize_backward(&mut g, &s.attention, &s.norms, d_v, true);
     }
-    let partials: Vec<[Vec<f32>; 3]> = chunks
-        .par_iter()
-        .map(|hashes| {
-            let mut part = [zeroed(dq.len()), zeroed(dk.len()), zeroed(dv.len())];
-            let [pq, pk, pv] = &mut part;
+    let (qn, q_norms) = normalize_rows(x.q(), d);
+    let (kn, k_norms) = normalize_rows(x.k(), d);
+    let mut grads = Grads {
+        dq: zeroed(x.q().len()),
+        dk: zeroed(x.k().len()),
+        dv: zeroed(x.v().len()),
+        params: Vec::new(),
+    };
+    let sampled = !s.q_codes.is_empty();
+    grads
+        .dq
+        .par_chunks_mut(n_q * d)
+        .zip(grads.dk.par_chunks_mut(n_k * d))
+        .zip(grads.dv.par_chunks_mut(n_k * d_v))
+        .enumerate()
+        .for_each(|(bh, ((dq, dk), dv))| {
+            let head = Head {
+                q: &qn[bh * n_q * d..(bh + 1) * n_q * d],
+                k: &kn[bh * n_k * d..(bh + 1) * n_k * d],
+                v: x.v_head(bh),
+                keep: x.key_mask_row(bh / heads),
+                d,
+                d_v,
+                tau,
+            };
+            let g = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+            if sampled {
+                let m = s.m;
+                let qc = &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q];
+                let kc = &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k];
+                // dV = B̂ᵀ G: the cumulation with the roles of queries and keys swapped.
+                parallel_cumulate(qc, g, kc, dv, d_v, m, bhs, tau);
+                let inv = 1.0 / m as f32;
+                for v in dv.iter_mut() {
+                    *v *= inv;
+                }
+                exact_b_backward(&head, g, Slope::Surrogate, bhs, dq, dk, None);
+            } else {
+                let slope = match common.backward {
+                    YosoBackward::True => Slope::True,
+                    _ => Slope::Surrogate,
+                };
+                exact_b_backward(&head, g, slope, bhs, dq, dk, Some(dv));
+            }
+        });
+    normalize_backward(&mut grads.dq, &qn, &q_norms, d, false);
+    normalize_backward(&mut grads.dk, &kn, &k_norms, d, false);
+    grads
+}
+
+/// One head of the surrogate-lsh backward, straight from the inputs.
+struct LshHead<'a> {
+    x: &'a AttentionInputs<'a>,
+    saved: &'a YosoSaved,
+    normalize: bool,
+    /// This head's output gradient.
+    grad_output: &'a [f32],
+    bh: usize,
+}
+
+impl LshHead<'_> {
+    /// Writes this head's `dq`, `dk` and `dv`: fills the walk's rows (normalised q̂ and k̂, the
+    /// output gradient through the output normalisation, V), walks every hash (split into
+    /// chunks summed in a fixed order when there are few heads), then differentiates the input
+    /// normalisations.
+    fn backward(&self, heads_total: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let Dims { d, d_v, .. } = self.x.dims();
+        let layout = RowLayout { d, d_v };
+        let chunks = hash_chunks(self.saved.m, heads_total);
+        if chunks.len() == 1 {
             SCRATCH.with_borrow_mut(|scratch| {
-                colliding_pairs(x, hashes.clone(), coef, dv_coef, pq, pk, pv, scratch)
+                self.walk(scratch, layout, 0..self.saved.m);
+                self.read_out(scratch, layout, dq, dk, dv);
             });
-            part
-        })
-        .collect();
-    for [pq, pk, pv] in &partials {
-        buckets::add_assign(dq, pq);
-        buckets::add_assign(dk, pk);
-        buckets::add_assign(dv, pv);
+        } else {
+            let parts: Vec<[Vec<f32>; 3]> = chunks
+                .into_par_iter()
+                .map(|hashes| {
+                    let mut part = [
+                        vec![0.0f32; dq.len()],
+                        vec![0.0f32; dk.len()],
+                        vec![0.0f32; dv.len()],
+                    ];
+                    let [pq, pk, pv] = &mut part;
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        self.walk(scratch, layout, hashes);
+                        self.read_out(scratch, layout, pq, pk, pv);
+                    });
+                    part
+                })
+                .collect();
+            dq.copy_from_slice(&parts[0][0]);
+            dk.copy_from_slice(&parts[0][1]);
+            dv.copy_from_slice(&parts[0][2]);
+            for [pq, pk, pv] in &parts[1..] {
+                buckets::add_assign(dq, pq);
+                buckets::add_assign(dk, pk);
+                buckets::add_assign(dv, pv);
+            }
+        }
+        project_normalized(dq, self.x.q_head(self.bh), d);
+        project_normalized(dk, self.x.k_head(self.bh), d);
+    }
+
+    /// Fills the rows and walks `hashes`.
+    fn walk(
+        &self,
+        scratch: &mut CumulationScratch,
+        layout: RowLayout,
+        hashes: std::ops::Range<usize>,
+    ) {
+        let (x, s, bh) = (self.x, self.saved, self.bh);
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = x.dims();
+        let query_keep = x.query_mask_row(bh / heads);
+        let (query_rows, key_rows) = scratch.pair_rows(layout, n_q, n_k);
+        for (i, (row, q)) in query_rows
+            .chunks_exact_mut(layout.query_stride())
+            .zip(x.q_head(bh).chunks_exact(d))
+            .enumerate()
+        {
+            normalized_into(&mut row[..d], q);
+            if query_keep.is_some_and(|k| !k[i]) {
+                continue; // masked queries pass no gradient (their g stays 0)
+            }
+            let g = &mut row[d..d + d_v];
+            g.copy_from_slice(&self.grad_output[i * d_v..(i + 1) * d_v]);
+            if self.normalize {
+                let r = bh * n_q + i;
+                normalize_backward_row(g, &s.attention[r * d_v..(r + 1) * d_v], s.norms[r], true);
+            }
+        }
+        for ((row, k), v) in key_rows
+            .chunks_exact_mut(layout.key_stride())
+            .zip(x.k_head(bh).chunks_exact(d))
+            .zip(x.v_head(bh).chunks_exact(d_v))
+        {
+            normalized_into(&mut row[..d], k);
+            row[d..d + d_v].copy_from_slice(v);
+        }
+        let m = s.m;
+        let inv = 1.0 / m as f32;
+        buckets::walk_prepared(
+            scratch,
+            layout,
+            &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q],
+            &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k],
+            s.tau,
+            hashes,
+            0.5 * s.tau as f32 * inv,
+            inv,
+        );
+    }
+
+    /// Copies the accumulated `dq̂`, `dk̂` and `dV` out of the rows (overwriting the slices).
+    fn read_out(
+        &self,
+        scratch: &CumulationScratch,
+        layout: RowLayout,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let (query_rows, key_rows) = scratch.walked_rows();
+        for (out, row) in dq
+            .chunks_exact_mut(layout.d)
+            .zip(query_rows.chunks_exact(layout.query_stride()))
+        {
+            out.copy_from_slice(layout.dq(row));
+        }
+        for ((dk, dv), row) in dk
+            .chunks_exact_mut(layout.d)
+            .zip(dv.chunks_exact_mut(layout.d_v))
+            .zip(key_rows.chunks_exact(layout.key_stride()))
+        {
+            dk.copy_from_slice(layout.dk(row));
+            dv.copy_from_slice(layout.dv(row));
+        }
+    }
+}
+
+/// `out ← x / max(‖x‖, NORM_EPS)`.
+fn normalized_into(out: &mut [f32], x: &[f32]) {
+    let inv = 1.0 / buckets::dot(x, x).sqrt().max(NORM_EPS);
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = v * inv;
+    }
+}
+
+/// Backward of the row normalisation of `x` (`n × w`, raw rows) applied in place to `grad`:
+/// `grad ← (grad − x̂ (x̂·grad)) / ‖x‖`, or `grad/ε` on the clamped branch.
+fn project_normalized(grad: &mut [f32], x: &[f32], w: usize) {
+    let mut unit = vec![0.0f32; w];
+    for (g, row) in grad.chunks_exact_mut(w).zip(x.chunks_exact(w)) {
+        let norm = buckets::dot(row, row).sqrt();
+        normalized_into(&mut unit, row);
+        normalize_backward_row(g, &unit, norm, false);
     }
 }
 

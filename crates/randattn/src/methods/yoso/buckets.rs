@@ -149,7 +149,7 @@ pub(crate) struct CumulationScratch {
     counts: Vec<usize>,
 }
 
-/// For each hash `h` in `hashes`: `out_i += Σ_{j : c_h(src_j) = c_h(dst_i)} src_vals_j`.
+/// `out_i ← Σ_{h ∈ hashes} Σ_{j : c_h(src_j) = c_h(dst_i)} src_vals_j` (overwrites `out`).
 ///
 /// `src_codes` (`m × n_src`) and `dst_codes` (`m × n_dst`) are hash-major; rows of `src_vals`
 /// and `out` are `w` wide. Tokens with [`NO_CODE`] are skipped on both sides. Bucket ids are
@@ -262,6 +262,18 @@ crate::linalg::multiversion! {
                     add_row(&mut sums[b as usize * w..(b as usize + 1) * w], v);
                 }
             }
+            if h == 0 {
+                // The first hash writes every output row, so `out` is never read before it is
+                // written (fresh pages then fault once, not twice).
+                for (o, &b) in out.chunks_exact_mut(w).zip(dst) {
+                    if b != NO_CODE {
+                        o.copy_from_slice(&sums[b as usize * w..(b as usize + 1) * w]);
+                    } else {
+                        zero_row(o, zero);
+                    }
+                }
+                continue;
+            }
             for (o, &b) in out.chunks_exact_mut(w).zip(dst) {
                 if b != NO_CODE {
                     add_row(o, &sums[b as usize * w..(b as usize + 1) * w]);
@@ -296,7 +308,8 @@ fn add_row(a: &mut [f32], b: &[f32]) {
     }
 }
 
-/// Inputs of the pairwise walk for one head.
+/// Inputs of the pairwise walk for one head (tests drive the walk through these).
+#[cfg(test)]
 pub(crate) struct PairInputs<'a> {
     /// Normalised queries `n_q × d`.
     pub q: &'a [f32],
@@ -326,6 +339,7 @@ pub(crate) struct PairInputs<'a> {
 /// `Σ_j v_j k_jᵀ` and `Σ_i g_i q_iᵀ` (`2(a + b)·d·d_v`, small GEMMs). So the cost is
 /// proportional to the number of collisions when buckets are small and never exceeds
 /// `O(|hashes| · (n_q + n_k) · d · d_v)` when they are large (e.g. many identical tokens).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn colliding_pairs(
     x: &PairInputs<'_>,
@@ -340,28 +354,126 @@ pub(crate) fn colliding_pairs(
     let (d, d_v) = (x.d, x.d_v);
     let n_q = x.q.len() / d;
     let n_k = x.k.len() / d;
-    // Everything one side of a pair touches, in one contiguous row: `[q̂_i | g_i | dq_i]` and
-    // `[k̂_j | v_j | dk_j | dv_j]`. A pair then misses on two places instead of seven, and the
-    // CPU's adjacent-line prefetch brings the rest (measured on the walk below).
-    let q_stride = 2 * d + d_v;
-    let k_stride = 2 * d + 2 * d_v;
+    let layout = RowLayout { d, d_v };
+    let (query_rows, key_rows) = scratch.pair_rows(layout, n_q, n_k);
+    for ((row, q), g) in query_rows
+        .chunks_exact_mut(layout.query_stride())
+        .zip(x.q.chunks_exact(d))
+        .zip(x.g.chunks_exact(d_v))
+    {
+        row[..d].copy_from_slice(q);
+        row[d..d + d_v].copy_from_slice(g);
+    }
+    for ((row, k), v) in key_rows
+        .chunks_exact_mut(layout.key_stride())
+        .zip(x.k.chunks_exact(d))
+        .zip(x.v.chunks_exact(d_v))
+    {
+        row[..d].copy_from_slice(k);
+        row[d..d + d_v].copy_from_slice(v);
+    }
+    walk_prepared(
+        scratch, layout, x.q_codes, x.k_codes, x.tau, hashes, coef, dv_coef,
+    );
+    let (query_rows, key_rows) = (&scratch.query_rows, &scratch.key_rows);
+    for (out, row) in dq
+        .chunks_exact_mut(d)
+        .zip(query_rows.chunks_exact(layout.query_stride()))
+    {
+        add_assign(out, layout.dq(row));
+    }
+    for ((dk, dv), row) in dk
+        .chunks_exact_mut(d)
+        .zip(dv.chunks_exact_mut(d_v))
+        .zip(key_rows.chunks_exact(layout.key_stride()))
+    {
+        add_assign(dk, layout.dk(row));
+        add_assign(dv, layout.dv(row));
+    }
+}
+
+/// The rows of the pair walk: everything one side of a pair touches, contiguous —
+/// `[q̂_i | g_i | dq_i]` per query and `[k̂_j | v_j | dk_j | dv_j]` per key. A pair then misses on
+/// two places instead of seven, and the CPU's adjacent-line prefetch brings the rest.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowLayout {
+    pub d: usize,
+    pub d_v: usize,
+}
+
+impl RowLayout {
+    pub(crate) fn query_stride(self) -> usize {
+        2 * self.d + self.d_v
+    }
+    pub(crate) fn key_stride(self) -> usize {
+        2 * self.d + 2 * self.d_v
+    }
+    /// The accumulated `dq̂` of a query row.
+    pub(crate) fn dq(self, row: &[f32]) -> &[f32] {
+        &row[self.d + self.d_v..]
+    }
+    /// The accumulated `dk̂` of a key row.
+    pub(crate) fn dk(self, row: &[f32]) -> &[f32] {
+        &row[self.d + self.d_v..2 * self.d + self.d_v]
+    }
+    /// The accumulated `dV` of a key row.
+    pub(crate) fn dv(self, row: &[f32]) -> &[f32] {
+        &row[2 * self.d + self.d_v..]
+    }
+}
+
+impl CumulationScratch {
+    /// The pair-walk rows for `n_q` queries and `n_k` keys, accumulators zeroed; the caller fills
+    /// the `[q̂ | g]` and `[k̂ | v]` parts.
+    pub(crate) fn pair_rows(
+        &mut self,
+        layout: RowLayout,
+        n_q: usize,
+        n_k: usize,
+    ) -> (&mut [f32], &mut [f32]) {
+        self.query_rows.clear();
+        self.query_rows.resize(n_q * layout.query_stride(), 0.0);
+        self.key_rows.clear();
+        self.key_rows.resize(n_k * layout.key_stride(), 0.0);
+        (&mut self.query_rows, &mut self.key_rows)
+    }
+
+    /// The pair-walk rows after [`walk_prepared`].
+    pub(crate) fn walked_rows(&self) -> (&[f32], &[f32]) {
+        (&self.query_rows, &self.key_rows)
+    }
+}
+
+/// The walk of [`colliding_pairs`] over rows already in `scratch` (see
+/// [`CumulationScratch::pair_rows`]): accumulates into their `dq`, `dk` and `dv` parts.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn walk_prepared(
+    scratch: &mut CumulationScratch,
+    layout: RowLayout,
+    q_codes: &[u32],
+    k_codes: &[u32],
+    tau: u32,
+    hashes: Range<usize>,
+    coef: f32,
+    dv_coef: f32,
+) {
+    let n_q = scratch.query_rows.len() / layout.query_stride();
+    let n_k = scratch.key_rows.len() / layout.key_stride();
     let mut query_rows = std::mem::take(&mut scratch.query_rows);
     let mut key_rows = std::mem::take(&mut scratch.key_rows);
-    interleave(&mut query_rows, x.q, x.g, n_q, d, d_v, q_stride);
-    interleave(&mut key_rows, x.k, x.v, n_k, d, d_v, k_stride);
     let mut rows = PairRows {
         queries: &mut query_rows,
         keys: &mut key_rows,
-        d,
-        d_v,
-        q_stride,
-        k_stride,
+        d: layout.d,
+        d_v: layout.d_v,
+        q_stride: layout.query_stride(),
+        k_stride: layout.key_stride(),
     };
     for h in hashes {
-        let kc = &x.k_codes[h * n_k..(h + 1) * n_k];
-        let qc = &x.q_codes[h * n_q..(h + 1) * n_q];
+        let kc = &k_codes[h * n_k..(h + 1) * n_k];
+        let qc = &q_codes[h * n_q..(h + 1) * n_q];
         let index = &mut scratch.index;
-        index.build(kc, x.tau);
+        index.build(kc, tau);
         // Group the queries by the key bucket they fall in (queries in no key bucket drop out).
         let nb = index.buckets();
         let mut group_bounds = std::mem::take(&mut index.group_bounds);
@@ -406,44 +518,8 @@ pub(crate) fn colliding_pairs(
         index.grouped = grouped;
         index.cursor = cursor;
     }
-    for (out, row) in dq
-        .chunks_exact_mut(d)
-        .zip(query_rows.chunks_exact(q_stride))
-    {
-        add_assign(out, &row[d + d_v..]);
-    }
-    for ((dk, dv), row) in dk
-        .chunks_exact_mut(d)
-        .zip(dv.chunks_exact_mut(d_v))
-        .zip(key_rows.chunks_exact(k_stride))
-    {
-        add_assign(dk, &row[d + d_v..2 * d + d_v]);
-        add_assign(dv, &row[2 * d + d_v..]);
-    }
     scratch.query_rows = query_rows;
     scratch.key_rows = key_rows;
-}
-
-/// `rows ← [a_i | b_i | 0…]` for `n` rows of `stride` floats (`a` is `n × d`, `b` is `n × d_v`).
-fn interleave(
-    rows: &mut Vec<f32>,
-    a: &[f32],
-    b: &[f32],
-    n: usize,
-    d: usize,
-    d_v: usize,
-    stride: usize,
-) {
-    rows.clear();
-    rows.resize(n * stride, 0.0);
-    for ((row, a), b) in rows
-        .chunks_exact_mut(stride)
-        .zip(a.chunks_exact(d))
-        .zip(b.chunks_exact(d_v))
-    {
-        row[..d].copy_from_slice(a);
-        row[d..d + d_v].copy_from_slice(b);
-    }
 }
 
 /// The interleaved rows of one pair walk: `[q̂ | g | dq]` per query, `[k̂ | v | dk | dv]` per key.
