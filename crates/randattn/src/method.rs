@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::exact::{Exact, ExactNaive};
+use crate::methods::informer::{Informer, InformerSaved};
 use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
 
 /// What a forward pass returns.
@@ -62,6 +63,8 @@ pub(crate) enum SavedState {
     Exact { lse: Vec<f32>, output: Vec<f32> },
     /// YOSO and YOSO-E: hash codes, the normalised attention branch, row norms, conv kernels.
     Yoso(Box<YosoSaved>),
+    /// Informer: the active queries and the exact kernel's state on them.
+    Informer(InformerSaved),
 }
 
 impl Saved {
@@ -84,6 +87,7 @@ impl Saved {
             SavedState::Nothing => 0,
             SavedState::Exact { lse, output } => 4 * (lse.len() + output.len()),
             SavedState::Yoso(s) => s.bytes(),
+            SavedState::Informer(s) => s.bytes(),
         }
     }
 
@@ -286,6 +290,7 @@ methods! {
     Exact(Exact),
     Yoso(Yoso),
     YosoE(YosoE),
+    Informer(Informer),
 }
 
 impl Method {

@@ -44,21 +44,21 @@ pub const BACKWARD_QUERY_BLOCK: usize = 128;
 /// does not depend on the machine.
 const BACKWARD_TASKS: usize = 16;
 
-const SCALE_PARAM: ParamInfo = ParamInfo {
+pub(crate) const SCALE_PARAM: ParamInfo = ParamInfo {
     name: "scale",
     default: "auto",
     range: "`auto` (1/sqrt(d)) or a finite number > 0",
     help: "softmax temperature s in softmax(s * Q K^T)",
 };
 
-fn parse_scale(info: &MethodInfo, value: &str) -> Result<Option<f32>> {
+pub(crate) fn parse_scale(info: &MethodInfo, value: &str) -> Result<Option<f32>> {
     if value.trim() == "auto" {
         return Ok(None);
     }
     Ok(Some(parse_value(info, "scale", value)?))
 }
 
-fn validate_scale(info: &MethodInfo, scale: Option<f32>) -> Result<()> {
+pub(crate) fn validate_scale(info: &MethodInfo, scale: Option<f32>) -> Result<()> {
     match scale {
         Some(s) if !(s.is_finite() && s > 0.0) => Err(Error::Param {
             method: info.name,
@@ -70,7 +70,7 @@ fn validate_scale(info: &MethodInfo, scale: Option<f32>) -> Result<()> {
     }
 }
 
-fn scale_text(scale: Option<f32>) -> String {
+pub(crate) fn scale_text(scale: Option<f32>) -> String {
     scale.map_or_else(|| "auto".to_string(), |s| s.to_string())
 }
 

@@ -1,4 +1,5 @@
 //! The estimators, one file per method family.
 
 pub mod exact;
+pub mod informer;
 pub mod yoso;
