@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::exact::{Exact, ExactNaive};
 use crate::methods::informer::{Informer, InformerSaved};
+use crate::methods::skeinformer::{SkeinSaved, Skeinformer, VMean};
 use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
 
 /// What a forward pass returns.
@@ -65,6 +66,8 @@ pub(crate) enum SavedState {
     Yoso(Box<YosoSaved>),
     /// Informer: the active queries and the exact kernel's state on them.
     Informer(InformerSaved),
+    /// Skeinformer: the sampled pilots and columns.
+    Skeinformer(SkeinSaved),
 }
 
 impl Saved {
@@ -88,6 +91,7 @@ impl Saved {
             SavedState::Exact { lse, output } => 4 * (lse.len() + output.len()),
             SavedState::Yoso(s) => s.bytes(),
             SavedState::Informer(s) => s.bytes(),
+            SavedState::Skeinformer(s) => s.bytes(),
         }
     }
 
@@ -291,6 +295,8 @@ methods! {
     Yoso(Yoso),
     YosoE(YosoE),
     Informer(Informer),
+    Skeinformer(Skeinformer),
+    VMean(VMean),
 }
 
 impl Method {

@@ -2,4 +2,5 @@
 
 pub mod exact;
 pub mod informer;
+pub mod skeinformer;
 pub mod yoso;

@@ -67,3 +67,52 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         );
     }
 }
+
+/// A float32 C-order `.npy` file of the MiniLM fixtures (`shared/fixtures/minilm`, beside the
+/// repository): its data and shape.
+pub fn minilm(name: &str) -> (Vec<f32>, Vec<usize>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/minilm")
+        .join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "missing fixture {} ({e}; shared/ must sit beside the repository)",
+            path.display()
+        )
+    });
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{name}: not an npy file");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(
+        header.contains("'<f4'") && header.contains("False"),
+        "{name}: {header}"
+    );
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data: Vec<f32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "{name}");
+    (data, shape)
+}
+
+/// Relative Frobenius error `‖a − b‖ / ‖b‖`.
+pub fn rel_error(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}

@@ -1,0 +1,1255 @@
+//! Skeinformer: attention by matrix sketching, and the V-Mean baseline.
+//!
+//! Chen, Zeng, Hakkani-Tur, Jin, Ji, Yang, *Sketching as a Tool for Understanding and
+//! Accelerating Self-attention for Long Sequences*, NAACL 2022 (arXiv 2112.05359); official code
+//! `github.com/pkuzengqi/Skeinformer`. Brief: `shared/papers/skeinformer.md` (§2.3 is the
+//! algorithm below, §2.5 the ablations).
+//!
+//! # The estimator (the released algorithm)
+//!
+//! Per batch element, `d_p = min(budget, unmasked queries)` **pilot** query rows `J` are drawn
+//! uniformly with replacement from the unmasked queries and shared by all heads. Per head:
+//!
+//! 1. their exact masked softmax rows `B_J` (and outputs `B_J V`);
+//! 2. column weights `p_j ∝ ‖B_J[:, j]‖₂ · ‖v_j‖₂` (0 for masked columns);
+//! 3. `d_c = min(budget, #{p_j > 0})` columns `J'` drawn **without** replacement from `p`
+//!    (Gumbel-top-k, which has the law of sequential sampling without replacement);
+//! 4. with `L = s·Q K_{J'}ᵀ`, `a_ik = exp(L_ik − max_k L_ik)` and the geometric mean of the row's
+//!    sampled scores `g_i = exp(mean_k L_ik − max_k L_ik)`, **adaptive row normalisation**
+//!    fills every unselected unmasked entry with `g_i`:
+//!
+//!    ```text
+//!    R_i = (Σ_k a_ik v_{j'_k} + g_i · Σ_{j unmasked, ∉ J'} v_j) / (Σ_k a_ik + (m − d_c)·g_i)
+//!    ```
+//!
+//!    with `m` the number of unmasked keys (not the padded length);
+//! 5. **pilot reuse**: the rows in `J` are overwritten with their exact outputs.
+//!
+//! With `d_c = m` every column is kept and `R` is exact attention. Cost `O(n·d·(d_p + d_c))`
+//! time (four `n × budget × d` products) and `O(n·d + budget·n)` memory; the pilot rows and
+//! column weights are computed tile by tile, never as an `n × n` matrix.
+//!
+//! # Ablations (each changes one switch of the full method)
+//!
+//! - `columns=uniform`: `p_j` uniform over the unmasked columns (the pilot is then only used for
+//!   reuse).
+//! - `row_norm=simple`: softmax over the sampled columns only (no fill-in).
+//! - `row_norm=exact`: the exact row sums, `R_i = Σ_k b_{i j'_k} v_{j'_k}`: **O(n²) time** (it
+//!   runs the exact kernel on V restricted to the sampled columns), O(n·d) memory.
+//! - `row_norm=none`: no heuristic normalisation — the sketch of the paper's Proposition 1,
+//!   `R_i = Σ_k b_{i j'_k} v_{j'_k} / (d_c·p_{j'_k})` with importance weights and the exact
+//!   softmax rows; O(n²) time like `exact`.
+//! - `pilot_reuse=false`: the pilot rows keep their sketched output.
+//!
+//! Unlike the reference code, whose `simple` and `exact` ablations also drop pilot reuse (two
+//! changes at once), each switch here changes only itself; and `vmean` is its own method.
+//!
+//! # Backward, masks, randomness, and where we differ from the reference
+//!
+//! Gradients flow through every computed value with the sampled pilots and columns held fixed
+//! (saved by the forward): the exact pilot rows, the sampled scores, the geometric-mean fill and
+//! the sum of the unselected values. Masked keys are never sampled and never counted; masked
+//! queries are never pilots and output 0. Pilots of batch element `b` come from
+//! `rng::stream(seed, b, 0, "skeinformer/pilots")`, the columns of head `(b, h)` from
+//! `rng::stream(seed, b, h, "skeinformer/columns")`. The reference applies `exp` to raw logits
+//! (here every exponent is shifted by the row maximum, which cancels in the ratio), and uses one
+//! budget for the whole batch, `min(256, min_b m_b − 1)`; here each batch element gets its own.
+
+use rand::Rng;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
+    parse_value, unknown_param,
+};
+use crate::methods::exact::{
+    Exact, SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale,
+};
+use crate::rng::stream;
+
+/// Marks an unused slot in the pilot and column tables.
+const NONE: u32 = u32::MAX;
+/// Query rows per block of the sketched kernel.
+const ROW_BLOCK: usize = 128;
+/// Keys per tile when accumulating the pilot rows' column norms.
+const KEY_TILE: usize = 512;
+/// Largest budget accepted.
+pub const MAX_BUDGET: usize = 1 << 16;
+
+/// How the column weights are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    /// `p_j ∝ ‖B_J[:, j]‖·‖v_j‖` from the pilot rows (the paper).
+    Importance,
+    /// Uniform over the unmasked columns.
+    Uniform,
+}
+
+/// How the sampled scores are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowNorm {
+    /// Geometric-mean fill of the unselected entries (the paper).
+    Adaptive,
+    /// Softmax over the sampled columns only.
+    Simple,
+    /// Exact row sums (O(n²)).
+    Exact,
+    /// Importance-weighted sketch with exact softmax rows (O(n²)).
+    None,
+}
+
+impl Columns {
+    fn name(self) -> &'static str {
+        match self {
+            Columns::Importance => "importance",
+            Columns::Uniform => "uniform",
+        }
+    }
+}
+
+impl RowNorm {
+    fn name(self) -> &'static str {
+        match self {
+            RowNorm::Adaptive => "adaptive",
+            RowNorm::Simple => "simple",
+            RowNorm::Exact => "exact",
+            RowNorm::None => "none",
+        }
+    }
+}
+
+/// Skeinformer `skeinformer`. See the module documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skeinformer {
+    /// Sub-sample size `d`: pilot rows and sampled columns (each capped by the sequence).
+    pub budget: usize,
+    /// Column weights.
+    pub columns: Columns,
+    /// Row normalisation.
+    pub row_norm: RowNorm,
+    /// Overwrite the pilot rows with their exact outputs.
+    pub pilot_reuse: bool,
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+}
+
+impl Default for Skeinformer {
+    fn default() -> Self {
+        Skeinformer {
+            budget: 256,
+            columns: Columns::Importance,
+            row_norm: RowNorm::Adaptive,
+            pilot_reuse: true,
+            scale: None,
+        }
+    }
+}
+
+/// V-Mean `vmean`: every query outputs the mean of the unmasked value rows (Skeinformer's
+/// adaptive normalisation with zero samples). Deterministic, `O(n·d_v)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VMean;
+
+impl MethodConfig for Skeinformer {
+    const INFO: MethodInfo = MethodInfo {
+        name: "skeinformer",
+        summary: "Skeinformer: pilot rows, importance column sampling, adaptive row norm, pilot reuse",
+        cost: "O(n budget d) time, O(n d + budget n) memory (row_norm=exact|none: O(n^2 d) time)",
+        random: true,
+        approximates_softmax: true,
+        params: &[
+            ParamInfo {
+                name: "budget",
+                default: "256",
+                range: "an integer in 1..=65536 (capped by the sequence)",
+                help: "sub-sample size d: pilot rows and sampled columns",
+            },
+            ParamInfo {
+                name: "columns",
+                default: "importance",
+                range: "`importance` or `uniform`",
+                help: "column weights: pilot column norms times value norms, or uniform",
+            },
+            ParamInfo {
+                name: "row_norm",
+                default: "adaptive",
+                range: "`adaptive`, `simple`, `exact` or `none`",
+                help: "row normalisation (exact and none are O(n^2) ablations)",
+            },
+            ParamInfo {
+                name: "pilot_reuse",
+                default: "true",
+                range: "`true` or `false`",
+                help: "overwrite the pilot rows with their exact outputs",
+            },
+            SCALE_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "budget" => self.budget = parse_value(info, "budget", value)?,
+            "columns" => {
+                self.columns = match value.trim() {
+                    "importance" => Columns::Importance,
+                    "uniform" => Columns::Uniform,
+                    _ => return Err(param_error(info, "columns", format!("`{value}`"))),
+                }
+            }
+            "row_norm" => {
+                self.row_norm = match value.trim() {
+                    "adaptive" => RowNorm::Adaptive,
+                    "simple" => RowNorm::Simple,
+                    "exact" => RowNorm::Exact,
+                    "none" => RowNorm::None,
+                    _ => return Err(param_error(info, "row_norm", format!("`{value}`"))),
+                }
+            }
+            "pilot_reuse" => self.pilot_reuse = parse_value(info, "pilot_reuse", value)?,
+            "scale" => self.scale = parse_scale(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("budget", self.budget.to_string()),
+            ("columns", self.columns.name().to_string()),
+            ("row_norm", self.row_norm.name().to_string()),
+            ("pilot_reuse", self.pilot_reuse.to_string()),
+            ("scale", scale_text(self.scale)),
+        ]
+    }
+    fn validate(&self) -> Result<()> {
+        if !(1..=MAX_BUDGET).contains(&self.budget) {
+            return Err(param_error(&Self::INFO, "budget", self.budget.to_string()));
+        }
+        validate_scale(&Self::INFO, self.scale)
+    }
+}
+
+impl MethodConfig for VMean {
+    const INFO: MethodInfo = MethodInfo {
+        name: "vmean",
+        summary: "V-Mean: every query outputs the mean of the unmasked values (sketching floor)",
+        cost: "O(n d_v) time and memory",
+        random: false,
+        approximates_softmax: true,
+        params: &[],
+    };
+    fn set(&mut self, name: &str, _value: &str) -> Result<()> {
+        Err(unknown_param(&Self::INFO, name))
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Mean of the unmasked value rows of one head and their count (zeros when all are masked).
+fn value_mean(v: &[f32], keep: Option<&[bool]>, d_v: usize) -> (Vec<f32>, usize) {
+    let mut sum = vec![0.0f32; d_v];
+    let mut count = 0;
+    for (j, row) in v.chunks_exact(d_v).enumerate() {
+        if keep.is_none_or(|m| m[j]) {
+            count += 1;
+            for (a, b) in sum.iter_mut().zip(row) {
+                *a += *b;
+            }
+        }
+    }
+    if count > 0 {
+        let inv = 1.0 / count as f32;
+        for a in sum.iter_mut() {
+            *a *= inv;
+        }
+    }
+    (sum, count)
+}
+
+/// `dV += mask ⊙ (Σ_{i kept} g_i) / m` for every head: the backward of outputting the mean of the
+/// unmasked values on the rows where `row_kept(bh, i)`.
+fn mean_backward(
+    x: &AttentionInputs<'_>,
+    g: &[f32],
+    dv: &mut [f32],
+    row_kept: &(dyn Fn(usize, usize) -> bool + Sync),
+) {
+    let Dims {
+        heads,
+        n_q,
+        n_k,
+        d_v,
+        ..
+    } = x.dims();
+    dv.par_chunks_mut(n_k * d_v)
+        .enumerate()
+        .for_each(|(bh, dv)| {
+            let keep = x.key_mask_row(bh / heads);
+            let count = keep.map_or(n_k, |m| m.iter().filter(|k| **k).count());
+            if count == 0 {
+                return;
+            }
+            let mut g_sum = vec![0.0f32; d_v];
+            for (i, gi) in g[bh * n_q * d_v..(bh + 1) * n_q * d_v]
+                .chunks_exact(d_v)
+                .enumerate()
+            {
+                if row_kept(bh, i) {
+                    for (a, b) in g_sum.iter_mut().zip(gi) {
+                        *a += *b;
+                    }
+                }
+            }
+            let inv = 1.0 / count as f32;
+            for (j, row) in dv.chunks_exact_mut(d_v).enumerate() {
+                if keep.is_none_or(|m| m[j]) {
+                    for (a, b) in row.iter_mut().zip(&g_sum) {
+                        *a += *b * inv;
+                    }
+                }
+            }
+        });
+}
+
+fn query_kept(x: &AttentionInputs<'_>, bh: usize, i: usize) -> bool {
+    x.query_mask_row(bh / x.dims().heads).is_none_or(|m| m[i])
+}
+
+impl Attention for VMean {
+    fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
+        let dims = x.dims();
+        let Dims {
+            heads, n_q, d_v, ..
+        } = dims;
+        let mut output = vec![0.0f32; dims.out_len()];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let (mean, _) = value_mean(x.v_head(bh), x.key_mask_row(bh / heads), d_v);
+                for (i, row) in out.chunks_exact_mut(d_v).enumerate() {
+                    if query_kept(x, bh, i) {
+                        row.copy_from_slice(&mean);
+                    }
+                }
+            });
+        Ok(Forward {
+            output,
+            saved: Saved::new(Self::INFO.name, dims, SavedState::Nothing),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        _seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        saved.check(Self::INFO.name, x.dims())?;
+        x.check_grad_output(grad_output)?;
+        let mut grads = Grads {
+            dq: vec![0.0; x.q().len()],
+            dk: vec![0.0; x.k().len()],
+            dv: vec![0.0; x.v().len()],
+            params: Vec::new(),
+        };
+        mean_backward(x, grad_output, &mut grads.dv, &|bh, i| query_kept(x, bh, i));
+        Ok(grads)
+    }
+}
+
+/// The random choices of one forward, held fixed by the backward.
+#[derive(Debug, Clone)]
+pub(crate) struct SkeinSaved {
+    /// `[batch][p_max]` distinct pilot queries (sorted), [`NONE`] in unused slots.
+    pilots: Vec<u32>,
+    p_max: usize,
+    /// `[batch·heads][c_max]` sampled columns (sorted), [`NONE`] in unused slots.
+    columns: Vec<u32>,
+    /// `[batch·heads][c_max]` the weights `1/(d_c·p_j)` of `row_norm=none` (else empty).
+    weights: Vec<f32>,
+    c_max: usize,
+}
+
+impl SkeinSaved {
+    pub(crate) fn bytes(&self) -> usize {
+        4 * (self.pilots.len() + self.columns.len() + self.weights.len())
+    }
+}
+
+/// The pilots and columns a forward draws, for diagnostics and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Samples {
+    /// Distinct pilot queries of each batch element, sorted.
+    pub pilots: Vec<Vec<u32>>,
+    /// How often each of those pilots was drawn (the column weights count repeats).
+    pub pilot_draws: Vec<Vec<u32>>,
+    /// Sampled columns of each head `[batch·heads]`, sorted.
+    pub columns: Vec<Vec<u32>>,
+    /// Column probabilities `p_j` of each head (normalised; 0 for masked columns).
+    pub probabilities: Vec<Vec<f32>>,
+}
+
+impl Skeinformer {
+    fn exact(&self) -> Exact {
+        Exact { scale: self.scale }
+    }
+
+    /// Draws the pilots of every batch element: distinct indices and their multiplicities.
+    fn draw_pilots(&self, x: &AttentionInputs<'_>, seed: u64) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+        let Dims { batch, n_q, .. } = x.dims();
+        (0..batch)
+            .map(|b| {
+                let eligible: Vec<u32> = (0..n_q as u32)
+                    .filter(|&i| x.query_mask_row(b).is_none_or(|m| m[i as usize]))
+                    .collect();
+                let draws = self.budget.min(eligible.len());
+                let mut rng = stream(seed, b, 0, "skeinformer/pilots");
+                let mut counts = std::collections::BTreeMap::new();
+                for _ in 0..draws {
+                    let i = eligible[rng.random_range(0..eligible.len())];
+                    *counts.entry(i).or_insert(0u32) += 1;
+                }
+                counts.into_iter().unzip()
+            })
+            .unzip()
+    }
+
+    /// All random choices of a forward with `seed`.
+    pub fn samples(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Samples> {
+        self.validate()?;
+        let (pilots, pilot_draws) = self.draw_pilots(x, seed);
+        let (columns, probabilities) = (0..x.dims().batch_heads())
+            .into_par_iter()
+            .map(|bh| self.draw_columns(x, seed, bh, &pilots, &pilot_draws))
+            .unzip();
+        Ok(Samples {
+            pilots,
+            pilot_draws,
+            columns,
+            probabilities,
+        })
+    }
+
+    /// Column probabilities of head `bh` (normalised) and the sampled columns (sorted).
+    fn draw_columns(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+        bh: usize,
+        pilots: &[Vec<u32>],
+        pilot_draws: &[Vec<u32>],
+    ) -> (Vec<u32>, Vec<f32>) {
+        let Dims {
+            heads, n_k, d_v, ..
+        } = x.dims();
+        let (b, h) = (bh / heads, bh % heads);
+        let keep = x.key_mask_row(b);
+        let mut prob = vec![0.0f32; n_k];
+        match self.columns {
+            Columns::Uniform => {
+                for (j, p) in prob.iter_mut().enumerate() {
+                    if keep.is_none_or(|m| m[j]) {
+                        *p = 1.0;
+                    }
+                }
+            }
+            Columns::Importance => {
+                let col_sq = self.pilot_column_norms(x, bh, &pilots[b], &pilot_draws[b]);
+                let v = x.v_head(bh);
+                for (j, p) in prob.iter_mut().enumerate() {
+                    if keep.is_none_or(|m| m[j]) {
+                        let vj = &v[j * d_v..(j + 1) * d_v];
+                        *p = col_sq[j].sqrt() * dot(vj, vj).sqrt();
+                    }
+                }
+            }
+        }
+        let total: f64 = prob.iter().map(|p| *p as f64).sum();
+        if total > 0.0 {
+            for p in prob.iter_mut() {
+                *p = (*p as f64 / total) as f32;
+            }
+        }
+        // Gumbel-top-k: the d largest log p_j + Gumbel noise are a sample without replacement.
+        let mut rng = stream(seed, b, h, "skeinformer/columns");
+        let mut keyed: Vec<(f64, u32)> = prob
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p > 0.0)
+            .map(|(j, p)| {
+                let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+                ((*p as f64).ln() - (-u.ln()).ln(), j as u32)
+            })
+            .collect();
+        let take = self.budget.min(keyed.len());
+        if take > 0 && take < keyed.len() {
+            keyed.select_nth_unstable_by(take - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        let mut chosen: Vec<u32> = keyed[..take].iter().map(|(_, j)| *j).collect();
+        chosen.sort_unstable();
+        (chosen, prob)
+    }
+
+    /// `Σ_t c_t · B_J[t, j]²` over the pilot rows `t` (drawn `c_t` times) of head `bh`, tile by
+    /// tile from the rows' log-sum-exps.
+    fn pilot_column_norms(
+        &self,
+        x: &AttentionInputs<'_>,
+        bh: usize,
+        pilots: &[u32],
+        draws: &[u32],
+    ) -> Vec<f32> {
+        let Dims { heads, n_k, d, .. } = x.dims();
+        let keep = x.key_mask_row(bh / heads);
+        let scale = resolve_scale(self.scale, d);
+        let (q, k) = (x.q_head(bh), x.k_head(bh));
+        let p = pilots.len();
+        let mut col_sq = vec![0.0f32; n_k];
+        if p == 0 {
+            return col_sq;
+        }
+        let q_pilot: Vec<f32> = pilots
+            .iter()
+            .flat_map(|&i| q[i as usize * d..(i as usize + 1) * d].iter().copied())
+            .collect();
+        // Pass 1: row maxima and sums of exp (log-sum-exp); pass 2: squared probabilities.
+        let mut tile = vec![0.0f32; p * KEY_TILE.min(n_k)];
+        let mut lse_max = vec![f32::NEG_INFINITY; p];
+        let mut lse_sum = vec![0.0f32; p];
+        for pass in 0..2 {
+            for c0 in (0..n_k).step_by(KEY_TILE) {
+                let cols = KEY_TILE.min(n_k - c0);
+                let s = &mut tile[..p * cols];
+                gemm(
+                    p,
+                    cols,
+                    d,
+                    s,
+                    cols,
+                    Mat::rows(&q_pilot, d),
+                    Mat::cols(&k[c0 * d..(c0 + cols) * d], d),
+                    scale,
+                    false,
+                );
+                for (t, row) in s.chunks_exact_mut(cols).enumerate() {
+                    if let Some(keep) = keep {
+                        for (x, kept) in row.iter_mut().zip(&keep[c0..c0 + cols]) {
+                            if !kept {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    if pass == 0 {
+                        let m_new = lse_max[t].max(row_max(row));
+                        if m_new == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        lse_sum[t] =
+                            lse_sum[t] * (lse_max[t] - m_new).exp() + exp_shifted_sum(row, m_new);
+                        lse_max[t] = m_new;
+                    } else if lse_sum[t] > 0.0 {
+                        // b² = exp(2(x − lse)).
+                        let lse = lse_max[t] + lse_sum[t].ln();
+                        for x in row.iter_mut() {
+                            *x = 2.0 * (*x - lse);
+                        }
+                        exp_shifted_sum(row, 0.0);
+                        let c = draws[t] as f32;
+                        for (acc, b2) in col_sq[c0..c0 + cols].iter_mut().zip(row.iter()) {
+                            *acc += c * b2;
+                        }
+                    }
+                }
+            }
+        }
+        col_sq
+    }
+}
+
+/// The sketched rows of one head (adaptive or simple normalisation).
+struct SketchHead<'a> {
+    q: &'a [f32],
+    /// Sampled keys and values, `c × d` and `c × d_v`.
+    k_cols: &'a [f32],
+    v_cols: &'a [f32],
+    /// Sum of the unmasked values outside the sample (adaptive only).
+    v_rest: &'a [f32],
+    /// Number of unmasked columns outside the sample.
+    fill: f32,
+    adaptive: bool,
+    d: usize,
+    d_v: usize,
+    scale: f32,
+}
+
+impl SketchHead<'_> {
+    fn columns(&self) -> usize {
+        self.k_cols.len() / self.d
+    }
+
+    /// For the rows `r0..r0 + rows`: the scores `a` (in `s`, shifted by each row's maximum),
+    /// the fill `g` and the row sums `D`; returns nothing, fills `g` and `den`.
+    fn scores(&self, r0: usize, rows: usize, s: &mut [f32], g: &mut [f32], den: &mut [f32]) {
+        let (d, c) = (self.d, self.columns());
+        gemm(
+            rows,
+            c,
+            d,
+            s,
+            c,
+            Mat::rows(&self.q[r0 * d..(r0 + rows) * d], d),
+            Mat::cols(self.k_cols, d),
+            self.scale,
+            false,
+        );
+        for ((row, g), den) in s.chunks_exact_mut(c).zip(g.iter_mut()).zip(den.iter_mut()) {
+            let max = row_max(row);
+            let mean = row.iter().sum::<f32>() / c as f32;
+            let sum = exp_shifted_sum(row, max);
+            *g = if self.adaptive {
+                (mean - max).exp()
+            } else {
+                0.0
+            };
+            *den = sum + self.fill * *g;
+        }
+    }
+
+    /// `out` (`rows × d_v`) ← the sketched output of the rows `r0..r0 + rows`.
+    fn forward_block(&self, r0: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+        let (c, d_v) = (self.columns(), self.d_v);
+        let rows = out.len() / d_v;
+        scratch.resize(rows * (c + 2), 0.0);
+        let (s, rest) = scratch.split_at_mut(rows * c);
+        let (g, den) = rest.split_at_mut(rows);
+        self.scores(r0, rows, s, g, den);
+        gemm(
+            rows,
+            d_v,
+            c,
+            out,
+            d_v,
+            Mat::rows(s, c),
+            Mat::rows(self.v_cols, d_v),
+            1.0,
+            false,
+        );
+        for ((o, g), den) in out.chunks_exact_mut(d_v).zip(g.iter()).zip(den.iter()) {
+            let inv = 1.0 / den;
+            for (ov, u) in o.iter_mut().zip(self.v_rest) {
+                *ov = (*ov + g * u) * inv;
+            }
+        }
+    }
+
+    /// Backward of the rows `r0..r0 + rows` given their output gradient `grad`: adds to `dq`
+    /// (those rows), `dk_cols`, `dv_cols` and the gradient `dv_rest` of `v_rest`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_block(
+        &self,
+        r0: usize,
+        grad: &[f32],
+        dq: &mut [f32],
+        dk_cols: &mut [f32],
+        dv_cols: &mut [f32],
+        dv_rest: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (c, d, d_v) = (self.columns(), self.d, self.d_v);
+        let rows = grad.len() / d_v;
+        scratch.resize(rows * (2 * c + 2 + 2 * d_v), 0.0);
+        let (s, rest) = scratch.split_at_mut(rows * c);
+        let (ds, rest) = rest.split_at_mut(rows * c);
+        let (g, rest) = rest.split_at_mut(rows);
+        let (den, rest) = rest.split_at_mut(rows);
+        let (out, dn) = rest.split_at_mut(rows * d_v);
+        self.scores(r0, rows, s, g, den);
+        gemm(
+            rows,
+            d_v,
+            c,
+            out,
+            d_v,
+            Mat::rows(s, c),
+            Mat::rows(self.v_cols, d_v),
+            1.0,
+            false,
+        );
+        // R = N / D with N = a·V_c + g·v_rest: dN = G / D, dD = −(G·R) / D.
+        let mut d_den = vec![0.0f32; rows];
+        for r in 0..rows {
+            let o = &mut out[r * d_v..(r + 1) * d_v];
+            let inv = 1.0 / den[r];
+            for (ov, u) in o.iter_mut().zip(self.v_rest) {
+                *ov = (*ov + g[r] * u) * inv;
+            }
+            let gr = &grad[r * d_v..(r + 1) * d_v];
+            d_den[r] = -dot(gr, o) * inv;
+            for (dnv, gv) in dn[r * d_v..(r + 1) * d_v].iter_mut().zip(gr) {
+                *dnv = gv * inv;
+            }
+        }
+        // dA = dN V_cᵀ + dD; dL = a ⊙ dA (+ the geometric-mean fill's share, g/c each).
+        gemm(
+            rows,
+            c,
+            d_v,
+            ds,
+            c,
+            Mat::rows(dn, d_v),
+            Mat::cols(self.v_cols, d_v),
+            1.0,
+            false,
+        );
+        for r in 0..rows {
+            let fill_share = if self.adaptive {
+                let dg = dot(&dn[r * d_v..(r + 1) * d_v], self.v_rest) + self.fill * d_den[r];
+                dg * g[r] / c as f32
+            } else {
+                0.0
+            };
+            for (dsv, a) in ds[r * c..(r + 1) * c]
+                .iter_mut()
+                .zip(&s[r * c..(r + 1) * c])
+            {
+                *dsv = a * (*dsv + d_den[r]) + fill_share;
+            }
+            if self.adaptive {
+                for (acc, dnv) in dv_rest.iter_mut().zip(&dn[r * d_v..(r + 1) * d_v]) {
+                    *acc += g[r] * dnv;
+                }
+            }
+        }
+        let q_blk = &self.q[r0 * d..(r0 + rows) * d];
+        gemm(
+            rows,
+            d,
+            c,
+            dq,
+            d,
+            Mat::rows(ds, c),
+            Mat::rows(self.k_cols, d),
+            self.scale,
+            true,
+        );
+        gemm(
+            c,
+            d,
+            rows,
+            dk_cols,
+            d,
+            Mat::cols(ds, c),
+            Mat::rows(q_blk, d),
+            self.scale,
+            true,
+        );
+        gemm(
+            c,
+            d_v,
+            rows,
+            dv_cols,
+            d_v,
+            Mat::cols(s, c),
+            Mat::rows(dn, d_v),
+            1.0,
+            true,
+        );
+    }
+}
+
+/// Sampled keys and values of one head gathered contiguously, with the sum of the unmasked
+/// values outside the sample and their count.
+struct HeadColumns {
+    k_cols: Vec<f32>,
+    v_cols: Vec<f32>,
+    v_rest: Vec<f32>,
+    fill: f32,
+}
+
+fn gather_columns(x: &AttentionInputs<'_>, bh: usize, cols: &[u32]) -> HeadColumns {
+    let Dims { heads, d, d_v, .. } = x.dims();
+    let keep = x.key_mask_row(bh / heads);
+    let (k, v) = (x.k_head(bh), x.v_head(bh));
+    let mut k_cols = Vec::with_capacity(cols.len() * d);
+    let mut v_cols = Vec::with_capacity(cols.len() * d_v);
+    for &j in cols {
+        let j = j as usize;
+        k_cols.extend_from_slice(&k[j * d..(j + 1) * d]);
+        v_cols.extend_from_slice(&v[j * d_v..(j + 1) * d_v]);
+    }
+    let mut v_rest = vec![0.0f32; d_v];
+    let mut unmasked = 0usize;
+    for (j, row) in v.chunks_exact(d_v).enumerate() {
+        if keep.is_none_or(|m| m[j]) {
+            unmasked += 1;
+            for (a, b) in v_rest.iter_mut().zip(row) {
+                *a += *b;
+            }
+        }
+    }
+    for row in v_cols.chunks_exact(d_v) {
+        for (a, b) in v_rest.iter_mut().zip(row) {
+            *a -= *b;
+        }
+    }
+    HeadColumns {
+        k_cols,
+        v_cols,
+        v_rest,
+        fill: (unmasked - cols.len()) as f32,
+    }
+}
+
+/// Pads per-group index lists into one table of `width` slots per group ([`NONE`] fills).
+fn table(lists: &[Vec<u32>]) -> (Vec<u32>, usize) {
+    let width = lists.iter().map(Vec::len).max().unwrap_or(0);
+    let mut t = vec![NONE; lists.len() * width];
+    for (slots, l) in t.chunks_exact_mut(width.max(1)).zip(lists) {
+        slots[..l.len()].copy_from_slice(l);
+    }
+    (t, width)
+}
+
+impl Skeinformer {
+    /// The pilot rows as a sub-problem for the exact kernel: queries gathered into
+    /// `[batch, heads, p_max, d]` and the mask of used slots. `rows` is Q or an output gradient.
+    fn pilot_rows(
+        x: &AttentionInputs<'_>,
+        pilots: &[u32],
+        p_max: usize,
+        rows: &[f32],
+        w: usize,
+    ) -> (Vec<f32>, Vec<bool>) {
+        let Dims {
+            batch, heads, n_q, ..
+        } = x.dims();
+        let mut out = vec![0.0f32; batch * heads * p_max * w];
+        for (bh, dst) in out.chunks_exact_mut(p_max * w).enumerate() {
+            let b = bh / heads;
+            for (row, &i) in dst
+                .chunks_exact_mut(w)
+                .zip(&pilots[b * p_max..(b + 1) * p_max])
+            {
+                if i != NONE {
+                    let at = (bh * n_q + i as usize) * w;
+                    row.copy_from_slice(&rows[at..at + w]);
+                }
+            }
+        }
+        let slots = pilots.iter().map(|&i| i != NONE).collect();
+        (out, slots)
+    }
+
+    /// V restricted to the sampled columns of each head, each scaled by its weight (1 for
+    /// `row_norm=exact`, `1/(d_c·p_j)` for `none`): the exact kernel on it gives those rows.
+    fn weighted_values(&self, x: &AttentionInputs<'_>, s: &SkeinSaved) -> Vec<f32> {
+        let Dims { n_k, d_v, .. } = x.dims();
+        let mut v = vec![0.0f32; x.v().len()];
+        v.par_chunks_mut(n_k * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let src = x.v_head(bh);
+                for (slot, &j) in s.columns[bh * s.c_max..(bh + 1) * s.c_max]
+                    .iter()
+                    .enumerate()
+                {
+                    if j == NONE {
+                        continue;
+                    }
+                    let j = j as usize;
+                    let w = if s.weights.is_empty() {
+                        1.0
+                    } else {
+                        s.weights[bh * s.c_max + slot]
+                    };
+                    for (o, a) in out[j * d_v..(j + 1) * d_v]
+                        .iter_mut()
+                        .zip(&src[j * d_v..(j + 1) * d_v])
+                    {
+                        *o = w * a;
+                    }
+                }
+            });
+        v
+    }
+
+    fn with_masks<'a>(
+        x: &AttentionInputs<'a>,
+        sub: AttentionInputs<'a>,
+        query_mask: Option<&'a [bool]>,
+    ) -> Result<AttentionInputs<'a>> {
+        let mut sub = sub;
+        if let Some(m) = x.key_mask() {
+            sub = sub.with_key_mask(m)?;
+        }
+        if let Some(m) = query_mask {
+            sub = sub.with_query_mask(m)?;
+        }
+        Ok(sub)
+    }
+}
+
+impl Attention for Skeinformer {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        let samples = self.samples(x, seed)?;
+        let dims = x.dims();
+        let Dims {
+            batch,
+            heads,
+            n_q,
+            d,
+            d_v,
+            ..
+        } = dims;
+        let (pilots, p_max) = table(&samples.pilots);
+        let (columns, c_max) = table(&samples.columns);
+        let weights = if self.row_norm == RowNorm::None {
+            let mut w = vec![0.0f32; columns.len()];
+            for (bh, (ws, cols)) in w
+                .chunks_exact_mut(c_max.max(1))
+                .zip(&samples.columns)
+                .enumerate()
+            {
+                for (wv, &j) in ws.iter_mut().zip(cols) {
+                    *wv = 1.0 / (cols.len() as f32 * samples.probabilities[bh][j as usize]);
+                }
+            }
+            w
+        } else {
+            Vec::new()
+        };
+        let saved = SkeinSaved {
+            pilots,
+            p_max,
+            columns,
+            weights,
+            c_max,
+        };
+        let scale = resolve_scale(self.scale, d);
+        let mut output = match self.row_norm {
+            RowNorm::Adaptive | RowNorm::Simple => {
+                let mut output = vec![0.0f32; dims.out_len()];
+                output
+                    .par_chunks_mut(n_q * d_v)
+                    .enumerate()
+                    .for_each(|(bh, out)| {
+                        let cols = &samples.columns[bh];
+                        if cols.is_empty() {
+                            // No column with weight: the zero-sample limit, the mean of V.
+                            let (mean, _) =
+                                value_mean(x.v_head(bh), x.key_mask_row(bh / heads), d_v);
+                            for row in out.chunks_exact_mut(d_v) {
+                                row.copy_from_slice(&mean);
+                            }
+                            return;
+                        }
+                        let hc = gather_columns(x, bh, cols);
+                        let head = SketchHead {
+                            q: x.q_head(bh),
+                            k_cols: &hc.k_cols,
+                            v_cols: &hc.v_cols,
+                            v_rest: &hc.v_rest,
+                            fill: hc.fill,
+                            adaptive: self.row_norm == RowNorm::Adaptive,
+                            d,
+                            d_v,
+                            scale,
+                        };
+                        let mut scratch = Vec::new();
+                        for (blk, o) in out.chunks_mut(ROW_BLOCK * d_v).enumerate() {
+                            head.forward_block(blk * ROW_BLOCK, o, &mut scratch);
+                        }
+                    });
+                output
+            }
+            RowNorm::Exact | RowNorm::None => {
+                let v = self.weighted_values(x, &saved);
+                let sub = AttentionInputs::new(
+                    x.q(),
+                    dims.q_shape(),
+                    x.k(),
+                    dims.k_shape(),
+                    &v,
+                    dims.v_shape(),
+                )?;
+                let sub = Self::with_masks(x, sub, x.query_mask())?;
+                self.exact().forward(&sub, seed)?.output
+            }
+        };
+        if self.pilot_reuse && p_max > 0 {
+            let (q_pilot, slots) = Self::pilot_rows(x, &saved.pilots, p_max, x.q(), d);
+            let sub = AttentionInputs::new(
+                &q_pilot,
+                [batch, heads, p_max, d],
+                x.k(),
+                dims.k_shape(),
+                x.v(),
+                dims.v_shape(),
+            )?;
+            let sub = Self::with_masks(x, sub, Some(&slots))?;
+            let exact_rows = self.exact().forward(&sub, seed)?.output;
+            output
+                .par_chunks_mut(n_q * d_v)
+                .zip(exact_rows.par_chunks(p_max * d_v))
+                .enumerate()
+                .for_each(|(bh, (out, rows))| {
+                    let b = bh / heads;
+                    for (row, &i) in rows
+                        .chunks_exact(d_v)
+                        .zip(&saved.pilots[b * p_max..(b + 1) * p_max])
+                    {
+                        if i != NONE {
+                            let i = i as usize;
+                            out[i * d_v..(i + 1) * d_v].copy_from_slice(row);
+                        }
+                    }
+                });
+        }
+        zero_masked_queries(x, &mut output);
+        Ok(Forward {
+            output,
+            saved: Saved::new(Self::INFO.name, dims, SavedState::Skeinformer(saved)),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        let SavedState::Skeinformer(s) = saved.check(Self::INFO.name, dims)? else {
+            return Err(Error::Saved {
+                message: "does not hold the samples of a skeinformer forward".to_string(),
+            });
+        };
+        x.check_grad_output(grad_output)?;
+        let Dims {
+            batch,
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+        } = dims;
+        let scale = resolve_scale(self.scale, d);
+        let (p_max, c_max) = (s.p_max, s.c_max);
+        // Masked queries pass nothing; reused pilot rows pass their gradient to the exact path.
+        let mut g = grad_output.to_vec();
+        zero_masked_queries(x, &mut g);
+        let g_pilot = (self.pilot_reuse && p_max > 0)
+            .then(|| Self::pilot_rows(x, &s.pilots, p_max, &g, d_v).0);
+        if self.pilot_reuse {
+            for (bh, gh) in g.chunks_exact_mut(n_q * d_v).enumerate() {
+                let b = bh / heads;
+                for &i in &s.pilots[b * p_max..(b + 1) * p_max] {
+                    if i != NONE {
+                        gh[i as usize * d_v..(i as usize + 1) * d_v].fill(0.0);
+                    }
+                }
+            }
+        }
+        let mut grads = match self.row_norm {
+            RowNorm::Adaptive | RowNorm::Simple => {
+                let mut grads = Grads {
+                    dq: vec![0.0; x.q().len()],
+                    dk: vec![0.0; x.k().len()],
+                    dv: vec![0.0; x.v().len()],
+                    params: Vec::new(),
+                };
+                let empty: Vec<bool> = (0..dims.batch_heads())
+                    .map(|bh| {
+                        s.columns[bh * c_max..(bh + 1) * c_max]
+                            .iter()
+                            .all(|&j| j == NONE)
+                    })
+                    .collect();
+                grads
+                    .dq
+                    .par_chunks_mut(n_q * d)
+                    .zip(grads.dk.par_chunks_mut(n_k * d))
+                    .zip(grads.dv.par_chunks_mut(n_k * d_v))
+                    .enumerate()
+                    .for_each(|(bh, ((dq, dk), dv))| {
+                        if empty[bh] {
+                            return;
+                        }
+                        let cols: Vec<u32> = s.columns[bh * c_max..(bh + 1) * c_max]
+                            .iter()
+                            .copied()
+                            .filter(|&j| j != NONE)
+                            .collect();
+                        let hc = gather_columns(x, bh, &cols);
+                        let head = SketchHead {
+                            q: x.q_head(bh),
+                            k_cols: &hc.k_cols,
+                            v_cols: &hc.v_cols,
+                            v_rest: &hc.v_rest,
+                            fill: hc.fill,
+                            adaptive: self.row_norm == RowNorm::Adaptive,
+                            d,
+                            d_v,
+                            scale,
+                        };
+                        let c = cols.len();
+                        let mut dk_cols = vec![0.0f32; c * d];
+                        let mut dv_cols = vec![0.0f32; c * d_v];
+                        let mut dv_rest = vec![0.0f32; d_v];
+                        let mut scratch = Vec::new();
+                        let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+                        for (blk, (gb, dqb)) in gh
+                            .chunks(ROW_BLOCK * d_v)
+                            .zip(dq.chunks_mut(ROW_BLOCK * d))
+                            .enumerate()
+                        {
+                            head.backward_block(
+                                blk * ROW_BLOCK,
+                                gb,
+                                dqb,
+                                &mut dk_cols,
+                                &mut dv_cols,
+                                &mut dv_rest,
+                                &mut scratch,
+                            );
+                        }
+                        // v_rest = Σ_{unmasked} v_j − Σ_{sampled} v_j.
+                        let keep = x.key_mask_row(bh / heads);
+                        for (j, row) in dv.chunks_exact_mut(d_v).enumerate() {
+                            if keep.is_none_or(|m| m[j]) {
+                                for (a, b) in row.iter_mut().zip(&dv_rest) {
+                                    *a += *b;
+                                }
+                            }
+                        }
+                        for (slot, &j) in cols.iter().enumerate() {
+                            let j = j as usize;
+                            for (a, b) in dk[j * d..(j + 1) * d]
+                                .iter_mut()
+                                .zip(&dk_cols[slot * d..(slot + 1) * d])
+                            {
+                                *a += *b;
+                            }
+                            for ((a, b), r) in dv[j * d_v..(j + 1) * d_v]
+                                .iter_mut()
+                                .zip(&dv_cols[slot * d_v..(slot + 1) * d_v])
+                                .zip(&dv_rest)
+                            {
+                                *a += *b - *r;
+                            }
+                        }
+                    });
+                // Heads whose sample is empty output the mean of V.
+                mean_backward(x, &g, &mut grads.dv, &|bh, i| {
+                    empty[bh] && query_kept(x, bh, i)
+                });
+                grads
+            }
+            RowNorm::Exact | RowNorm::None => {
+                let v = self.weighted_values(x, s);
+                let sub = AttentionInputs::new(
+                    x.q(),
+                    dims.q_shape(),
+                    x.k(),
+                    dims.k_shape(),
+                    &v,
+                    dims.v_shape(),
+                )?;
+                let sub = Self::with_masks(x, sub, x.query_mask())?;
+                let f = self.exact().forward(&sub, seed)?;
+                let mut grads = self.exact().backward(&sub, seed, &f.saved, &g)?;
+                // V' = w ⊙ V on the sampled columns, 0 elsewhere.
+                let mut dv = vec![0.0f32; x.v().len()];
+                dv.par_chunks_mut(n_k * d_v)
+                    .zip(grads.dv.par_chunks(n_k * d_v))
+                    .enumerate()
+                    .for_each(|(bh, (out, dvp))| {
+                        for (slot, &j) in s.columns[bh * c_max..(bh + 1) * c_max].iter().enumerate()
+                        {
+                            if j == NONE {
+                                continue;
+                            }
+                            let j = j as usize;
+                            let w = if s.weights.is_empty() {
+                                1.0
+                            } else {
+                                s.weights[bh * c_max + slot]
+                            };
+                            for (o, a) in out[j * d_v..(j + 1) * d_v]
+                                .iter_mut()
+                                .zip(&dvp[j * d_v..(j + 1) * d_v])
+                            {
+                                *o = w * a;
+                            }
+                        }
+                    });
+                grads.dv = dv;
+                grads
+            }
+        };
+        if let Some(g_pilot) = g_pilot {
+            let (q_pilot, slots) = Self::pilot_rows(x, &s.pilots, p_max, x.q(), d);
+            let sub = AttentionInputs::new(
+                &q_pilot,
+                [batch, heads, p_max, d],
+                x.k(),
+                dims.k_shape(),
+                x.v(),
+                dims.v_shape(),
+            )?;
+            let sub = Self::with_masks(x, sub, Some(&slots))?;
+            let f = self.exact().forward(&sub, seed)?;
+            let pg = self.exact().backward(&sub, seed, &f.saved, &g_pilot)?;
+            for (a, b) in grads.dk.iter_mut().zip(&pg.dk) {
+                *a += *b;
+            }
+            for (a, b) in grads.dv.iter_mut().zip(&pg.dv) {
+                *a += *b;
+            }
+            for (bh, (dq, rows)) in grads
+                .dq
+                .chunks_exact_mut(n_q * d)
+                .zip(pg.dq.chunks_exact(p_max * d))
+                .enumerate()
+            {
+                let b = bh / heads;
+                for (row, &i) in rows
+                    .chunks_exact(d)
+                    .zip(&s.pilots[b * p_max..(b + 1) * p_max])
+                {
+                    if i != NONE {
+                        let i = i as usize;
+                        for (a, r) in dq[i * d..(i + 1) * d].iter_mut().zip(row) {
+                            *a += *r;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(grads)
+    }
+}
+
+fn zero_masked_queries(x: &AttentionInputs<'_>, rows: &mut [f32]) {
+    let Dims { n_q, d_v, .. } = x.dims();
+    if x.query_mask().is_none() {
+        return;
+    }
+    for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
+        for (i, row) in head.chunks_exact_mut(d_v).enumerate() {
+            if !query_kept(x, bh, i) {
+                row.fill(0.0);
+            }
+        }
+    }
+}
