@@ -287,6 +287,11 @@ pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
     exp_shifted_sum_impl::<false>(row, shift)
 }
 
+/// Sum of `row` with sixteen partial sums (vectorises; not sequential order).
+pub fn row_sum(row: &[f32]) -> f32 {
+    sum_impl(row)
+}
+
 /// Maximum of `row` (−∞ for an empty or all −∞ row), vectorised like [`exp_shifted_sum`].
 pub fn row_max(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]

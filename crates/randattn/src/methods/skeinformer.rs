@@ -60,7 +60,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max};
+use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, row_sum};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
     parse_value, unknown_param,
@@ -74,8 +74,6 @@ use crate::rng::stream;
 const NONE: u32 = u32::MAX;
 /// Query rows per block of the sketched kernel.
 const ROW_BLOCK: usize = 128;
-/// Keys per tile when accumulating the pilot rows' column norms.
-const KEY_TILE: usize = 512;
 /// Largest budget accepted.
 pub const MAX_BUDGET: usize = 1 << 16;
 
@@ -384,6 +382,14 @@ impl SkeinSaved {
     }
 }
 
+/// The exact pilot rows of one head.
+struct PilotHead {
+    /// `p_max × d_v` outputs `B_J V` (zero rows in unused slots).
+    output: Vec<f32>,
+    /// `Σ_t c_t · B_J[t, j]²` per column.
+    col_sq: Vec<f32>,
+}
+
 /// The pilots and columns a forward draws, for diagnostics and tests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Samples {
@@ -424,18 +430,56 @@ impl Skeinformer {
 
     /// All random choices of a forward with `seed`.
     pub fn samples(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Samples> {
+        Ok(self.sample_with_pilots(x, seed)?.0)
+    }
+
+    /// The samples, and the exact pilot rows' outputs when they were computed (importance
+    /// columns or pilot reuse): `[batch, heads, p_max, d_v]` over the pilot table
+    /// `table(&samples.pilots)`.
+    fn sample_with_pilots(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+    ) -> Result<(Samples, Option<Vec<f32>>)> {
         self.validate()?;
+        let dims = x.dims();
         let (pilots, pilot_draws) = self.draw_pilots(x, seed);
-        let (columns, probabilities) = (0..x.dims().batch_heads())
+        let (_, p_max) = table(&pilots);
+        let need_pilot_rows =
+            p_max > 0 && (self.pilot_reuse || self.columns == Columns::Importance);
+        // Per head: the exact pilot rows (outputs, log-sum-exps, weighted squared column sums),
+        // then the column draw.
+        let per_head: Vec<(Vec<u32>, Vec<f32>, Option<PilotHead>)> = (0..dims.batch_heads())
             .into_par_iter()
-            .map(|bh| self.draw_columns(x, seed, bh, &pilots, &pilot_draws))
-            .unzip();
-        Ok(Samples {
-            pilots,
-            pilot_draws,
-            columns,
-            probabilities,
-        })
+            .map(|bh| {
+                let b = bh / dims.heads;
+                let pilot = need_pilot_rows
+                    .then(|| self.pilot_pass(x, bh, &pilots[b], &pilot_draws[b], p_max));
+                let col_sq = pilot.as_ref().map(|p| p.col_sq.as_slice());
+                let (cols, prob) = self.draw_columns(x, seed, bh, col_sq);
+                (cols, prob, pilot)
+            })
+            .collect();
+        let mut columns = Vec::with_capacity(per_head.len());
+        let mut probabilities = Vec::with_capacity(per_head.len());
+        let mut pilot_out = Vec::new();
+        for (cols, prob, pilot) in per_head {
+            columns.push(cols);
+            probabilities.push(prob);
+            if let Some(p) = pilot {
+                pilot_out.extend_from_slice(&p.output);
+            }
+        }
+        let pilot_rows = need_pilot_rows.then_some(pilot_out);
+        Ok((
+            Samples {
+                pilots,
+                pilot_draws,
+                columns,
+                probabilities,
+            },
+            pilot_rows,
+        ))
     }
 
     /// Column probabilities of head `bh` (normalised) and the sampled columns (sorted).
@@ -444,8 +488,7 @@ impl Skeinformer {
         x: &AttentionInputs<'_>,
         seed: u64,
         bh: usize,
-        pilots: &[Vec<u32>],
-        pilot_draws: &[Vec<u32>],
+        col_sq: Option<&[f32]>,
     ) -> (Vec<u32>, Vec<f32>) {
         let Dims {
             heads, n_k, d_v, ..
@@ -462,7 +505,7 @@ impl Skeinformer {
                 }
             }
             Columns::Importance => {
-                let col_sq = self.pilot_column_norms(x, bh, &pilots[b], &pilot_draws[b]);
+                let col_sq = col_sq.expect("importance columns compute the pilot rows");
                 let v = x.v_head(bh);
                 for (j, p) in prob.iter_mut().enumerate() {
                     if keep.is_none_or(|m| m[j]) {
@@ -498,79 +541,78 @@ impl Skeinformer {
         (chosen, prob)
     }
 
-    /// `Σ_t c_t · B_J[t, j]²` over the pilot rows `t` (drawn `c_t` times) of head `bh`, tile by
-    /// tile from the rows' log-sum-exps.
-    fn pilot_column_norms(
+    /// The exact softmax rows of the pilots of head `bh` (each drawn `draws[t]` times): their
+    /// outputs `B_J V` and the weighted squared column sums `Σ_t c_t · B_J[t, j]²`. One product
+    /// `Q_J Kᵀ` kept as a `pilots × n_k` block (the `O(budget·n)` memory of the method), so the
+    /// logits are computed once.
+    fn pilot_pass(
         &self,
         x: &AttentionInputs<'_>,
         bh: usize,
         pilots: &[u32],
         draws: &[u32],
-    ) -> Vec<f32> {
-        let Dims { heads, n_k, d, .. } = x.dims();
+        p_max: usize,
+    ) -> PilotHead {
+        let Dims {
+            heads, n_k, d, d_v, ..
+        } = x.dims();
         let keep = x.key_mask_row(bh / heads);
         let scale = resolve_scale(self.scale, d);
-        let (q, k) = (x.q_head(bh), x.k_head(bh));
+        let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
         let p = pilots.len();
+        let mut output = vec![0.0f32; p_max * d_v];
         let mut col_sq = vec![0.0f32; n_k];
         if p == 0 {
-            return col_sq;
+            return PilotHead { output, col_sq };
         }
         let q_pilot: Vec<f32> = pilots
             .iter()
             .flat_map(|&i| q[i as usize * d..(i as usize + 1) * d].iter().copied())
             .collect();
-        // Pass 1: row maxima and sums of exp (log-sum-exp); pass 2: squared probabilities.
-        let mut tile = vec![0.0f32; p * KEY_TILE.min(n_k)];
-        let mut lse_max = vec![f32::NEG_INFINITY; p];
-        let mut lse_sum = vec![0.0f32; p];
-        for pass in 0..2 {
-            for c0 in (0..n_k).step_by(KEY_TILE) {
-                let cols = KEY_TILE.min(n_k - c0);
-                let s = &mut tile[..p * cols];
-                gemm(
-                    p,
-                    cols,
-                    d,
-                    s,
-                    cols,
-                    Mat::rows(&q_pilot, d),
-                    Mat::cols(&k[c0 * d..(c0 + cols) * d], d),
-                    scale,
-                    false,
-                );
-                for (t, row) in s.chunks_exact_mut(cols).enumerate() {
-                    if let Some(keep) = keep {
-                        for (x, kept) in row.iter_mut().zip(&keep[c0..c0 + cols]) {
-                            if !kept {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    if pass == 0 {
-                        let m_new = lse_max[t].max(row_max(row));
-                        if m_new == f32::NEG_INFINITY {
-                            continue;
-                        }
-                        lse_sum[t] =
-                            lse_sum[t] * (lse_max[t] - m_new).exp() + exp_shifted_sum(row, m_new);
-                        lse_max[t] = m_new;
-                    } else if lse_sum[t] > 0.0 {
-                        // b² = exp(2(x − lse)).
-                        let lse = lse_max[t] + lse_sum[t].ln();
-                        for x in row.iter_mut() {
-                            *x = 2.0 * (*x - lse);
-                        }
-                        exp_shifted_sum(row, 0.0);
-                        let c = draws[t] as f32;
-                        for (acc, b2) in col_sq[c0..c0 + cols].iter_mut().zip(row.iter()) {
-                            *acc += c * b2;
-                        }
+        let mut probs = vec![0.0f32; p * n_k];
+        gemm(
+            p,
+            n_k,
+            d,
+            &mut probs,
+            n_k,
+            Mat::rows(&q_pilot, d),
+            Mat::cols(k, d),
+            scale,
+            false,
+        );
+        for (row, &c) in probs.chunks_exact_mut(n_k).zip(draws) {
+            if let Some(keep) = keep {
+                for (x, kept) in row.iter_mut().zip(keep) {
+                    if !kept {
+                        *x = f32::NEG_INFINITY;
                     }
                 }
             }
+            let max = row_max(row);
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0); // no unmasked key: the row outputs 0
+                continue;
+            }
+            let inv = 1.0 / exp_shifted_sum(row, max);
+            let c = c as f32;
+            for (b, acc) in row.iter_mut().zip(col_sq.iter_mut()) {
+                *b *= inv;
+                *acc += c * *b * *b;
+            }
         }
-        col_sq
+        gemm(
+            p,
+            d_v,
+            n_k,
+            &mut output,
+            d_v,
+            Mat::rows(&probs, n_k),
+            Mat::rows(v, d_v),
+            1.0,
+            false,
+        );
+        PilotHead { output, col_sq }
     }
 }
 
@@ -612,7 +654,7 @@ impl SketchHead<'_> {
         );
         for ((row, g), den) in s.chunks_exact_mut(c).zip(g.iter_mut()).zip(den.iter_mut()) {
             let max = row_max(row);
-            let mean = row.iter().sum::<f32>() / c as f32;
+            let mean = row_sum(row) / c as f32;
             let sum = exp_shifted_sum(row, max);
             *g = if self.adaptive {
                 (mean - max).exp()
@@ -899,15 +941,10 @@ impl Skeinformer {
 
 impl Attention for Skeinformer {
     fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        let samples = self.samples(x, seed)?;
+        let (samples, pilot_rows) = self.sample_with_pilots(x, seed)?;
         let dims = x.dims();
         let Dims {
-            batch,
-            heads,
-            n_q,
-            d,
-            d_v,
-            ..
+            heads, n_q, d, d_v, ..
         } = dims;
         let (pilots, p_max) = table(&samples.pilots);
         let (columns, c_max) = table(&samples.columns);
@@ -984,18 +1021,7 @@ impl Attention for Skeinformer {
                 self.exact().forward(&sub, seed)?.output
             }
         };
-        if self.pilot_reuse && p_max > 0 {
-            let (q_pilot, slots) = Self::pilot_rows(x, &saved.pilots, p_max, x.q(), d);
-            let sub = AttentionInputs::new(
-                &q_pilot,
-                [batch, heads, p_max, d],
-                x.k(),
-                dims.k_shape(),
-                x.v(),
-                dims.v_shape(),
-            )?;
-            let sub = Self::with_masks(x, sub, Some(&slots))?;
-            let exact_rows = self.exact().forward(&sub, seed)?.output;
+        if let (true, Some(exact_rows)) = (self.pilot_reuse, &pilot_rows) {
             output
                 .par_chunks_mut(n_q * d_v)
                 .zip(exact_rows.par_chunks(p_max * d_v))
