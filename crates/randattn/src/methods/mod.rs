@@ -1,5 +1,6 @@
 //! The estimators, one file per method family.
 
+mod conv;
 pub mod exact;
 pub mod informer;
 pub mod skeinformer;

@@ -72,17 +72,19 @@ pub mod expectation;
 pub mod hash;
 mod lanes;
 
-use rand::Rng;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::zeroed;
 use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
-    param_error, parse_value, unknown_param,
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
+    parse_value, unknown_param,
 };
 use crate::rng::stream;
+
+use super::conv;
+pub use super::conv::{MAX_CONV, seeded_conv_weights};
 
 use buckets::{CumulationScratch, RowLayout, cumulate};
 use expectation::{Head, Slope};
@@ -92,8 +94,6 @@ pub use hash::{HashFamily, LshHash, MAX_TAU, NO_CODE};
 pub const NORM_EPS: f32 = 1e-12;
 /// Largest number of hashes accepted.
 pub const MAX_HASHES: usize = 4096;
-/// Largest conv window accepted.
-pub const MAX_CONV: usize = 255;
 /// Range of the automatic code length `τ = ⌈log2 n_k⌉`.
 pub const AUTO_TAU_RANGE: (u32, u32) = (4, 20);
 /// Work is split into about this many tasks (heads × hash or key chunks). A constant rather
@@ -208,18 +208,6 @@ const NORMALIZE_PARAM: ParamInfo = ParamInfo {
     range: "`true` or `false`",
     help: "L2-normalise output rows (false: raw estimate of B V)",
 };
-const CONV_PARAM: ParamInfo = ParamInfo {
-    name: "conv",
-    default: "0",
-    range: "0 (off) or an odd integer in 1..=255",
-    help: "YOSO-C depthwise conv window on V along the sequence",
-};
-const CONV_WEIGHTS_PARAM: ParamInfo = ParamInfo {
-    name: "conv_weights",
-    default: "auto",
-    range: "`auto` (seeded) or heads*conv comma-separated finite numbers",
-    help: "conv kernels [heads, conv], row-major",
-};
 const YOSO_BACKWARD_PARAM: ParamInfo = ParamInfo {
     name: "backward",
     default: "surrogate-lsh",
@@ -254,17 +242,6 @@ fn parse_bool(info: &MethodInfo, param: &'static str, value: &str) -> Result<boo
     parse_value(info, param, value)
 }
 
-fn parse_conv_weights(info: &MethodInfo, value: &str) -> Result<Option<Vec<f32>>> {
-    if value.trim() == "auto" {
-        return Ok(None);
-    }
-    value
-        .split(',')
-        .map(|w| parse_value::<f32>(info, "conv_weights", w))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
 fn parse_backward(info: &MethodInfo, value: &str) -> Result<YosoBackward> {
     match value.trim() {
         "surrogate-lsh" => Ok(YosoBackward::SurrogateLsh),
@@ -278,13 +255,6 @@ fn text<T: ToString>(x: Option<T>) -> String {
     x.map_or_else(|| "auto".to_string(), |v| v.to_string())
 }
 
-fn weights_text(w: &Option<Vec<f32>>) -> String {
-    w.as_ref().map_or_else(
-        || "auto".to_string(),
-        |w| w.iter().map(f32::to_string).collect::<Vec<_>>().join(","),
-    )
-}
-
 impl Common<'_> {
     fn validate(&self) -> Result<()> {
         if let Some(t) = self.tau
@@ -292,28 +262,7 @@ impl Common<'_> {
         {
             return Err(param_error(self.info, "tau", t.to_string()));
         }
-        if self.conv > MAX_CONV || (self.conv > 0 && self.conv.is_multiple_of(2)) {
-            return Err(param_error(self.info, "conv", self.conv.to_string()));
-        }
-        if let Some(w) = self.conv_weights {
-            if self.conv == 0 {
-                return Err(param_error(
-                    self.info,
-                    "conv_weights",
-                    format!(
-                        "{} weights with conv=0 (set conv to the window width)",
-                        w.len()
-                    ),
-                ));
-            }
-            if w.is_empty() || w.len() % self.conv != 0 || w.iter().any(|x| !x.is_finite()) {
-                return Err(param_error(
-                    self.info,
-                    "conv_weights",
-                    format!("{} values (conv={})", w.len(), self.conv),
-                ));
-            }
-        }
+        conv::validate(self.info, self.conv, self.conv_weights)?;
         let allowed = self
             .info
             .params
@@ -346,34 +295,7 @@ impl Common<'_> {
     /// The conv kernels for `heads` heads (`None` when conv is off); checks the self-attention
     /// shape and the weights' count.
     fn conv_kernels(&self, dims: Dims, seed: u64) -> Result<Option<Vec<f32>>> {
-        if self.conv == 0 {
-            return Ok(None);
-        }
-        if dims.n_q != dims.n_k {
-            return Err(Error::shape(
-                "q",
-                format!(
-                    "has {} rows but k has {}: the conv branch (conv={}) adds conv(V) to the \
-                     output row by row, so it needs self-attention (n_q = n_k)",
-                    dims.n_q, dims.n_k, self.conv
-                ),
-            ));
-        }
-        match self.conv_weights {
-            Some(w) if w.len() != dims.heads * self.conv => Err(param_error(
-                self.info,
-                "conv_weights",
-                format!(
-                    "{} values, but heads * conv = {} * {} = {} are needed",
-                    w.len(),
-                    dims.heads,
-                    self.conv,
-                    dims.heads * self.conv
-                ),
-            )),
-            Some(w) => Ok(Some(w.to_vec())),
-            None => Ok(Some(seeded_conv_weights(dims.heads, self.conv, seed))),
-        }
+        conv::kernels(self.info, self.conv, self.conv_weights, dims, seed)
     }
 }
 
@@ -381,21 +303,6 @@ impl Common<'_> {
 pub fn auto_tau(n_k: usize) -> u32 {
     let log2 = usize::BITS - n_k.saturating_sub(1).leading_zeros();
     log2.clamp(AUTO_TAU_RANGE.0, AUTO_TAU_RANGE.1)
-}
-
-/// The conv kernels used when none are given: `U(−1/√w, 1/√w)` (PyTorch's default
-/// initialisation of the reference's `Conv2d`), head `h` drawn from
-/// `rng::stream(seed, 0, h, "yoso/conv")`. Row-major `[heads, w]`.
-pub fn seeded_conv_weights(heads: usize, w: usize, seed: u64) -> Vec<f32> {
-    let bound = 1.0 / (w as f32).sqrt();
-    (0..heads)
-        .flat_map(|h| {
-            let mut rng = stream(seed, 0, h, "yoso/conv");
-            (0..w)
-                .map(move |_| rng.random_range(-bound..bound))
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 impl MethodConfig for Yoso {
@@ -410,8 +317,8 @@ impl MethodConfig for Yoso {
             M_PARAM,
             HASH_PARAM,
             NORMALIZE_PARAM,
-            CONV_PARAM,
-            CONV_WEIGHTS_PARAM,
+            conv::CONV_PARAM,
+            conv::CONV_WEIGHTS_PARAM,
             YOSO_BACKWARD_PARAM,
         ],
     };
@@ -429,7 +336,7 @@ impl MethodConfig for Yoso {
             }
             "normalize" => self.normalize = parse_bool(info, "normalize", value)?,
             "conv" => self.conv = parse_value(info, "conv", value)?,
-            "conv_weights" => self.conv_weights = parse_conv_weights(info, value)?,
+            "conv_weights" => self.conv_weights = conv::parse_weights(info, value)?,
             "backward" => self.backward = parse_backward(info, value)?,
             _ => return Err(unknown_param(info, name)),
         }
@@ -442,7 +349,7 @@ impl MethodConfig for Yoso {
             ("hash", self.hash.name().to_string()),
             ("normalize", self.normalize.to_string()),
             ("conv", self.conv.to_string()),
-            ("conv_weights", weights_text(&self.conv_weights)),
+            ("conv_weights", conv::weights_text(&self.conv_weights)),
             ("backward", self.backward.name().to_string()),
         ]
     }
@@ -464,8 +371,8 @@ impl MethodConfig for YosoE {
         params: &[
             TAU_PARAM,
             NORMALIZE_PARAM,
-            CONV_PARAM,
-            CONV_WEIGHTS_PARAM,
+            conv::CONV_PARAM,
+            conv::CONV_WEIGHTS_PARAM,
             YOSO_E_BACKWARD_PARAM,
         ],
     };
@@ -475,7 +382,7 @@ impl MethodConfig for YosoE {
             "tau" => self.tau = parse_tau(info, value)?,
             "normalize" => self.normalize = parse_bool(info, "normalize", value)?,
             "conv" => self.conv = parse_value(info, "conv", value)?,
-            "conv_weights" => self.conv_weights = parse_conv_weights(info, value)?,
+            "conv_weights" => self.conv_weights = conv::parse_weights(info, value)?,
             "backward" => self.backward = parse_backward(info, value)?,
             _ => return Err(unknown_param(info, name)),
         }
@@ -486,7 +393,7 @@ impl MethodConfig for YosoE {
             ("tau", text(self.tau)),
             ("normalize", self.normalize.to_string()),
             ("conv", self.conv.to_string()),
-            ("conv_weights", weights_text(&self.conv_weights)),
+            ("conv_weights", conv::weights_text(&self.conv_weights)),
             ("backward", self.backward.name().to_string()),
         ]
     }
@@ -686,53 +593,6 @@ fn parallel_cumulate(
     }
 }
 
-/// Adds the YOSO-C branch `conv(V ⊙ mask)` of head `h` to `out` (`n × d_v`).
-fn conv_forward(out: &mut [f32], v: &[f32], keep: Option<&[bool]>, kernel: &[f32], d_v: usize) {
-    let n = v.len() / d_v;
-    let half = kernel.len() / 2;
-    for (i, o) in out.chunks_exact_mut(d_v).enumerate() {
-        for (t, &wt) in kernel.iter().enumerate() {
-            let Some(j) = (i + t).checked_sub(half).filter(|j| *j < n) else {
-                continue;
-            };
-            if keep.is_some_and(|k| !k[j]) {
-                continue;
-            }
-            for (ov, vv) in o.iter_mut().zip(&v[j * d_v..(j + 1) * d_v]) {
-                *ov += wt * vv;
-            }
-        }
-    }
-}
-
-/// Backward of [`conv_forward`] for one head: adds to `dv` and to the kernel gradient `dw`.
-fn conv_backward(
-    g: &[f32],
-    v: &[f32],
-    keep: Option<&[bool]>,
-    kernel: &[f32],
-    d_v: usize,
-    dv: &mut [f32],
-    dw: &mut [f32],
-) {
-    let n = v.len() / d_v;
-    let half = kernel.len() / 2;
-    for (i, gi) in g.chunks_exact(d_v).enumerate() {
-        for (t, (&wt, dwt)) in kernel.iter().zip(dw.iter_mut()).enumerate() {
-            let Some(j) = (i + t).checked_sub(half).filter(|j| *j < n) else {
-                continue;
-            };
-            if keep.is_some_and(|k| !k[j]) {
-                continue;
-            }
-            *dwt += buckets::dot(gi, &v[j * d_v..(j + 1) * d_v]);
-            for (dvv, gv) in dv[j * d_v..(j + 1) * d_v].iter_mut().zip(gi) {
-                *dvv += wt * gv;
-            }
-        }
-    }
-}
-
 /// The attention branch is done: normalise it, save it, add conv, zero masked queries.
 fn finish_forward(
     x: &AttentionInputs<'_>,
@@ -744,9 +604,7 @@ fn finish_forward(
     name: &'static str,
 ) -> Forward {
     let dims = x.dims();
-    let Dims {
-        heads, n_q, d_v, ..
-    } = dims;
+    let d_v = dims.d_v;
     let norms = if common.normalize {
         normalize_rows_in_place(&mut raw, d_v)
     } else {
@@ -755,15 +613,7 @@ fn finish_forward(
     let attention = raw.clone();
     let mut output = raw;
     if let Some(w) = &conv_weights {
-        let conv = w.len() / heads;
-        output
-            .par_chunks_mut(n_q * d_v)
-            .enumerate()
-            .for_each(|(bh, out)| {
-                let h = bh % heads;
-                let keep = x.key_mask_row(bh / heads);
-                conv_forward(out, x.v_head(bh), keep, &w[h * conv..(h + 1) * conv], d_v);
-            });
+        conv::add_forward(x, &mut output, w);
     }
     zero_masked_queries(x, &mut output);
     Forward {
@@ -949,12 +799,7 @@ fn backward(
     };
     x.check_grad_output(grad_output)?;
     let Dims {
-        heads,
-        n_q,
-        n_k,
-        d,
-        d_v,
-        ..
+        n_q, n_k, d, d_v, ..
     } = dims;
     let bhs = dims.batch_heads();
 
@@ -993,37 +838,10 @@ fn backward(
     } else {
         exact_b_backward_all(x, common, s, grad_output)
     };
-    if let Some(w) = &s.conv_weights {
-        let conv = w.len() / heads;
-        let mut per_head_dw = zeroed(bhs * conv);
+    if let (Some(w), Some(g_total)) = (&s.conv_weights, &g_total) {
         grads
-            .dv
-            .par_chunks_mut(n_k * d_v)
-            .zip(per_head_dw.par_chunks_mut(conv))
-            .enumerate()
-            .for_each(|(bh, (dv, dw))| {
-                let h = bh % heads;
-                let g_total = g_total.as_ref().expect("kept when conv is on");
-                conv_backward(
-                    &g_total[bh * n_q * d_v..(bh + 1) * n_q * d_v],
-                    x.v_head(bh),
-                    x.key_mask_row(bh / heads),
-                    &w[h * conv..(h + 1) * conv],
-                    d_v,
-                    dv,
-                    dw,
-                );
-            });
-        let mut dw = zeroed(heads * conv);
-        for (bh, part) in per_head_dw.chunks_exact(conv).enumerate() {
-            let h = bh % heads;
-            buckets::add_assign(&mut dw[h * conv..(h + 1) * conv], part);
-        }
-        grads.params.push(ParamGrad {
-            name: "conv_weights",
-            shape: vec![heads, conv],
-            grad: dw,
-        });
+            .params
+            .push(conv::add_backward(x, g_total, &mut grads.dv, w));
     }
     Ok(grads)
 }
