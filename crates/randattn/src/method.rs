@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::exact::{Exact, ExactNaive};
 use crate::methods::informer::{Informer, InformerSaved};
+use crate::methods::nystrom::{Nystrom, NystromSaved};
 use crate::methods::skeinformer::{SkeinSaved, Skeinformer, VMean};
 use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
 
@@ -68,6 +69,8 @@ pub(crate) enum SavedState {
     Informer(InformerSaved),
     /// Skeinformer: the sampled pilots and columns.
     Skeinformer(SkeinSaved),
+    /// Nyströmformer: the conv kernels used.
+    Nystrom(NystromSaved),
 }
 
 impl Saved {
@@ -92,6 +95,7 @@ impl Saved {
             SavedState::Yoso(s) => s.bytes(),
             SavedState::Informer(s) => s.bytes(),
             SavedState::Skeinformer(s) => s.bytes(),
+            SavedState::Nystrom(s) => s.bytes(),
         }
     }
 
@@ -297,6 +301,7 @@ methods! {
     Informer(Informer),
     Skeinformer(Skeinformer),
     VMean(VMean),
+    Nystrom(Nystrom),
 }
 
 impl Method {

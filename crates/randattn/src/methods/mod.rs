@@ -3,5 +3,6 @@
 mod conv;
 pub mod exact;
 pub mod informer;
+pub mod nystrom;
 pub mod skeinformer;
 pub mod yoso;

@@ -1,0 +1,930 @@
+//! Nyströmformer: softmax attention through a Nyström approximation with segment-mean landmarks.
+//!
+//! Xiong, Zeng, Chakraborty, Tan, Fung, Li, Singh, *Nyströmformer: A Nyström-Based Algorithm for
+//! Approximating Self-Attention*, AAAI 2021; a baseline of Skeinformer (NAACL 2022). Brief:
+//! `shared/papers/skeinformer.md` §3.3.
+//!
+//! # The estimator
+//!
+//! With `Q̃`, `K̃` the `m` landmarks (means of `m` contiguous segments of the unmasked queries and
+//! of the unmasked keys),
+//!
+//! ```text
+//! Ŝ V = softmax(s·Q K̃ᵀ) · (softmax(s·Q̃ K̃ᵀ))⁺ · (softmax(s·Q̃ Kᵀ + M) V)
+//! ```
+//!
+//! evaluated right to left, so nothing larger than `n × m` is formed: `O(n·m·(d + d_v) + m³)`
+//! time, `O(n·m)` memory. The pseudo-inverse `(·)⁺` is the iterative Moore–Penrose method of
+//! Razavi et al. (`pinv_iters` steps of `Z ← ¼ Z (13I − A Z (15I − A Z (7I − A Z)))`), started
+//! from `Z₀ = Aᵀ / (‖A‖₁ ‖A‖_∞)` with `‖A‖_∞ = 1` (A is row-stochastic) **per matrix** — the
+//! reference normalises by the largest column sum over the whole batch and all heads, which
+//! couples unrelated heads. Deterministic.
+//!
+//! With `m` equal to the number of tokens every segment is one token, `Ŝ = S S⁺ S = S`, and the
+//! output is exact attention up to the pseudo-inverse's convergence.
+//!
+//! `conv = w > 0` adds the depthwise convolution skip on the masked V of the original
+//! Nyströmformer configs (Skeinformer's configs omit it).
+//!
+//! # Backward, masks, and where we differ from the reference
+//!
+//! The backward differentiates the computed function exactly: the three softmaxes, the segment
+//! means, the conv skip and every pinv iteration, including the data-dependent scale of `Z₀`.
+//! Masked keys are excluded from the key landmarks and from the third kernel; masked queries are
+//! excluded from the query landmarks and output 0. The reference zeroes padded rows but keeps
+//! them in the segment means (diluting them) and needs `n` divisible by `m`; here segments are
+//! formed over the unmasked tokens, their sizes differing by at most one, and `m` is capped by
+//! the number of unmasked queries and keys.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, gemm, softmax_row};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
+    parse_value, unknown_param,
+};
+use crate::methods::exact::{SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale};
+
+use super::conv;
+
+/// Largest landmark count accepted.
+pub const MAX_LANDMARKS: usize = 4096;
+/// Largest number of pseudo-inverse iterations accepted.
+pub const MAX_PINV_ITERS: usize = 100;
+
+/// Nyströmformer `nystrom`. See the module documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nystrom {
+    /// Number of landmarks `m` (capped by the unmasked queries and keys).
+    pub landmarks: usize,
+    /// Iterations of the pseudo-inverse.
+    pub pinv_iters: usize,
+    /// Conv skip window (odd), 0 = off.
+    pub conv: usize,
+    /// Conv kernels `[heads, conv]`; `None` = seeded.
+    pub conv_weights: Option<Vec<f32>>,
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+}
+
+impl Default for Nystrom {
+    fn default() -> Self {
+        Nystrom {
+            landmarks: 64,
+            pinv_iters: 6,
+            conv: 0,
+            conv_weights: None,
+            scale: None,
+        }
+    }
+}
+
+impl MethodConfig for Nystrom {
+    const INFO: MethodInfo = MethodInfo {
+        name: "nystrom",
+        summary: "Nystromformer: segment-mean landmarks and an iterative pseudo-inverse",
+        cost: "O(n m (d + d_v) + m^3) time, O(n m) memory",
+        random: false,
+        approximates_softmax: true,
+        params: &[
+            ParamInfo {
+                name: "landmarks",
+                default: "64",
+                range: "an integer in 1..=4096 (capped by the unmasked tokens)",
+                help: "number of landmarks m (segment means of queries and keys)",
+            },
+            ParamInfo {
+                name: "pinv_iters",
+                default: "6",
+                range: "an integer in 1..=100",
+                help: "iterations of the Moore-Penrose pseudo-inverse",
+            },
+            conv::CONV_PARAM,
+            conv::CONV_WEIGHTS_PARAM,
+            SCALE_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "landmarks" => self.landmarks = parse_value(info, "landmarks", value)?,
+            "pinv_iters" => self.pinv_iters = parse_value(info, "pinv_iters", value)?,
+            "conv" => self.conv = parse_value(info, "conv", value)?,
+            "conv_weights" => self.conv_weights = conv::parse_weights(info, value)?,
+            "scale" => self.scale = parse_scale(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("landmarks", self.landmarks.to_string()),
+            ("pinv_iters", self.pinv_iters.to_string()),
+            ("conv", self.conv.to_string()),
+            ("conv_weights", conv::weights_text(&self.conv_weights)),
+            ("scale", scale_text(self.scale)),
+        ]
+    }
+    fn validate(&self) -> Result<()> {
+        let info = &Self::INFO;
+        if !(1..=MAX_LANDMARKS).contains(&self.landmarks) {
+            return Err(param_error(info, "landmarks", self.landmarks.to_string()));
+        }
+        if !(1..=MAX_PINV_ITERS).contains(&self.pinv_iters) {
+            return Err(param_error(info, "pinv_iters", self.pinv_iters.to_string()));
+        }
+        conv::validate(info, self.conv, self.conv_weights.as_deref())?;
+        validate_scale(info, self.scale)
+    }
+}
+
+/// What the backward needs beyond the inputs: the conv kernels used.
+#[derive(Debug, Clone)]
+pub(crate) struct NystromSaved {
+    conv_weights: Option<Vec<f32>>,
+}
+
+impl NystromSaved {
+    pub(crate) fn bytes(&self) -> usize {
+        4 * self.conv_weights.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// `c ← a · b` for row-major `a` (`m × k`) and `b` (`k × n`), or their transposes.
+#[allow(clippy::too_many_arguments)]
+fn mm(c: &mut [f32], m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, alpha: f32, acc: bool) {
+    gemm(m, n, k, c, n, a, b, alpha, acc);
+}
+
+/// Contiguous segments of `len` items into `m` parts whose sizes differ by at most one.
+fn segments(len: usize, m: usize) -> Vec<std::ops::Range<usize>> {
+    let (base, extra) = (len / m, len % m);
+    let mut start = 0;
+    (0..m)
+        .map(|s| {
+            let size = base + usize::from(s < extra);
+            let r = start..start + size;
+            start += size;
+            r
+        })
+        .collect()
+}
+
+/// Means of the rows `idx[seg]` of `rows` (`w` wide), one per segment.
+fn segment_means(rows: &[f32], w: usize, idx: &[u32], segs: &[std::ops::Range<usize>]) -> Vec<f32> {
+    let mut out = vec![0.0f32; segs.len() * w];
+    for (o, seg) in out.chunks_exact_mut(w).zip(segs) {
+        let inv = 1.0 / seg.len() as f32;
+        for &i in &idx[seg.clone()] {
+            for (a, b) in o
+                .iter_mut()
+                .zip(&rows[i as usize * w..(i as usize + 1) * w])
+            {
+                *a += *b * inv;
+            }
+        }
+    }
+    out
+}
+
+/// Softmax backward in place: `dp ← p ⊙ (dp − rowsum(dp ⊙ p))`, rows `cols` wide.
+fn softmax_backward(dp: &mut [f32], p: &[f32], cols: usize) {
+    for (d, p) in dp.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
+        let inner: f32 = d.iter().zip(p).map(|(a, b)| a * b).sum();
+        for (dv, pv) in d.iter_mut().zip(p) {
+            *dv = pv * (*dv - inner);
+        }
+    }
+}
+
+/// `I·c − a` for a square `m × m` matrix, in place.
+fn shift_identity(a: &mut [f32], m: usize, c: f32) {
+    for v in a.iter_mut() {
+        *v = -*v;
+    }
+    for i in 0..m {
+        a[i * m + i] += c;
+    }
+}
+
+/// The iterates `Z₀ … Z_T` of the Moore–Penrose iteration for `a` (`m × m`), and the scale `c`
+/// of `Z₀ = aᵀ / c` (the largest column sum) with its column.
+struct Pinv {
+    iterates: Vec<Vec<f32>>,
+    c: f32,
+    col_max: (usize, f32),
+}
+
+fn pinv(a: &[f32], m: usize, iters: usize) -> Pinv {
+    // ‖a‖_∞ (the largest row sum) is 1 for the row-stochastic softmax kernel, so only the largest
+    // column sum scales Z₀ — which also keeps the start differentiable (rows tie at 1 exactly).
+    let mut col_sums = vec![0.0f32; m];
+    for row in a.chunks_exact(m) {
+        for (cs, v) in col_sums.iter_mut().zip(row) {
+            *cs += v.abs();
+        }
+    }
+    let col_max = col_sums
+        .iter()
+        .copied()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (j, v)| {
+            if v > best.1 { (j, v) } else { best }
+        });
+    let c = col_max.1;
+    let mut z = vec![0.0f32; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            z[i * m + j] = a[j * m + i] / c;
+        }
+    }
+    let mut iterates = vec![z];
+    let (mut az, mut x1, mut x2, mut x3) = (
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+    );
+    for _ in 0..iters {
+        let z = iterates.last().expect("Z₀ is there");
+        mm(
+            &mut az,
+            m,
+            m,
+            m,
+            Mat::rows(a, m),
+            Mat::rows(z, m),
+            1.0,
+            false,
+        );
+        x1.copy_from_slice(&az);
+        shift_identity(&mut x1, m, 7.0);
+        mm(
+            &mut x2,
+            m,
+            m,
+            m,
+            Mat::rows(&az, m),
+            Mat::rows(&x1, m),
+            1.0,
+            false,
+        );
+        shift_identity(&mut x2, m, 15.0);
+        mm(
+            &mut x3,
+            m,
+            m,
+            m,
+            Mat::rows(&az, m),
+            Mat::rows(&x2, m),
+            1.0,
+            false,
+        );
+        shift_identity(&mut x3, m, 13.0);
+        let mut next = vec![0.0f32; m * m];
+        mm(
+            &mut next,
+            m,
+            m,
+            m,
+            Mat::rows(z, m),
+            Mat::rows(&x3, m),
+            0.25,
+            false,
+        );
+        iterates.push(next);
+    }
+    Pinv {
+        iterates,
+        c,
+        col_max,
+    }
+}
+
+/// Gradient of `a` given the gradient `dz` of the last iterate.
+fn pinv_backward(a: &[f32], m: usize, p: &Pinv, dz_last: &[f32]) -> Vec<f32> {
+    let mut da = vec![0.0f32; m * m];
+    let mut dz = dz_last.to_vec();
+    let (mut az, mut x1, mut x2, mut x3) = (
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+    );
+    let (mut dx1, mut dx2, mut dx3, mut daz, mut dz_prev) = (
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+        vec![0.0f32; m * m],
+    );
+    for z in p.iterates[..p.iterates.len() - 1].iter().rev() {
+        // Recompute the step: az = a z, x1 = 7I − az, x2 = 15I − az x1, x3 = 13I − az x2.
+        mm(
+            &mut az,
+            m,
+            m,
+            m,
+            Mat::rows(a, m),
+            Mat::rows(z, m),
+            1.0,
+            false,
+        );
+        x1.copy_from_slice(&az);
+        shift_identity(&mut x1, m, 7.0);
+        mm(
+            &mut x2,
+            m,
+            m,
+            m,
+            Mat::rows(&az, m),
+            Mat::rows(&x1, m),
+            1.0,
+            false,
+        );
+        shift_identity(&mut x2, m, 15.0);
+        mm(
+            &mut x3,
+            m,
+            m,
+            m,
+            Mat::rows(&az, m),
+            Mat::rows(&x2, m),
+            1.0,
+            false,
+        );
+        shift_identity(&mut x3, m, 13.0);
+        // z' = ¼ z x3
+        mm(
+            &mut dz_prev,
+            m,
+            m,
+            m,
+            Mat::rows(&dz, m),
+            Mat::cols(&x3, m),
+            0.25,
+            false,
+        );
+        mm(
+            &mut dx3,
+            m,
+            m,
+            m,
+            Mat::cols(z, m),
+            Mat::rows(&dz, m),
+            0.25,
+            false,
+        );
+        // x3 = 13I − az x2
+        mm(
+            &mut daz,
+            m,
+            m,
+            m,
+            Mat::rows(&dx3, m),
+            Mat::cols(&x2, m),
+            -1.0,
+            false,
+        );
+        mm(
+            &mut dx2,
+            m,
+            m,
+            m,
+            Mat::cols(&az, m),
+            Mat::rows(&dx3, m),
+            -1.0,
+            false,
+        );
+        // x2 = 15I − az x1
+        mm(
+            &mut daz,
+            m,
+            m,
+            m,
+            Mat::rows(&dx2, m),
+            Mat::cols(&x1, m),
+            -1.0,
+            true,
+        );
+        mm(
+            &mut dx1,
+            m,
+            m,
+            m,
+            Mat::cols(&az, m),
+            Mat::rows(&dx2, m),
+            -1.0,
+            false,
+        );
+        // x1 = 7I − az
+        for (a, b) in daz.iter_mut().zip(&dx1) {
+            *a -= *b;
+        }
+        // az = a z
+        mm(
+            &mut da,
+            m,
+            m,
+            m,
+            Mat::rows(&daz, m),
+            Mat::cols(z, m),
+            1.0,
+            true,
+        );
+        mm(
+            &mut dz_prev,
+            m,
+            m,
+            m,
+            Mat::cols(a, m),
+            Mat::rows(&daz, m),
+            1.0,
+            true,
+        );
+        std::mem::swap(&mut dz, &mut dz_prev);
+    }
+    // Z₀ = aᵀ / c with c = the largest column sum of |a| (a ≥ 0 here).
+    let mut dc = 0.0f32;
+    for i in 0..m {
+        for j in 0..m {
+            da[j * m + i] += dz[i * m + j] / p.c;
+            dc -= dz[i * m + j] * a[j * m + i] / (p.c * p.c);
+        }
+    }
+    let jc = p.col_max.0;
+    for i in 0..m {
+        da[i * m + jc] += dc;
+    }
+    da
+}
+
+/// One head's approximation, with everything its backward needs.
+struct Head {
+    m: usize,
+    q_idx: Vec<u32>,
+    k_idx: Vec<u32>,
+    q_segs: Vec<std::ops::Range<usize>>,
+    k_segs: Vec<std::ops::Range<usize>>,
+    q_land: Vec<f32>,
+    k_land: Vec<f32>,
+    /// softmax(s Q K̃ᵀ), `n_q × m`.
+    k1: Vec<f32>,
+    /// softmax(s Q̃ K̃ᵀ), `m × m`.
+    k2: Vec<f32>,
+    /// softmax(s Q̃ Kᵀ + M), `m × n_k`.
+    k3: Vec<f32>,
+    pinv: Pinv,
+    /// K3 V and Z (K3 V), `m × d_v`.
+    w: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Nystrom {
+    /// The approximation of head `bh`; `None` when it has no unmasked query or key.
+    fn head(&self, x: &AttentionInputs<'_>, bh: usize) -> Option<Head> {
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = x.dims();
+        let b = bh / heads;
+        let scale = resolve_scale(self.scale, d);
+        let keep = x.key_mask_row(b);
+        let q_idx: Vec<u32> = (0..n_q as u32)
+            .filter(|&i| x.query_mask_row(b).is_none_or(|mk| mk[i as usize]))
+            .collect();
+        let k_idx: Vec<u32> = (0..n_k as u32)
+            .filter(|&j| keep.is_none_or(|mk| mk[j as usize]))
+            .collect();
+        let m = self.landmarks.min(q_idx.len()).min(k_idx.len());
+        if m == 0 {
+            return None;
+        }
+        let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
+        let q_segs = segments(q_idx.len(), m);
+        let k_segs = segments(k_idx.len(), m);
+        let q_land = segment_means(q, d, &q_idx, &q_segs);
+        let k_land = segment_means(k, d, &k_idx, &k_segs);
+        let mut k1 = vec![0.0f32; n_q * m];
+        mm(
+            &mut k1,
+            n_q,
+            m,
+            d,
+            Mat::rows(q, d),
+            Mat::cols(&k_land, d),
+            scale,
+            false,
+        );
+        k1.chunks_exact_mut(m).for_each(softmax_row);
+        let mut k2 = vec![0.0f32; m * m];
+        mm(
+            &mut k2,
+            m,
+            m,
+            d,
+            Mat::rows(&q_land, d),
+            Mat::cols(&k_land, d),
+            scale,
+            false,
+        );
+        k2.chunks_exact_mut(m).for_each(softmax_row);
+        let mut k3 = vec![0.0f32; m * n_k];
+        mm(
+            &mut k3,
+            m,
+            n_k,
+            d,
+            Mat::rows(&q_land, d),
+            Mat::cols(k, d),
+            scale,
+            false,
+        );
+        for row in k3.chunks_exact_mut(n_k) {
+            if let Some(keep) = keep {
+                for (x, kept) in row.iter_mut().zip(keep) {
+                    if !kept {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            softmax_row(row);
+        }
+        let pinv = pinv(&k2, m, self.pinv_iters);
+        let mut w = vec![0.0f32; m * d_v];
+        mm(
+            &mut w,
+            m,
+            d_v,
+            n_k,
+            Mat::rows(&k3, n_k),
+            Mat::rows(v, d_v),
+            1.0,
+            false,
+        );
+        let mut y = vec![0.0f32; m * d_v];
+        let z = pinv.iterates.last().expect("Z is there");
+        mm(
+            &mut y,
+            m,
+            d_v,
+            m,
+            Mat::rows(z, m),
+            Mat::rows(&w, d_v),
+            1.0,
+            false,
+        );
+        Some(Head {
+            m,
+            q_idx,
+            k_idx,
+            q_segs,
+            k_segs,
+            q_land,
+            k_land,
+            k1,
+            k2,
+            k3,
+            pinv,
+            w,
+            y,
+        })
+    }
+}
+
+fn zero_masked_queries(x: &AttentionInputs<'_>, rows: &mut [f32]) {
+    let Dims {
+        heads, n_q, d_v, ..
+    } = x.dims();
+    if x.query_mask().is_none() {
+        return;
+    }
+    for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
+        let keep = x.query_mask_row(bh / heads).expect("checked above");
+        for (row, k) in head.chunks_exact_mut(d_v).zip(keep) {
+            if !k {
+                row.fill(0.0);
+            }
+        }
+    }
+}
+
+impl Attention for Nystrom {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let dims = x.dims();
+        let Dims { n_q, d_v, .. } = dims;
+        let conv_weights = conv::kernels(
+            &Self::INFO,
+            self.conv,
+            self.conv_weights.as_deref(),
+            dims,
+            seed,
+        )?;
+        let mut output = vec![0.0f32; dims.out_len()];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                if let Some(h) = self.head(x, bh) {
+                    mm(
+                        out,
+                        n_q,
+                        d_v,
+                        h.m,
+                        Mat::rows(&h.k1, h.m),
+                        Mat::rows(&h.y, d_v),
+                        1.0,
+                        false,
+                    );
+                }
+            });
+        if let Some(w) = &conv_weights {
+            conv::add_forward(x, &mut output, w);
+        }
+        zero_masked_queries(x, &mut output);
+        Ok(Forward {
+            output,
+            saved: Saved::new(
+                Self::INFO.name,
+                dims,
+                SavedState::Nystrom(NystromSaved { conv_weights }),
+            ),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        _seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        let SavedState::Nystrom(s) = saved.check(Self::INFO.name, dims)? else {
+            return Err(Error::Saved {
+                message: "does not hold the state of a nystrom forward".to_string(),
+            });
+        };
+        x.check_grad_output(grad_output)?;
+        let Dims {
+            n_q, n_k, d, d_v, ..
+        } = dims;
+        let scale = resolve_scale(self.scale, d);
+        let mut g = grad_output.to_vec();
+        zero_masked_queries(x, &mut g);
+        let mut grads = Grads {
+            dq: vec![0.0; x.q().len()],
+            dk: vec![0.0; x.k().len()],
+            dv: vec![0.0; x.v().len()],
+            params: Vec::new(),
+        };
+        grads
+            .dq
+            .par_chunks_mut(n_q * d)
+            .zip(grads.dk.par_chunks_mut(n_k * d))
+            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let Some(h) = self.head(x, bh) else { return };
+                let m = h.m;
+                let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
+                let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+                let z = h.pinv.iterates.last().expect("Z is there");
+                // out = K1 Y: dK1 = G Yᵀ, dY = K1ᵀ G.
+                let mut dk1 = vec![0.0f32; n_q * m];
+                mm(
+                    &mut dk1,
+                    n_q,
+                    m,
+                    d_v,
+                    Mat::rows(gh, d_v),
+                    Mat::cols(&h.y, d_v),
+                    1.0,
+                    false,
+                );
+                let mut dy = vec![0.0f32; m * d_v];
+                mm(
+                    &mut dy,
+                    m,
+                    d_v,
+                    n_q,
+                    Mat::cols(&h.k1, m),
+                    Mat::rows(gh, d_v),
+                    1.0,
+                    false,
+                );
+                // Y = Z W: dZ = dY Wᵀ, dW = Zᵀ dY.
+                let mut dz = vec![0.0f32; m * m];
+                mm(
+                    &mut dz,
+                    m,
+                    m,
+                    d_v,
+                    Mat::rows(&dy, d_v),
+                    Mat::cols(&h.w, d_v),
+                    1.0,
+                    false,
+                );
+                let mut dw = vec![0.0f32; m * d_v];
+                mm(
+                    &mut dw,
+                    m,
+                    d_v,
+                    m,
+                    Mat::cols(z, m),
+                    Mat::rows(&dy, d_v),
+                    1.0,
+                    false,
+                );
+                // W = K3 V: dK3 = dW Vᵀ, dV += K3ᵀ dW.
+                let mut dk3 = vec![0.0f32; m * n_k];
+                mm(
+                    &mut dk3,
+                    m,
+                    n_k,
+                    d_v,
+                    Mat::rows(&dw, d_v),
+                    Mat::cols(v, d_v),
+                    1.0,
+                    false,
+                );
+                mm(
+                    dv,
+                    n_k,
+                    d_v,
+                    m,
+                    Mat::cols(&h.k3, n_k),
+                    Mat::rows(&dw, d_v),
+                    1.0,
+                    true,
+                );
+                let mut dk2 = pinv_backward(&h.k2, m, &h.pinv, &dz);
+                // Through the three softmaxes.
+                softmax_backward(&mut dk1, &h.k1, m);
+                softmax_backward(&mut dk2, &h.k2, m);
+                softmax_backward(&mut dk3, &h.k3, n_k);
+                let mut dq_land = vec![0.0f32; m * d];
+                let mut dk_land = vec![0.0f32; m * d];
+                // L1 = s Q K̃ᵀ
+                mm(
+                    dq,
+                    n_q,
+                    d,
+                    m,
+                    Mat::rows(&dk1, m),
+                    Mat::rows(&h.k_land, d),
+                    scale,
+                    true,
+                );
+                mm(
+                    &mut dk_land,
+                    m,
+                    d,
+                    n_q,
+                    Mat::cols(&dk1, m),
+                    Mat::rows(q, d),
+                    scale,
+                    true,
+                );
+                // L2 = s Q̃ K̃ᵀ
+                mm(
+                    &mut dq_land,
+                    m,
+                    d,
+                    m,
+                    Mat::rows(&dk2, m),
+                    Mat::rows(&h.k_land, d),
+                    scale,
+                    true,
+                );
+                mm(
+                    &mut dk_land,
+                    m,
+                    d,
+                    m,
+                    Mat::cols(&dk2, m),
+                    Mat::rows(&h.q_land, d),
+                    scale,
+                    true,
+                );
+                // L3 = s Q̃ Kᵀ (masked columns have zero probability, hence zero gradient)
+                mm(
+                    &mut dq_land,
+                    m,
+                    d,
+                    n_k,
+                    Mat::rows(&dk3, n_k),
+                    Mat::rows(k, d),
+                    scale,
+                    true,
+                );
+                mm(
+                    dk,
+                    n_k,
+                    d,
+                    m,
+                    Mat::cols(&dk3, n_k),
+                    Mat::rows(&h.q_land, d),
+                    scale,
+                    true,
+                );
+                // Segment means.
+                for (seg, grad) in h.q_segs.iter().zip(dq_land.chunks_exact(d)) {
+                    let inv = 1.0 / seg.len() as f32;
+                    for &i in &h.q_idx[seg.clone()] {
+                        for (a, b) in dq[i as usize * d..(i as usize + 1) * d]
+                            .iter_mut()
+                            .zip(grad)
+                        {
+                            *a += *b * inv;
+                        }
+                    }
+                }
+                for (seg, grad) in h.k_segs.iter().zip(dk_land.chunks_exact(d)) {
+                    let inv = 1.0 / seg.len() as f32;
+                    for &j in &h.k_idx[seg.clone()] {
+                        for (a, b) in dk[j as usize * d..(j as usize + 1) * d]
+                            .iter_mut()
+                            .zip(grad)
+                        {
+                            *a += *b * inv;
+                        }
+                    }
+                }
+            });
+        if let Some(w) = &s.conv_weights {
+            grads
+                .params
+                .push(conv::add_backward(x, &g, &mut grads.dv, w));
+        }
+        Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinv_iterates_converge_and_their_backward_matches_finite_differences() {
+        let m = 5;
+        // A row-stochastic matrix, as the softmax kernel is.
+        let mut a: Vec<f32> = (0..m * m)
+            .map(|i| ((i * 7 % 11) as f32 * 0.37).sin() * 2.0)
+            .collect();
+        a.chunks_exact_mut(m).for_each(softmax_row);
+        let p = pinv(&a, m, 20);
+        let z = p.iterates.last().unwrap();
+        let mut az = vec![0.0f32; m * m];
+        mm(
+            &mut az,
+            m,
+            m,
+            m,
+            Mat::rows(&a, m),
+            Mat::rows(z, m),
+            1.0,
+            false,
+        );
+        for i in 0..m {
+            for j in 0..m {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((az[i * m + j] - want).abs() < 1e-3, "A Z ≠ I at {i},{j}");
+            }
+        }
+        // L = Σ Z_T ⊙ R for a few iteration counts (few iterations: Z₀'s scale matters).
+        let r: Vec<f32> = (0..m * m)
+            .map(|i| ((i * 5 % 13) as f32 * 0.71).cos())
+            .collect();
+        for iters in [0, 1, 2, 6] {
+            let p = pinv(&a, m, iters);
+            let da = pinv_backward(&a, m, &p, &r);
+            let loss = |a: &[f32]| -> f64 {
+                let p = pinv(a, m, iters);
+                let z = p.iterates.last().unwrap();
+                z.iter().zip(&r).map(|(x, y)| *x as f64 * *y as f64).sum()
+            };
+            let scale = da.iter().fold(0.0f32, |s, v| s.max(v.abs())) as f64;
+            let eps = 1e-3f32;
+            for idx in 0..m * m {
+                let (mut ap, mut am) = (a.clone(), a.clone());
+                ap[idx] += eps;
+                am[idx] -= eps;
+                let fd = (loss(&ap) - loss(&am)) / (2.0 * eps as f64);
+                assert!(
+                    (da[idx] as f64 - fd).abs() <= 2e-2 * scale,
+                    "iters {iters} entry {idx}: analytic {} vs finite difference {fd}",
+                    da[idx]
+                );
+            }
+        }
+    }
+}
