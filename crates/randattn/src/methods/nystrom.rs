@@ -226,13 +226,14 @@ fn pinv(a: &[f32], m: usize, iters: usize) -> Pinv {
             *cs += v.abs();
         }
     }
-    let col_max = col_sums
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (j, v)| {
-            if v > best.1 { (j, v) } else { best }
-        });
+    let col_max =
+        col_sums
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (j, v)| {
+                if v > best.1 { (j, v) } else { best }
+            });
     let c = col_max.1;
     let mut z = vec![0.0f32; m * m];
     for i in 0..m {
