@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::exact::{Exact, ExactNaive};
 use crate::methods::informer::{Informer, InformerSaved};
+use crate::methods::linformer::{Linformer, LinformerSaved};
 use crate::methods::nystrom::{Nystrom, NystromSaved};
 use crate::methods::skeinformer::{SkeinSaved, Skeinformer, VMean};
 use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
@@ -71,6 +72,8 @@ pub(crate) enum SavedState {
     Skeinformer(SkeinSaved),
     /// Nyströmformer: the conv kernels used.
     Nystrom(NystromSaved),
+    /// Linformer: the projections used.
+    Linformer(LinformerSaved),
 }
 
 impl Saved {
@@ -96,6 +99,7 @@ impl Saved {
             SavedState::Informer(s) => s.bytes(),
             SavedState::Skeinformer(s) => s.bytes(),
             SavedState::Nystrom(s) => s.bytes(),
+            SavedState::Linformer(s) => s.bytes(),
         }
     }
 
@@ -302,6 +306,7 @@ methods! {
     Skeinformer(Skeinformer),
     VMean(VMean),
     Nystrom(Nystrom),
+    Linformer(Linformer),
 }
 
 impl Method {

@@ -1,0 +1,453 @@
+//! Linformer: attention over keys and values projected along the sequence axis.
+//!
+//! Wang, Li, Khabsa, Fang, Ma, *Linformer: Self-Attention with Linear Complexity*, 2020; a
+//! baseline of Skeinformer (NAACL 2022), which reads it as a Johnson–Lindenstrauss sketch.
+//! Brief: `shared/papers/skeinformer.md` §3.1.
+//!
+//! # The estimator
+//!
+//! With `E, F ∈ ℝ^{k×n_k}` per head (projections along the sequence),
+//!
+//! ```text
+//! O = softmax(s · Q (E (K ⊙ M))ᵀ) · F (V ⊙ M)
+//! ```
+//!
+//! where `M` zeroes the masked key and value rows before the projection (as the reference does).
+//! Cost `O(n·k·(d + d_v))` time and `O(n·d + k·n)` memory (the projections themselves); the
+//! attention over the `k` projected rows runs through the blocked exact kernel.
+//!
+//! `E` and `F` are learnable parameters of a model: give them in
+//! [`Linformer::projections`] (`[heads, k, n_k]` each), or leave them `None` for seeded
+//! `N(0, 1/k)` entries (head `h` from `rng::stream(seed, 0, h, "linformer/e")` and
+//! `".../f"`, shared by the batch). Drawing them is `2·heads·k·n_k` Gaussian samples — more work
+//! than the attention itself at `k = 256` — so the seeded ones are cached per
+//! `(seed, heads, k, n_k)` inside the config, as a model would hold its parameters; results do not
+//! depend on the cache. The backward returns `∂L/∂E` and `∂L/∂F` as the parameter gradients `e`
+//! and `f`.
+//!
+//! With `k = n_k` and `E = F = I` this is exact attention (without masks: masked rows project to
+//! zero vectors, which still take part in the softmax, as in the reference).
+
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, gemm};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
+    param_error, parse_value, unknown_param,
+};
+use crate::methods::exact::{Exact, SCALE_PARAM, parse_scale, scale_text, validate_scale};
+use crate::rng::stream;
+
+/// Largest projected length accepted.
+pub const MAX_K: usize = 1 << 16;
+
+/// The key and value projections `E`, `F`, each `[heads, k, n_k]` row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projections {
+    /// Key projection `E`.
+    pub e: Vec<f32>,
+    /// Value projection `F`.
+    pub f: Vec<f32>,
+}
+
+/// Seeded projections drawn for one `(seed, heads, k, n_k)`.
+#[derive(Debug, Default)]
+struct Cache {
+    key: Option<(u64, usize, usize, usize)>,
+    projections: Option<Arc<Projections>>,
+}
+
+/// Linformer `linformer`. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Linformer {
+    /// Projected length `k`.
+    pub k: usize,
+    /// Given projections; `None` = seeded `N(0, 1/k)`.
+    pub projections: Option<Projections>,
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+    cache: Arc<Mutex<Cache>>,
+}
+
+impl Default for Linformer {
+    fn default() -> Self {
+        Linformer {
+            k: 256,
+            projections: None,
+            scale: None,
+            cache: Arc::default(),
+        }
+    }
+}
+
+impl PartialEq for Linformer {
+    fn eq(&self, other: &Self) -> bool {
+        // The cache is not part of the configuration.
+        self.k == other.k && self.projections == other.projections && self.scale == other.scale
+    }
+}
+
+impl MethodConfig for Linformer {
+    const INFO: MethodInfo = MethodInfo {
+        name: "linformer",
+        summary: "Linformer: keys and values projected along the sequence to k rows",
+        cost: "O(n k (d + d_v)) time, O(n d + k n) memory",
+        random: true,
+        approximates_softmax: true,
+        params: &[
+            ParamInfo {
+                name: "k",
+                default: "256",
+                range: "an integer in 1..=65536",
+                help: "projected length (rows of E and F)",
+            },
+            SCALE_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "k" => self.k = parse_value(info, "k", value)?,
+            "scale" => self.scale = parse_scale(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![("k", self.k.to_string()), ("scale", scale_text(self.scale))]
+    }
+    fn validate(&self) -> Result<()> {
+        if !(1..=MAX_K).contains(&self.k) {
+            return Err(param_error(&Self::INFO, "k", self.k.to_string()));
+        }
+        if let Some(p) = &self.projections
+            && (p.e.iter().chain(&p.f).any(|x| !x.is_finite()) || p.e.len() != p.f.len())
+        {
+            return Err(param_error(
+                &Self::INFO,
+                "k",
+                "projections with non-finite values or different sizes".to_string(),
+            ));
+        }
+        validate_scale(&Self::INFO, self.scale)
+    }
+}
+
+/// What the backward needs: the projections used (shared, not copied, when seeded).
+#[derive(Debug, Clone)]
+pub(crate) struct LinformerSaved {
+    projections: Arc<Projections>,
+}
+
+impl LinformerSaved {
+    pub(crate) fn bytes(&self) -> usize {
+        0 // the projections are parameters, not per-call state
+    }
+}
+
+/// Seeded `N(0, 1/k)` projections for `heads` heads of `k × n_k`.
+pub fn seeded_projections(heads: usize, k: usize, n_k: usize, seed: u64) -> Projections {
+    let std = 1.0 / (k as f32).sqrt();
+    let draw = |label: &'static str| -> Vec<f32> {
+        let mut out = vec![0.0f32; heads * k * n_k];
+        out.par_chunks_mut(k * n_k).enumerate().for_each(|(h, m)| {
+            let mut rng = stream(seed, 0, h, label);
+            for x in m.iter_mut() {
+                *x = std * rng.sample::<f32, _>(StandardNormal);
+            }
+        });
+        out
+    };
+    let (e, f) = rayon::join(|| draw("linformer/e"), || draw("linformer/f"));
+    Projections { e, f }
+}
+
+impl Linformer {
+    /// Projected length `k`, seeded projections, default scale.
+    pub fn new(k: usize) -> Self {
+        Linformer {
+            k,
+            ..Linformer::default()
+        }
+    }
+
+    /// The same method with given projections (`[heads, k, n_k]` each).
+    pub fn with_projections(mut self, projections: Projections) -> Self {
+        self.projections = Some(projections);
+        self
+    }
+
+    fn exact(&self) -> Exact {
+        Exact { scale: self.scale }
+    }
+
+    /// The projections for these sizes: the given ones (checked) or the seeded ones (cached).
+    fn projections_for(&self, dims: Dims, seed: u64) -> Result<Arc<Projections>> {
+        let want = dims.heads * self.k * dims.n_k;
+        if let Some(p) = &self.projections {
+            if p.e.len() != want {
+                return Err(Error::shape(
+                    "projections",
+                    format!(
+                        "have {} elements each but [heads, k, n_k] = [{}, {}, {}] needs {want}",
+                        p.e.len(),
+                        dims.heads,
+                        self.k,
+                        dims.n_k
+                    ),
+                ));
+            }
+            return Ok(Arc::new(p.clone()));
+        }
+        let key = (seed, dims.heads, self.k, dims.n_k);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.key != Some(key) {
+            cache.projections = Some(Arc::new(seeded_projections(
+                dims.heads, self.k, dims.n_k, seed,
+            )));
+            cache.key = Some(key);
+        }
+        Ok(cache.projections.clone().expect("just filled"))
+    }
+
+    /// `E (K ⊙ M)` and `F (V ⊙ M)` for every head: `[batch, heads, k, d]` and `[…, d_v]`.
+    fn project(&self, x: &AttentionInputs<'_>, p: &Projections) -> (Vec<f32>, Vec<f32>) {
+        let Dims {
+            heads, n_k, d, d_v, ..
+        } = x.dims();
+        let k = self.k;
+        let bhs = x.dims().batch_heads();
+        let mut kp = vec![0.0f32; bhs * k * d];
+        let mut vp = vec![0.0f32; bhs * k * d_v];
+        kp.par_chunks_mut(k * d)
+            .zip(vp.par_chunks_mut(k * d_v))
+            .enumerate()
+            .for_each(|(bh, (kp, vp))| {
+                let h = bh % heads;
+                let keep = x.key_mask_row(bh / heads);
+                let e = &p.e[h * k * n_k..(h + 1) * k * n_k];
+                let f = &p.f[h * k * n_k..(h + 1) * k * n_k];
+                let (km, vm) = masked(x.k_head(bh), x.v_head(bh), keep, d, d_v);
+                gemm(
+                    k,
+                    d,
+                    n_k,
+                    kp,
+                    d,
+                    Mat::rows(e, n_k),
+                    Mat::rows(&km, d),
+                    1.0,
+                    false,
+                );
+                gemm(
+                    k,
+                    d_v,
+                    n_k,
+                    vp,
+                    d_v,
+                    Mat::rows(f, n_k),
+                    Mat::rows(&vm, d_v),
+                    1.0,
+                    false,
+                );
+            });
+        (kp, vp)
+    }
+}
+
+/// K and V of one head with masked rows zeroed.
+fn masked(
+    k: &[f32],
+    v: &[f32],
+    keep: Option<&[bool]>,
+    d: usize,
+    d_v: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut km = k.to_vec();
+    let mut vm = v.to_vec();
+    if let Some(keep) = keep {
+        for (j, kept) in keep.iter().enumerate() {
+            if !kept {
+                km[j * d..(j + 1) * d].fill(0.0);
+                vm[j * d_v..(j + 1) * d_v].fill(0.0);
+            }
+        }
+    }
+    (km, vm)
+}
+
+impl Attention for Linformer {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let dims = x.dims();
+        let p = self.projections_for(dims, seed)?;
+        let (kp, vp) = self.project(x, &p);
+        let mut sub = AttentionInputs::new(
+            x.q(),
+            dims.q_shape(),
+            &kp,
+            [dims.batch, dims.heads, self.k, dims.d],
+            &vp,
+            [dims.batch, dims.heads, self.k, dims.d_v],
+        )?;
+        if let Some(m) = x.query_mask() {
+            sub = sub.with_query_mask(m)?;
+        }
+        let output = self.exact().forward(&sub, seed)?.output;
+        Ok(Forward {
+            output,
+            saved: Saved::new(
+                Self::INFO.name,
+                dims,
+                SavedState::Linformer(LinformerSaved { projections: p }),
+            ),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        let SavedState::Linformer(s) = saved.check(Self::INFO.name, dims)? else {
+            return Err(Error::Saved {
+                message: "does not hold the projections of a linformer forward".to_string(),
+            });
+        };
+        x.check_grad_output(grad_output)?;
+        let Dims {
+            heads, n_k, d, d_v, ..
+        } = dims;
+        let k = self.k;
+        let p = &s.projections;
+        if p.e.len() != heads * k * n_k {
+            return Err(Error::Saved {
+                message: format!("holds projections for another k than k={k}"),
+            });
+        }
+        let (kp, vp) = self.project(x, p);
+        let mut sub = AttentionInputs::new(
+            x.q(),
+            dims.q_shape(),
+            &kp,
+            [dims.batch, heads, k, d],
+            &vp,
+            [dims.batch, heads, k, d_v],
+        )?;
+        if let Some(m) = x.query_mask() {
+            sub = sub.with_query_mask(m)?;
+        }
+        let exact = self.exact();
+        let f = exact.forward(&sub, seed)?;
+        let sub_grads = exact.backward(&sub, seed, &f.saved, grad_output)?;
+        // K' = E (K ⊙ M): dK = M ⊙ Eᵀ dK', dE += dK' (K ⊙ M)ᵀ (summed over the batch).
+        let bhs = dims.batch_heads();
+        let mut dk = vec![0.0f32; x.k().len()];
+        let mut dv = vec![0.0f32; x.v().len()];
+        let mut de_parts = vec![0.0f32; bhs * k * n_k];
+        let mut df_parts = vec![0.0f32; bhs * k * n_k];
+        dk.par_chunks_mut(n_k * d)
+            .zip(dv.par_chunks_mut(n_k * d_v))
+            .zip(de_parts.par_chunks_mut(k * n_k))
+            .zip(df_parts.par_chunks_mut(k * n_k))
+            .enumerate()
+            .for_each(|(bh, (((dk, dv), de), df))| {
+                let h = bh % heads;
+                let keep = x.key_mask_row(bh / heads);
+                let e = &p.e[h * k * n_k..(h + 1) * k * n_k];
+                let f = &p.f[h * k * n_k..(h + 1) * k * n_k];
+                let dkp = &sub_grads.dk[bh * k * d..(bh + 1) * k * d];
+                let dvp = &sub_grads.dv[bh * k * d_v..(bh + 1) * k * d_v];
+                let (km, vm) = masked(x.k_head(bh), x.v_head(bh), keep, d, d_v);
+                gemm(
+                    n_k,
+                    d,
+                    k,
+                    dk,
+                    d,
+                    Mat::cols(e, n_k),
+                    Mat::rows(dkp, d),
+                    1.0,
+                    false,
+                );
+                gemm(
+                    n_k,
+                    d_v,
+                    k,
+                    dv,
+                    d_v,
+                    Mat::cols(f, n_k),
+                    Mat::rows(dvp, d_v),
+                    1.0,
+                    false,
+                );
+                if let Some(keep) = keep {
+                    for (j, kept) in keep.iter().enumerate() {
+                        if !kept {
+                            dk[j * d..(j + 1) * d].fill(0.0);
+                            dv[j * d_v..(j + 1) * d_v].fill(0.0);
+                        }
+                    }
+                }
+                gemm(
+                    k,
+                    n_k,
+                    d,
+                    de,
+                    n_k,
+                    Mat::rows(dkp, d),
+                    Mat::cols(&km, d),
+                    1.0,
+                    false,
+                );
+                gemm(
+                    k,
+                    n_k,
+                    d_v,
+                    df,
+                    n_k,
+                    Mat::rows(dvp, d_v),
+                    Mat::cols(&vm, d_v),
+                    1.0,
+                    false,
+                );
+            });
+        let sum_heads = |parts: &[f32]| -> Vec<f32> {
+            let mut out = vec![0.0f32; heads * k * n_k];
+            for (bh, part) in parts.chunks_exact(k * n_k).enumerate() {
+                let h = bh % heads;
+                for (a, b) in out[h * k * n_k..(h + 1) * k * n_k].iter_mut().zip(part) {
+                    *a += *b;
+                }
+            }
+            out
+        };
+        Ok(Grads {
+            dq: sub_grads.dq,
+            dk,
+            dv,
+            params: vec![
+                ParamGrad {
+                    name: "e",
+                    shape: vec![heads, k, n_k],
+                    grad: sum_heads(&de_parts),
+                },
+                ParamGrad {
+                    name: "f",
+                    shape: vec![heads, k, n_k],
+                    grad: sum_heads(&df_parts),
+                },
+            ],
+        })
+    }
+}
