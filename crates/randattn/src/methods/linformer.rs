@@ -28,6 +28,7 @@
 //! With `k = n_k` and `E = F = I` this is exact attention (without masks: masked rows project to
 //! zero vectors, which still take part in the softmax, as in the reference).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -261,25 +262,27 @@ impl Linformer {
     }
 }
 
-/// K and V of one head with masked rows zeroed.
-fn masked(
-    k: &[f32],
-    v: &[f32],
+/// K and V of one head with masked rows zeroed (copied only when some row is masked).
+fn masked<'a>(
+    k: &'a [f32],
+    v: &'a [f32],
     keep: Option<&[bool]>,
     d: usize,
     d_v: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let mut km = k.to_vec();
-    let mut vm = v.to_vec();
-    if let Some(keep) = keep {
-        for (j, kept) in keep.iter().enumerate() {
-            if !kept {
-                km[j * d..(j + 1) * d].fill(0.0);
-                vm[j * d_v..(j + 1) * d_v].fill(0.0);
+) -> (Cow<'a, [f32]>, Cow<'a, [f32]>) {
+    match keep {
+        Some(keep) if keep.iter().any(|k| !k) => {
+            let (mut km, mut vm) = (k.to_vec(), v.to_vec());
+            for (j, kept) in keep.iter().enumerate() {
+                if !kept {
+                    km[j * d..(j + 1) * d].fill(0.0);
+                    vm[j * d_v..(j + 1) * d_v].fill(0.0);
+                }
             }
+            (Cow::Owned(km), Cow::Owned(vm))
         }
+        _ => (Cow::Borrowed(k), Cow::Borrowed(v)),
     }
-    (km, vm)
 }
 
 impl Attention for Linformer {
