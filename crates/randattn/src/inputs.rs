@@ -260,6 +260,54 @@ impl<'a> AttentionInputs<'a> {
         self.query_mask.map(|m| &m[b * n..(b + 1) * n])
     }
 
+    /// Whether query `i` of head `bh` is kept by the query mask.
+    pub fn query_kept(&self, bh: usize, i: usize) -> bool {
+        self.query_mask_row(bh / self.dims.heads)
+            .is_none_or(|m| m[i])
+    }
+
+    /// Zeroes the rows of masked queries in an output-shaped tensor (`[batch, heads, n_q, d_v]`).
+    pub fn zero_masked_queries(&self, rows: &mut [f32]) {
+        let Dims {
+            heads, n_q, d_v, ..
+        } = self.dims;
+        if self.query_mask.is_none() {
+            return;
+        }
+        for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
+            let keep = self.query_mask_row(bh / heads).expect("checked above");
+            for (row, k) in head.chunks_exact_mut(d_v).zip(keep) {
+                if !k {
+                    row.fill(0.0);
+                }
+            }
+        }
+    }
+
+    /// Mean of the unmasked value rows of head `bh` and their count (zeros when every key is
+    /// masked).
+    pub fn unmasked_value_mean(&self, bh: usize) -> (Vec<f32>, usize) {
+        let d_v = self.dims.d_v;
+        let keep = self.key_mask_row(bh / self.dims.heads);
+        let mut mean = vec![0.0f32; d_v];
+        let mut count = 0;
+        for (j, row) in self.v_head(bh).chunks_exact(d_v).enumerate() {
+            if keep.is_none_or(|m| m[j]) {
+                count += 1;
+                for (a, b) in mean.iter_mut().zip(row) {
+                    *a += *b;
+                }
+            }
+        }
+        if count > 0 {
+            let inv = 1.0 / count as f32;
+            for a in mean.iter_mut() {
+                *a *= inv;
+            }
+        }
+        (mean, count)
+    }
+
     /// Checks that an output gradient has the output's length and is finite.
     pub fn check_grad_output(&self, grad_output: &[f32]) -> Result<()> {
         let shape = self.dims.out_shape();

@@ -5,24 +5,10 @@
 
 mod common;
 
-use common::{Case, assert_close, normal};
-use rand::Rng;
+use common::{Case, assert_close, normal, random_masks};
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::informer::Informer;
-use randattn::rng::stream;
 use randattn::{Attention, Method};
-
-fn random_masks(case: &mut Case, seed: u64) {
-    let (b, _, nq, nk, _, _) = case.shape;
-    let mut r = stream(seed, 0, 0, "masks");
-    let mut km: Vec<bool> = (0..b * nk).map(|_| r.random_bool(0.7)).collect();
-    let qm: Vec<bool> = (0..b * nq).map(|_| r.random_bool(0.8)).collect();
-    if b > 1 {
-        km[nk..2 * nk].fill(false); // batch element 1 attends to nothing
-    }
-    case.key_mask = Some(km);
-    case.query_mask = Some(qm);
-}
 
 /// The expected forward and gradients for a given active set: exact attention (f64 reference)
 /// on the active rows, the mean of the unmasked values on the lazy rows.

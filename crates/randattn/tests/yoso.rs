@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{Case, assert_close, normal};
-use rand::Rng;
+use common::{Case, assert_close, normal, random_masks};
 use randattn::methods::yoso::{
     HashFamily, LshHash, NO_CODE, Yoso, YosoBackward, YosoE, expectation::SLOPE_CLAMP,
     seeded_conv_weights,
@@ -261,18 +260,6 @@ impl Naive<'_> {
 
 fn to_f32(x: &[f64]) -> Vec<f32> {
     x.iter().map(|a| *a as f32).collect()
-}
-
-fn random_masks(case: &mut Case, seed: u64) {
-    let (b, _, nq, nk, _, _) = case.shape;
-    let mut r = stream(seed, 0, 0, "masks");
-    let mut km: Vec<bool> = (0..b * nk).map(|_| r.random_bool(0.7)).collect();
-    let qm: Vec<bool> = (0..b * nq).map(|_| r.random_bool(0.8)).collect();
-    if b > 1 {
-        km[nk..2 * nk].fill(false); // batch element 1 attends to nothing
-    }
-    case.key_mask = Some(km);
-    case.query_mask = Some(qm);
 }
 
 fn conv_f64(w: &[f32]) -> Vec<f64> {

@@ -247,27 +247,6 @@ fn gather_active(
     out
 }
 
-/// Mean of the unmasked value rows of one head (zeros when every key is masked), and the count.
-fn mean_value(v: &[f32], keep: Option<&[bool]>, d_v: usize) -> (Vec<f32>, usize) {
-    let mut mean = vec![0.0f32; d_v];
-    let mut count = 0usize;
-    for (j, row) in v.chunks_exact(d_v).enumerate() {
-        if keep.is_none_or(|m| m[j]) {
-            count += 1;
-            for (a, b) in mean.iter_mut().zip(row) {
-                *a += *b;
-            }
-        }
-    }
-    if count > 0 {
-        let inv = 1.0 / count as f32;
-        for a in mean.iter_mut() {
-            *a *= inv;
-        }
-    }
-    (mean, count)
-}
-
 /// The active queries' slots in use for each batch element (the same for all its heads).
 fn active_slots(active: &[u32], heads: usize, u_max: usize, batch: usize) -> Vec<bool> {
     (0..batch)
@@ -302,7 +281,7 @@ impl Attention for Informer {
             .enumerate()
             .for_each(|(bh, out)| {
                 let b = bh / heads;
-                let (mean, _) = mean_value(x.v_head(bh), x.key_mask_row(b), d_v);
+                let (mean, _) = x.unmasked_value_mean(bh);
                 for (i, row) in out.chunks_exact_mut(d_v).enumerate() {
                     if x.query_mask_row(b).is_none_or(|m| m[i]) {
                         row.copy_from_slice(&mean);

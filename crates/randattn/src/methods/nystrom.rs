@@ -209,6 +209,18 @@ fn shift_identity(a: &mut [f32], m: usize, c: f32) {
     }
 }
 
+/// The intermediates of one step from `z`: `az = a z`, `x1 = 7I − az`, `x2 = 15I − az x1`,
+/// `x3 = 13I − az x2` (the next iterate is `¼ z x3`).
+fn pinv_step(a: &[f32], z: &[f32], m: usize, [az, x1, x2, x3]: [&mut Vec<f32>; 4]) {
+    mm(az, m, m, m, Mat::rows(a, m), Mat::rows(z, m), 1.0, false);
+    x1.copy_from_slice(az);
+    shift_identity(x1, m, 7.0);
+    mm(x2, m, m, m, Mat::rows(az, m), Mat::rows(x1, m), 1.0, false);
+    shift_identity(x2, m, 15.0);
+    mm(x3, m, m, m, Mat::rows(az, m), Mat::rows(x2, m), 1.0, false);
+    shift_identity(x3, m, 13.0);
+}
+
 /// The iterates `Z₀ … Z_T` of the Moore–Penrose iteration for `a` (`m × m`), and the scale `c`
 /// of `Z₀ = aᵀ / c` (the largest column sum) with its column.
 struct Pinv {
@@ -250,40 +262,7 @@ fn pinv(a: &[f32], m: usize, iters: usize) -> Pinv {
     );
     for _ in 0..iters {
         let z = iterates.last().expect("Z₀ is there");
-        mm(
-            &mut az,
-            m,
-            m,
-            m,
-            Mat::rows(a, m),
-            Mat::rows(z, m),
-            1.0,
-            false,
-        );
-        x1.copy_from_slice(&az);
-        shift_identity(&mut x1, m, 7.0);
-        mm(
-            &mut x2,
-            m,
-            m,
-            m,
-            Mat::rows(&az, m),
-            Mat::rows(&x1, m),
-            1.0,
-            false,
-        );
-        shift_identity(&mut x2, m, 15.0);
-        mm(
-            &mut x3,
-            m,
-            m,
-            m,
-            Mat::rows(&az, m),
-            Mat::rows(&x2, m),
-            1.0,
-            false,
-        );
-        shift_identity(&mut x3, m, 13.0);
+        pinv_step(a, z, m, [&mut az, &mut x1, &mut x2, &mut x3]);
         let mut next = vec![0.0f32; m * m];
         mm(
             &mut next,
@@ -322,41 +301,8 @@ fn pinv_backward(a: &[f32], m: usize, p: &Pinv, dz_last: &[f32]) -> Vec<f32> {
         vec![0.0f32; m * m],
     );
     for z in p.iterates[..p.iterates.len() - 1].iter().rev() {
-        // Recompute the step: az = a z, x1 = 7I − az, x2 = 15I − az x1, x3 = 13I − az x2.
-        mm(
-            &mut az,
-            m,
-            m,
-            m,
-            Mat::rows(a, m),
-            Mat::rows(z, m),
-            1.0,
-            false,
-        );
-        x1.copy_from_slice(&az);
-        shift_identity(&mut x1, m, 7.0);
-        mm(
-            &mut x2,
-            m,
-            m,
-            m,
-            Mat::rows(&az, m),
-            Mat::rows(&x1, m),
-            1.0,
-            false,
-        );
-        shift_identity(&mut x2, m, 15.0);
-        mm(
-            &mut x3,
-            m,
-            m,
-            m,
-            Mat::rows(&az, m),
-            Mat::rows(&x2, m),
-            1.0,
-            false,
-        );
-        shift_identity(&mut x3, m, 13.0);
+        // Recompute the step's intermediates.
+        pinv_step(a, z, m, [&mut az, &mut x1, &mut x2, &mut x3]);
         // z' = ¼ z x3
         mm(
             &mut dz_prev,
@@ -599,23 +545,6 @@ impl Nystrom {
     }
 }
 
-fn zero_masked_queries(x: &AttentionInputs<'_>, rows: &mut [f32]) {
-    let Dims {
-        heads, n_q, d_v, ..
-    } = x.dims();
-    if x.query_mask().is_none() {
-        return;
-    }
-    for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
-        let keep = x.query_mask_row(bh / heads).expect("checked above");
-        for (row, k) in head.chunks_exact_mut(d_v).zip(keep) {
-            if !k {
-                row.fill(0.0);
-            }
-        }
-    }
-}
-
 impl Attention for Nystrom {
     fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
         self.validate()?;
@@ -649,7 +578,7 @@ impl Attention for Nystrom {
         if let Some(w) = &conv_weights {
             conv::add_forward(x, &mut output, w);
         }
-        zero_masked_queries(x, &mut output);
+        x.zero_masked_queries(&mut output);
         Ok(Forward {
             output,
             saved: Saved::new(
@@ -680,7 +609,7 @@ impl Attention for Nystrom {
         } = dims;
         let scale = resolve_scale(self.scale, d);
         let mut g = grad_output.to_vec();
-        zero_masked_queries(x, &mut g);
+        x.zero_masked_queries(&mut g);
         let mut grads = Grads {
             dq: vec![0.0; x.q().len()],
             dk: vec![0.0; x.k().len()],

@@ -249,27 +249,6 @@ impl MethodConfig for VMean {
     }
 }
 
-/// Mean of the unmasked value rows of one head and their count (zeros when all are masked).
-fn value_mean(v: &[f32], keep: Option<&[bool]>, d_v: usize) -> (Vec<f32>, usize) {
-    let mut sum = vec![0.0f32; d_v];
-    let mut count = 0;
-    for (j, row) in v.chunks_exact(d_v).enumerate() {
-        if keep.is_none_or(|m| m[j]) {
-            count += 1;
-            for (a, b) in sum.iter_mut().zip(row) {
-                *a += *b;
-            }
-        }
-    }
-    if count > 0 {
-        let inv = 1.0 / count as f32;
-        for a in sum.iter_mut() {
-            *a *= inv;
-        }
-    }
-    (sum, count)
-}
-
 /// `dV += mask ⊙ (Σ_{i kept} g_i) / m` for every head: the backward of outputting the mean of the
 /// unmasked values on the rows where `row_kept(bh, i)`.
 fn mean_backward(
@@ -315,24 +294,18 @@ fn mean_backward(
         });
 }
 
-fn query_kept(x: &AttentionInputs<'_>, bh: usize, i: usize) -> bool {
-    x.query_mask_row(bh / x.dims().heads).is_none_or(|m| m[i])
-}
-
 impl Attention for VMean {
     fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
         let dims = x.dims();
-        let Dims {
-            heads, n_q, d_v, ..
-        } = dims;
+        let Dims { n_q, d_v, .. } = dims;
         let mut output = vec![0.0f32; dims.out_len()];
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
             .for_each(|(bh, out)| {
-                let (mean, _) = value_mean(x.v_head(bh), x.key_mask_row(bh / heads), d_v);
+                let (mean, _) = x.unmasked_value_mean(bh);
                 for (i, row) in out.chunks_exact_mut(d_v).enumerate() {
-                    if query_kept(x, bh, i) {
+                    if x.query_kept(bh, i) {
                         row.copy_from_slice(&mean);
                     }
                 }
@@ -358,7 +331,7 @@ impl Attention for VMean {
             dv: vec![0.0; x.v().len()],
             params: Vec::new(),
         };
-        mean_backward(x, grad_output, &mut grads.dv, &|bh, i| query_kept(x, bh, i));
+        mean_backward(x, grad_output, &mut grads.dv, &|bh, i| x.query_kept(bh, i));
         Ok(grads)
     }
 }
@@ -981,8 +954,7 @@ impl Attention for Skeinformer {
                         let cols = &samples.columns[bh];
                         if cols.is_empty() {
                             // No column with weight: the zero-sample limit, the mean of V.
-                            let (mean, _) =
-                                value_mean(x.v_head(bh), x.key_mask_row(bh / heads), d_v);
+                            let (mean, _) = x.unmasked_value_mean(bh);
                             for row in out.chunks_exact_mut(d_v) {
                                 row.copy_from_slice(&mean);
                             }
@@ -1039,7 +1011,7 @@ impl Attention for Skeinformer {
                     }
                 });
         }
-        zero_masked_queries(x, &mut output);
+        x.zero_masked_queries(&mut output);
         Ok(Forward {
             output,
             saved: Saved::new(Self::INFO.name, dims, SavedState::Skeinformer(saved)),
@@ -1073,7 +1045,7 @@ impl Attention for Skeinformer {
         let (p_max, c_max) = (s.p_max, s.c_max);
         // Masked queries pass nothing; reused pilot rows pass their gradient to the exact path.
         let mut g = grad_output.to_vec();
-        zero_masked_queries(x, &mut g);
+        x.zero_masked_queries(&mut g);
         let g_pilot = (self.pilot_reuse && p_max > 0)
             .then(|| Self::pilot_rows(x, &s.pilots, p_max, &g, d_v).0);
         if self.pilot_reuse {
@@ -1177,7 +1149,7 @@ impl Attention for Skeinformer {
                     });
                 // Heads whose sample is empty output the mean of V.
                 mean_backward(x, &g, &mut grads.dv, &|bh, i| {
-                    empty[bh] && query_kept(x, bh, i)
+                    empty[bh] && x.query_kept(bh, i)
                 });
                 grads
             }
@@ -1263,19 +1235,5 @@ impl Attention for Skeinformer {
             }
         }
         Ok(grads)
-    }
-}
-
-fn zero_masked_queries(x: &AttentionInputs<'_>, rows: &mut [f32]) {
-    let Dims { n_q, d_v, .. } = x.dims();
-    if x.query_mask().is_none() {
-        return;
-    }
-    for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
-        for (i, row) in head.chunks_exact_mut(d_v).enumerate() {
-            if !query_kept(x, bh, i) {
-                row.fill(0.0);
-            }
-        }
     }
 }

@@ -615,7 +615,7 @@ fn finish_forward(
     if let Some(w) = &conv_weights {
         conv::add_forward(x, &mut output, w);
     }
-    zero_masked_queries(x, &mut output);
+    x.zero_masked_queries(&mut output);
     Forward {
         output,
         saved: Saved::new(
@@ -631,23 +631,6 @@ fn finish_forward(
                 conv_weights,
             })),
         ),
-    }
-}
-
-fn zero_masked_queries(x: &AttentionInputs<'_>, rows: &mut [f32]) {
-    let Dims {
-        heads, n_q, d_v, ..
-    } = x.dims();
-    if x.query_mask().is_none() {
-        return;
-    }
-    for (bh, head) in rows.chunks_exact_mut(n_q * d_v).enumerate() {
-        let keep = x.query_mask_row(bh / heads).expect("checked above");
-        for (row, k) in head.chunks_exact_mut(d_v).zip(keep) {
-            if !k {
-                row.fill(0.0);
-            }
-        }
     }
 }
 
@@ -759,7 +742,7 @@ impl Attention for YosoE {
                         head.forward_block(&head.q[r0 * d..(r0 + rows) * d], out, &mut scratch);
                     });
             });
-        zero_masked_queries(x, &mut raw);
+        x.zero_masked_queries(&mut raw);
         Ok(finish_forward(
             x,
             &common,
@@ -806,7 +789,7 @@ fn backward(
     // The conv branch sees the gradient of the whole output (masked query rows carry nothing).
     let g_total = s.conv_weights.is_some().then(|| {
         let mut g = grad_output.to_vec();
-        zero_masked_queries(x, &mut g);
+        x.zero_masked_queries(&mut g);
         g
     });
     let sampled = !s.q_codes.is_empty();
@@ -866,7 +849,7 @@ fn exact_b_backward_all(
     let tau = s.tau;
     // G = ∂L/∂Y_raw: masked query rows carry nothing, then through the output normalisation.
     let mut g = grad_output.to_vec();
-    zero_masked_queries(x, &mut g);
+    x.zero_masked_queries(&mut g);
     if common.normalize {
         normalize_backward(&mut g, &s.attention, &s.norms, d_v, true);
     }

@@ -116,3 +116,16 @@ pub fn rel_error(a: &[f32], b: &[f32]) -> f64 {
     }
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
+
+/// Random key (70% kept) and query (80% kept) masks; batch element 1, if any, attends to nothing.
+pub fn random_masks(case: &mut Case, seed: u64) {
+    let (b, _, nq, nk, _, _) = case.shape;
+    let mut r = stream(seed, 0, 0, "masks");
+    let mut km: Vec<bool> = (0..b * nk).map(|_| r.random_bool(0.7)).collect();
+    let qm: Vec<bool> = (0..b * nq).map(|_| r.random_bool(0.8)).collect();
+    if b > 1 {
+        km[nk..2 * nk].fill(false); // batch element 1 attends to nothing
+    }
+    case.key_mask = Some(km);
+    case.query_mask = Some(qm);
+}
