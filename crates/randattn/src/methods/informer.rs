@@ -32,8 +32,10 @@
 //! rows never attend to masked keys, lazy rows average the unmasked values, and masked queries
 //! are never active and output 0. The reference divides the sample sum by `n_k` instead of `U`
 //! (Informer2020 #257); we use the mean over the sample, as the formula says. The sample is drawn
-//! per (batch, head) from `rng::stream(seed, b, h, "informer/sample")`, where the reference
-//! shares one sample across the batch and heads. When a batch element has fewer unmasked
+//! per (batch, head) from `rng::stream(seed, b, h, "informer/sample")` and shared by blocks of 64
+//! queries (each query's sample is still `U` uniform draws, and a block's scores are one small
+//! GEMM), where the reference draws one per query and shares it across the batch and heads.
+//! When a batch element has fewer unmasked
 //! queries than `u`, all of them are active.
 
 use rand::Rng;
@@ -41,7 +43,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::dot;
+use crate::linalg::{Mat, gemm, row_max, row_sum};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
     parse_value, unknown_param,
@@ -50,6 +52,9 @@ use crate::methods::exact::{
     Exact, SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale,
 };
 use crate::rng::stream;
+
+/// Queries sharing one key sample when scoring sparsity.
+const SAMPLE_BLOCK: usize = 64;
 
 /// Marks an unused slot of the active-query table.
 const NO_QUERY: u32 = u32::MAX;
@@ -188,20 +193,37 @@ impl Informer {
         let scale = resolve_scale(self.scale, d);
         let (q, k) = (x.q_head(bh), x.k_head(bh));
         let mut rng = stream(seed, b, h, "informer/sample");
-        let mut sparsity: Vec<(f32, u32)> = eligible
-            .iter()
-            .map(|&i| {
-                let qi = &q[i as usize * d..(i as usize + 1) * d];
-                let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-                for _ in 0..samples {
-                    let j = kept[rng.random_range(0..kept.len())] as usize;
-                    let s = scale * dot(qi, &k[j * d..(j + 1) * d]);
-                    max = max.max(s);
-                    sum += s;
-                }
-                (max - sum / samples as f32, i)
-            })
-            .collect();
+        // Each block of queries shares one sample of U keys (each query's sample is still U keys
+        // drawn uniformly with replacement), so the scores of a block are one small GEMM over
+        // gathered rows instead of U random row reads per query.
+        let mut sparsity: Vec<(f32, u32)> = Vec::with_capacity(eligible.len());
+        let mut sample = vec![0.0f32; samples * d];
+        let mut q_blk = vec![0.0f32; SAMPLE_BLOCK * d];
+        let mut scores = vec![0.0f32; SAMPLE_BLOCK * samples];
+        for blk in eligible.chunks(SAMPLE_BLOCK) {
+            for row in sample.chunks_exact_mut(d) {
+                let j = kept[rng.random_range(0..kept.len())] as usize;
+                row.copy_from_slice(&k[j * d..(j + 1) * d]);
+            }
+            for (row, &i) in q_blk.chunks_exact_mut(d).zip(blk) {
+                row.copy_from_slice(&q[i as usize * d..(i as usize + 1) * d]);
+            }
+            let rows = blk.len();
+            gemm(
+                rows,
+                samples,
+                d,
+                &mut scores,
+                samples,
+                Mat::rows(&q_blk, d),
+                Mat::cols(&sample, d),
+                scale,
+                false,
+            );
+            for (row, &i) in scores.chunks_exact(samples).zip(blk) {
+                sparsity.push((row_max(row) - row_sum(row) / samples as f32, i));
+            }
+        }
         // Largest sparsity first; ties by index, so the choice never depends on sort internals.
         let by_sparsity = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         sparsity.select_nth_unstable_by(u - 1, by_sparsity);
