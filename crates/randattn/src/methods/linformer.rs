@@ -425,7 +425,12 @@ impl Attention for Linformer {
                     false,
                 );
             });
-        let sum_heads = |parts: &[f32]| -> Vec<f32> {
+        // Parameters are shared by the batch: sum the batch elements' parts (with one batch
+        // element the parts already are the gradients).
+        let sum_heads = |parts: Vec<f32>| -> Vec<f32> {
+            if dims.batch == 1 {
+                return parts;
+            }
             let mut out = vec![0.0f32; heads * k * n_k];
             for (bh, part) in parts.chunks_exact(k * n_k).enumerate() {
                 let h = bh % heads;
@@ -443,12 +448,12 @@ impl Attention for Linformer {
                 ParamGrad {
                     name: "e",
                     shape: vec![heads, k, n_k],
-                    grad: sum_heads(&de_parts),
+                    grad: sum_heads(de_parts),
                 },
                 ParamGrad {
                     name: "f",
                     shape: vec![heads, k, n_k],
-                    grad: sum_heads(&df_parts),
+                    grad: sum_heads(df_parts),
                 },
             ],
         })
