@@ -43,7 +43,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, row_max, row_sum};
+use crate::linalg::{Mat, gemm, row_max, row_sum, zeroed};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
     parse_value, unknown_param,
@@ -382,9 +382,9 @@ impl Attention for Informer {
         } = dims;
         let u_max = s.u_max;
         let mut grads = Grads {
-            dq: vec![0.0; x.q().len()],
-            dk: vec![0.0; x.k().len()],
-            dv: vec![0.0; x.v().len()],
+            dq: zeroed(x.q().len()),
+            dk: zeroed(x.k().len()),
+            dv: zeroed(x.v().len()),
             params: Vec::new(),
         };
         if let Some(exact_saved) = &s.exact {

@@ -40,7 +40,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, softmax_row};
+use crate::linalg::{Mat, gemm, softmax_row, zeroed};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
     parse_value, unknown_param,
@@ -611,9 +611,9 @@ impl Attention for Nystrom {
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
         let mut grads = Grads {
-            dq: vec![0.0; x.q().len()],
-            dk: vec![0.0; x.k().len()],
-            dv: vec![0.0; x.v().len()],
+            dq: zeroed(x.q().len()),
+            dk: zeroed(x.k().len()),
+            dv: zeroed(x.v().len()),
             params: Vec::new(),
         };
         grads

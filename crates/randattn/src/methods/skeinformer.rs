@@ -60,7 +60,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, row_sum};
+use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, row_sum, zeroed};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
     parse_value, unknown_param,
@@ -326,9 +326,9 @@ impl Attention for VMean {
         saved.check(Self::INFO.name, x.dims())?;
         x.check_grad_output(grad_output)?;
         let mut grads = Grads {
-            dq: vec![0.0; x.q().len()],
-            dk: vec![0.0; x.k().len()],
-            dv: vec![0.0; x.v().len()],
+            dq: zeroed(x.q().len()),
+            dk: zeroed(x.k().len()),
+            dv: zeroed(x.v().len()),
             params: Vec::new(),
         };
         mean_backward(x, grad_output, &mut grads.dv, &|bh, i| x.query_kept(bh, i));
@@ -1061,9 +1061,9 @@ impl Attention for Skeinformer {
         let mut grads = match self.row_norm {
             RowNorm::Adaptive | RowNorm::Simple => {
                 let mut grads = Grads {
-                    dq: vec![0.0; x.q().len()],
-                    dk: vec![0.0; x.k().len()],
-                    dv: vec![0.0; x.v().len()],
+                    dq: zeroed(x.q().len()),
+                    dk: zeroed(x.k().len()),
+                    dv: zeroed(x.v().len()),
                     params: Vec::new(),
                 };
                 let empty: Vec<bool> = (0..dims.batch_heads())
