@@ -78,6 +78,7 @@ fn measure(m: &Method, x: &AttentionInputs<'_>, a: &BenchArgs) -> Result<Timing>
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    let reuse = alloc::keep_freed_memory();
     let everything: Vec<&str> = Method::catalog()
         .iter()
         .map(|m| m.name)
@@ -143,6 +144,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         a.d,
         rayon::current_num_threads()
     );
+    println!(
+        "allocator: {}",
+        if reuse {
+            "freed memory kept for reuse (glibc mmap/trim thresholds raised), as in a long-running process"
+        } else {
+            "system default (freed large blocks go back to the OS; every call re-faults its outputs)"
+        }
+    );
     print!(
         "{}",
         table(
@@ -161,7 +170,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         )
     );
     if let Some(path) = &a.common.json {
-        write_json(path, &json!({ "results": results }))?;
+        write_json(
+            path,
+            &json!({ "allocator_keeps_freed_memory": reuse, "results": results }),
+        )?;
     }
     Ok(())
 }
