@@ -1,7 +1,8 @@
 //! Times one method's forward (and backward) on the clustered workload, without the exact
 //! baseline: a quick profiling target (`perf record cargo run --release --example time_method`).
 //!
-//! Usage: `time_method METHOD N [REPEATS] [key=value ...]`; `FORWARD_ONLY=1` skips the backward.
+//! Usage: `time_method METHOD N [REPEATS] [key=value ...]`. `FORWARD_ONLY=1` skips the backward;
+//! `FIXED_SEED=1` uses seed 0 for every repeat (otherwise repeat `r` uses seed `r`).
 
 use std::time::Instant;
 
@@ -25,23 +26,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let g: Vec<f32> = (0..w.q.len())
         .map(|i| ((i * 7) % 13) as f32 - 6.0)
         .collect();
-    if std::env::var_os("WARM_EXACT").is_some() {
-        let exact = Method::parse::<&str>("exact", &[])?;
-        for _ in 0..3 {
-            exact.forward(&x, 0)?;
-        }
-    }
     let (mut fwd_ms, mut bwd_ms) = (Vec::new(), Vec::new());
-    for seed in 0..repeats as u64 {
+    let fixed_seed = std::env::var_os("FIXED_SEED").is_some();
+    for repeat in 0..repeats as u64 {
+        let seed = if fixed_seed { 0 } else { repeat };
         let t = Instant::now();
-        let f = method.forward(
-            &x,
-            if std::env::var_os("FIXED_SEED").is_some() {
-                0
-            } else {
-                seed
-            },
-        )?;
+        let f = method.forward(&x, seed)?;
         fwd_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if std::env::var_os("FORWARD_ONLY").is_some() {
             bwd_ms.push(0.0);
