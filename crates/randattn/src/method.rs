@@ -10,6 +10,7 @@ use crate::methods::exact::{Exact, ExactNaive};
 use crate::methods::informer::{Informer, InformerSaved};
 use crate::methods::linformer::{Linformer, LinformerSaved};
 use crate::methods::nystrom::{Nystrom, NystromSaved};
+use crate::methods::performer::{Performer, PerformerSaved};
 use crate::methods::skeinformer::{SkeinSaved, Skeinformer, VMean};
 use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
 
@@ -74,6 +75,8 @@ pub(crate) enum SavedState {
     Nystrom(NystromSaved),
     /// Linformer: the projections used.
     Linformer(LinformerSaved),
+    /// Performer: nothing (the directions are redrawn from the seed).
+    Performer(PerformerSaved),
 }
 
 impl Saved {
@@ -100,6 +103,7 @@ impl Saved {
             SavedState::Skeinformer(s) => s.bytes(),
             SavedState::Nystrom(s) => s.bytes(),
             SavedState::Linformer(s) => s.bytes(),
+            SavedState::Performer(_) => 0,
         }
     }
 
@@ -307,6 +311,7 @@ methods! {
     VMean(VMean),
     Nystrom(Nystrom),
     Linformer(Linformer),
+    Performer(Performer),
 }
 
 impl Method {

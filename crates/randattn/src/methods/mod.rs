@@ -5,5 +5,6 @@ pub mod exact;
 pub mod informer;
 pub mod linformer;
 pub mod nystrom;
+pub mod performer;
 pub mod skeinformer;
 pub mod yoso;

@@ -1,0 +1,612 @@
+//! Performer (FAVOR+): softmax attention through positive random features.
+//!
+//! Choromanski et al., *Rethinking Attention with Performers*, ICLR 2021; the baseline that
+//! Zheng, Wang, Kong (*Linear Complexity Randomized Self-attention Mechanism*, ICML 2022) read as
+//! self-normalised importance sampling. Brief: `shared/papers/lara.md` §1, §2, §5.
+//!
+//! # The estimator
+//!
+//! With `x = s^{1/2}·q` (and likewise for keys, so `x_q·x_k = s·q·k`, `s = 1/√d` by default) and
+//! `m` directions `ω_i`, the positive features
+//!
+//! ```text
+//! φ(x)_i = exp(ω_i·x − ‖x‖²/2) / √m        (hyperbolic: [exp(±ω_i·x − ‖x‖²/2)] / √(2m))
+//! ```
+//!
+//! satisfy `E[φ(x_q)·φ(x_k)] = exp(s·q·k)` for `ω_i ~ N(0, I)`, and
+//!
+//! ```text
+//! O = φ(Q) (φ(K)ᵀ V) / (φ(Q) · φ(K)ᵀ 1)
+//! ```
+//!
+//! costs `O(n·m·(d + d_v))` time and `O(n·m)` memory. Each kernel value is estimated without bias;
+//! the ratio (the output) is biased but consistent.
+//!
+//! **Orthogonal features** (on by default): blocks of `d` directions orthogonalised by
+//! Gram–Schmidt (QR) of a Gaussian matrix, each row rescaled to the norm of an independent
+//! Gaussian vector, so every `ω_i` is still marginally `N(0, I)` while rows in a block are exactly
+//! orthogonal — lower variance than i.i.d. directions.
+//!
+//! **Stabilisation without bias.** `exp` would overflow for large logits. Each query's features are
+//! divided by their own maximum, and all keys' features of a head by one common maximum: both
+//! factors cancel exactly in the ratio, so the estimate is unchanged. No additive epsilon (the
+//! reference implementations add 1e-4 or 1e-6 to features or denominators, which biases every
+//! row); a row whose denominator still underflows to 0 outputs 0.
+//!
+//! # Masks, randomness, backward
+//!
+//! Masked keys are left out of both sums; masked queries output 0. The directions of head `h`
+//! come from `rng::stream(seed, 0, h, "performer/features")`, shared by the batch (they play the
+//! role of a layer's feature matrix). The backward holds them fixed and differentiates the
+//! features exactly: `∂φ_i/∂x = φ_i (ω_i − x)`.
+
+use rand::Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, zeroed};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
+    parse_value, unknown_param,
+};
+use crate::methods::exact::{SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale};
+use crate::rng::stream;
+
+/// Largest number of features accepted.
+pub const MAX_FEATURES: usize = 1 << 16;
+
+/// The feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// `exp(ω·x − ‖x‖²/2)`.
+    Positive,
+    /// `exp(±ω·x − ‖x‖²/2)` (two features per direction).
+    Hyperbolic,
+}
+
+/// Performer `performer`. See the module documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Performer {
+    /// Number of random directions `m`.
+    pub features: usize,
+    /// Orthogonal random features (blocks of `d` orthogonal directions).
+    pub orthogonal: bool,
+    /// Feature map.
+    pub kernel: Kernel,
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+}
+
+impl Default for Performer {
+    fn default() -> Self {
+        Performer {
+            features: 256,
+            orthogonal: true,
+            kernel: Kernel::Positive,
+            scale: None,
+        }
+    }
+}
+
+impl MethodConfig for Performer {
+    const INFO: MethodInfo = MethodInfo {
+        name: "performer",
+        summary: "Performer FAVOR+: positive (orthogonal) random features, linear attention",
+        cost: "O(n m (d + d_v)) time, O(n m) memory",
+        random: true,
+        approximates_softmax: true,
+        params: &[
+            ParamInfo {
+                name: "features",
+                default: "256",
+                range: "an integer in 1..=65536",
+                help: "number of random directions m",
+            },
+            ParamInfo {
+                name: "orthogonal",
+                default: "true",
+                range: "`true` or `false`",
+                help: "orthogonal random features (blocks of d orthogonal directions)",
+            },
+            ParamInfo {
+                name: "kernel",
+                default: "positive",
+                range: "`positive` or `hyperbolic`",
+                help: "feature map exp(w.x - |x|^2/2), or both signs of w",
+            },
+            SCALE_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "features" => self.features = parse_value(info, "features", value)?,
+            "orthogonal" => self.orthogonal = parse_value(info, "orthogonal", value)?,
+            "kernel" => {
+                self.kernel = match value.trim() {
+                    "positive" => Kernel::Positive,
+                    "hyperbolic" => Kernel::Hyperbolic,
+                    _ => return Err(param_error(info, "kernel", format!("`{value}`"))),
+                }
+            }
+            "scale" => self.scale = parse_scale(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("features", self.features.to_string()),
+            ("orthogonal", self.orthogonal.to_string()),
+            (
+                "kernel",
+                match self.kernel {
+                    Kernel::Positive => "positive",
+                    Kernel::Hyperbolic => "hyperbolic",
+                }
+                .to_string(),
+            ),
+            ("scale", scale_text(self.scale)),
+        ]
+    }
+    fn validate(&self) -> Result<()> {
+        if !(1..=MAX_FEATURES).contains(&self.features) {
+            return Err(param_error(
+                &Self::INFO,
+                "features",
+                self.features.to_string(),
+            ));
+        }
+        validate_scale(&Self::INFO, self.scale)
+    }
+}
+
+/// Nothing beyond the inputs: the directions are redrawn from the seed.
+#[derive(Debug, Clone)]
+pub(crate) struct PerformerSaved;
+
+impl Performer {
+    /// The `m × d` directions of head `h` for `seed` (what the forward uses).
+    pub fn directions(&self, d: usize, seed: u64, h: usize) -> Vec<f32> {
+        let m = self.features;
+        let mut rng = stream(seed, 0, h, "performer/features");
+        let mut w: Vec<f32> = (0..m * d)
+            .map(|_| rng.sample::<f32, _>(StandardNormal))
+            .collect();
+        if self.orthogonal {
+            for block in w.chunks_mut(d * d) {
+                // Gram–Schmidt on the block's rows (f64 for accuracy), then each row rescaled to
+                // the norm of a fresh Gaussian vector (a χ_d draw): marginally N(0, I) again.
+                let rows = block.len() / d;
+                let mut basis: Vec<Vec<f64>> = Vec::with_capacity(rows);
+                for r in 0..rows {
+                    let mut v: Vec<f64> = block[r * d..(r + 1) * d]
+                        .iter()
+                        .map(|x| *x as f64)
+                        .collect();
+                    for b in &basis {
+                        let p: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
+                        for (x, y) in v.iter_mut().zip(b) {
+                            *x -= p * y;
+                        }
+                    }
+                    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
+                    for x in v.iter_mut() {
+                        *x /= norm;
+                    }
+                    basis.push(v);
+                }
+                for (row, b) in block.chunks_exact_mut(d).zip(&basis) {
+                    let chi: f64 = (0..d)
+                        .map(|_| (rng.sample::<f64, _>(StandardNormal)).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    for (x, y) in row.iter_mut().zip(b) {
+                        *x = (chi * y) as f32;
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    /// The features `φ(s^{1/2}·x)` of the rows `x` (`n × d`) with the directions of head `h`,
+    /// without the stabilising shifts: `E[φ(q)·φ(k)] = exp(s·q·k)`. For diagnostics and tests.
+    pub fn features(&self, rows: &[f32], d: usize, seed: u64, h: usize) -> Vec<f32> {
+        let root = resolve_scale(self.scale, d).sqrt();
+        let x: Vec<f32> = rows.iter().map(|v| v * root).collect();
+        let norm = 1.0 / (self.width() as f32).sqrt();
+        let mut phi = self.log_features(&x, &self.directions(d, seed, h), d);
+        for v in phi.iter_mut() {
+            *v = norm * v.exp();
+        }
+        phi
+    }
+
+    /// Number of features per row (`m`, or `2m` for the hyperbolic map).
+    fn width(&self) -> usize {
+        match self.kernel {
+            Kernel::Positive => self.features,
+            Kernel::Hyperbolic => 2 * self.features,
+        }
+    }
+
+    /// Log-features `ω·x − ‖x‖²/2` (both signs for the hyperbolic map) of the rows `x`
+    /// (already scaled by `s^{1/2}`), `rows × width`.
+    fn log_features(&self, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
+        let (m, width) = (self.features, self.width());
+        let rows = x.len() / d;
+        let mut proj = vec![0.0f32; rows * m];
+        gemm(
+            rows,
+            m,
+            d,
+            &mut proj,
+            m,
+            Mat::rows(x, d),
+            Mat::cols(w, d),
+            1.0,
+            false,
+        );
+        let mut out = vec![0.0f32; rows * width];
+        for ((o, p), xr) in out
+            .chunks_exact_mut(width)
+            .zip(proj.chunks_exact(m))
+            .zip(x.chunks_exact(d))
+        {
+            let half_sq = 0.5 * dot(xr, xr);
+            for (ov, pv) in o[..m].iter_mut().zip(p) {
+                *ov = pv - half_sq;
+            }
+            if self.kernel == Kernel::Hyperbolic {
+                for (ov, pv) in o[m..].iter_mut().zip(p) {
+                    *ov = -pv - half_sq;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Everything one head's forward computes, for its backward too.
+struct HeadState {
+    /// Scaled queries and keys.
+    xq: Vec<f32>,
+    xk: Vec<f32>,
+    /// Query and key features (stabilised), `n × width`; masked keys are zero rows.
+    phi_q: Vec<f32>,
+    phi_k: Vec<f32>,
+    /// `φ(K)ᵀ V` (`width × d_v`) and `φ(K)ᵀ 1` (`width`).
+    kv: Vec<f32>,
+    ksum: Vec<f32>,
+    /// Per-row denominators `φ(q)·φ(K)ᵀ1`.
+    den: Vec<f32>,
+    /// Output rows.
+    out: Vec<f32>,
+}
+
+impl Performer {
+    fn head(&self, x: &AttentionInputs<'_>, bh: usize, w: &[f32]) -> HeadState {
+        let Dims {
+            heads, n_k, d, d_v, ..
+        } = x.dims();
+        let width = self.width();
+        let root = resolve_scale(self.scale, d).sqrt();
+        let keep = x.key_mask_row(bh / heads);
+        let xq: Vec<f32> = x.q_head(bh).iter().map(|v| v * root).collect();
+        let xk: Vec<f32> = x.k_head(bh).iter().map(|v| v * root).collect();
+        let norm = 1.0 / (width as f32).sqrt();
+        // Queries: each row shifted by its own maximum (cancels in that row's ratio).
+        let mut phi_q = self.log_features(&xq, w, d);
+        for row in phi_q.chunks_exact_mut(width) {
+            let max = row_max(row);
+            exp_shifted_sum(row, max);
+            for v in row.iter_mut() {
+                *v *= norm;
+            }
+        }
+        // Keys: one shift for the whole head (cancels in every ratio); masked keys left out.
+        let mut phi_k = self.log_features(&xk, w, d);
+        let mut max = f32::NEG_INFINITY;
+        for (j, row) in phi_k.chunks_exact(width).enumerate() {
+            if keep.is_none_or(|m| m[j]) {
+                max = max.max(row_max(row));
+            }
+        }
+        for (j, row) in phi_k.chunks_exact_mut(width).enumerate() {
+            if keep.is_none_or(|m| m[j]) {
+                exp_shifted_sum(row, max);
+                for v in row.iter_mut() {
+                    *v *= norm;
+                }
+            } else {
+                row.fill(0.0);
+            }
+        }
+        let n_q = xq.len() / d;
+        let mut kv = vec![0.0f32; width * d_v];
+        gemm(
+            width,
+            d_v,
+            n_k,
+            &mut kv,
+            d_v,
+            Mat::cols(&phi_k, width),
+            Mat::rows(x.v_head(bh), d_v),
+            1.0,
+            false,
+        );
+        let mut ksum = vec![0.0f32; width];
+        for row in phi_k.chunks_exact(width) {
+            for (a, b) in ksum.iter_mut().zip(row) {
+                *a += *b;
+            }
+        }
+        let mut out = vec![0.0f32; n_q * d_v];
+        gemm(
+            n_q,
+            d_v,
+            width,
+            &mut out,
+            d_v,
+            Mat::rows(&phi_q, width),
+            Mat::rows(&kv, d_v),
+            1.0,
+            false,
+        );
+        let den: Vec<f32> = phi_q.chunks_exact(width).map(|r| dot(r, &ksum)).collect();
+        for (o, &dn) in out.chunks_exact_mut(d_v).zip(&den) {
+            if dn > 0.0 {
+                let inv = 1.0 / dn;
+                for v in o.iter_mut() {
+                    *v *= inv;
+                }
+            } else {
+                o.fill(0.0);
+            }
+        }
+        HeadState {
+            xq,
+            xk,
+            phi_q,
+            phi_k,
+            kv,
+            ksum,
+            den,
+            out,
+        }
+    }
+
+    fn all_directions(&self, dims: Dims, seed: u64) -> Vec<Vec<f32>> {
+        (0..dims.heads)
+            .into_par_iter()
+            .map(|h| self.directions(dims.d, seed, h))
+            .collect()
+    }
+}
+
+/// `dx = Σ_i dφ_i φ_i (±ω_i − x)` for every row: the gradient of the (stabilised) features with
+/// respect to their scaled inputs, the shifts held constant (they cancel in the output).
+fn feature_backward(
+    p: &Performer,
+    dphi: &[f32],
+    phi: &[f32],
+    x: &[f32],
+    w: &[f32],
+    d: usize,
+) -> Vec<f32> {
+    let (m, width) = (p.features, p.width());
+    let rows = x.len() / d;
+    // a = dφ ⊙ φ, folded to m columns with the sign of ω (hyperbolic: a⁺ − a⁻).
+    let mut a = vec![0.0f32; rows * m];
+    let mut total = vec![0.0f32; rows];
+    for (((ar, t), dr), fr) in a
+        .chunks_exact_mut(m)
+        .zip(total.iter_mut())
+        .zip(dphi.chunks_exact(width))
+        .zip(phi.chunks_exact(width))
+    {
+        for (i, av) in ar.iter_mut().enumerate() {
+            *av = dr[i] * fr[i];
+            *t += *av;
+        }
+        if p.kernel == Kernel::Hyperbolic {
+            for (i, av) in ar.iter_mut().enumerate() {
+                let neg = dr[m + i] * fr[m + i];
+                *av -= neg;
+                *t += neg;
+            }
+        }
+    }
+    let mut dx = vec![0.0f32; rows * d];
+    gemm(
+        rows,
+        d,
+        m,
+        &mut dx,
+        d,
+        Mat::rows(&a, m),
+        Mat::rows(w, d),
+        1.0,
+        false,
+    );
+    for ((dr, xr), t) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&total) {
+        for (dv, xv) in dr.iter_mut().zip(xr) {
+            *dv -= t * xv;
+        }
+    }
+    dx
+}
+
+impl Attention for Performer {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let dims = x.dims();
+        let Dims {
+            heads, n_q, d_v, ..
+        } = dims;
+        let dirs = self.all_directions(dims, seed);
+        let mut output = vec![0.0f32; dims.out_len()];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let st = self.head(x, bh, &dirs[bh % heads]);
+                out.copy_from_slice(&st.out);
+            });
+        x.zero_masked_queries(&mut output);
+        Ok(Forward {
+            output,
+            saved: Saved::new(Self::INFO.name, dims, SavedState::Performer(PerformerSaved)),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        let SavedState::Performer(_) = saved.check(Self::INFO.name, dims)? else {
+            return Err(Error::Saved {
+                message: "does not come from a performer forward".to_string(),
+            });
+        };
+        x.check_grad_output(grad_output)?;
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = dims;
+        let width = self.width();
+        let root = resolve_scale(self.scale, d).sqrt();
+        let dirs = self.all_directions(dims, seed);
+        let mut g = grad_output.to_vec();
+        x.zero_masked_queries(&mut g);
+        let mut grads = Grads {
+            dq: zeroed(x.q().len()),
+            dk: zeroed(x.k().len()),
+            dv: zeroed(x.v().len()),
+            params: Vec::new(),
+        };
+        grads
+            .dq
+            .par_chunks_mut(n_q * d)
+            .zip(grads.dk.par_chunks_mut(n_k * d))
+            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let w = &dirs[bh % heads];
+                let st = self.head(x, bh, w);
+                let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+                // out = num / den: dnum = G / den, dden = −(G·out) / den.
+                let mut dnum = vec![0.0f32; n_q * d_v];
+                let mut dden = vec![0.0f32; n_q];
+                for (((dn, dd), (gr, or)), &den) in dnum
+                    .chunks_exact_mut(d_v)
+                    .zip(dden.iter_mut())
+                    .zip(gh.chunks_exact(d_v).zip(st.out.chunks_exact(d_v)))
+                    .zip(&st.den)
+                {
+                    if den > 0.0 {
+                        let inv = 1.0 / den;
+                        for (a, b) in dn.iter_mut().zip(gr) {
+                            *a = b * inv;
+                        }
+                        *dd = -dot(gr, or) * inv;
+                    }
+                }
+                // num = φ(Q) KV, den = φ(Q) ksum.
+                let mut dphi_q = vec![0.0f32; n_q * width];
+                gemm(
+                    n_q,
+                    width,
+                    d_v,
+                    &mut dphi_q,
+                    width,
+                    Mat::rows(&dnum, d_v),
+                    Mat::cols(&st.kv, d_v),
+                    1.0,
+                    false,
+                );
+                for (row, dd) in dphi_q.chunks_exact_mut(width).zip(&dden) {
+                    for (a, k) in row.iter_mut().zip(&st.ksum) {
+                        *a += dd * k;
+                    }
+                }
+                let mut dkv = vec![0.0f32; width * d_v];
+                gemm(
+                    width,
+                    d_v,
+                    n_q,
+                    &mut dkv,
+                    d_v,
+                    Mat::cols(&st.phi_q, width),
+                    Mat::rows(&dnum, d_v),
+                    1.0,
+                    false,
+                );
+                let mut dksum = vec![0.0f32; width];
+                for (row, dd) in st.phi_q.chunks_exact(width).zip(&dden) {
+                    for (a, p) in dksum.iter_mut().zip(row) {
+                        *a += dd * p;
+                    }
+                }
+                // KV = φ(K)ᵀ V, ksum = φ(K)ᵀ 1.
+                gemm(
+                    n_k,
+                    d_v,
+                    width,
+                    dv,
+                    d_v,
+                    Mat::rows(&st.phi_k, width),
+                    Mat::rows(&dkv, d_v),
+                    1.0,
+                    false,
+                );
+                let mut dphi_k = vec![0.0f32; n_k * width];
+                gemm(
+                    n_k,
+                    width,
+                    d_v,
+                    &mut dphi_k,
+                    width,
+                    Mat::rows(x.v_head(bh), d_v),
+                    Mat::cols(&dkv, d_v),
+                    1.0,
+                    false,
+                );
+                for row in dphi_k.chunks_exact_mut(width) {
+                    for (a, s) in row.iter_mut().zip(&dksum) {
+                        *a += s;
+                    }
+                }
+                // Masked keys have zero features, hence zero gradient below; masked value rows
+                // get none either.
+                if let Some(keep) = x.key_mask_row(bh / heads) {
+                    for (j, kept) in keep.iter().enumerate() {
+                        if !kept {
+                            dv[j * d_v..(j + 1) * d_v].fill(0.0);
+                        }
+                    }
+                }
+                let dxq = feature_backward(self, &dphi_q, &st.phi_q, &st.xq, w, d);
+                let dxk = feature_backward(self, &dphi_k, &st.phi_k, &st.xk, w, d);
+                for (a, b) in dq.iter_mut().zip(&dxq) {
+                    *a = b * root;
+                }
+                for (a, b) in dk.iter_mut().zip(&dxk) {
+                    *a = b * root;
+                }
+            });
+        Ok(grads)
+    }
+}
