@@ -11,6 +11,7 @@ use crate::methods::informer::{Informer, InformerSaved};
 use crate::methods::linformer::{Linformer, LinformerSaved};
 use crate::methods::nystrom::{Nystrom, NystromSaved};
 use crate::methods::performer::{Performer, PerformerSaved};
+use crate::methods::ra::{Ra, RaSaved};
 use crate::methods::skeinformer::{SkeinSaved, Skeinformer, VMean};
 use crate::methods::yoso::{Yoso, YosoE, YosoSaved};
 
@@ -77,6 +78,8 @@ pub(crate) enum SavedState {
     Linformer(LinformerSaved),
     /// Performer: nothing (the directions are redrawn from the seed).
     Performer(PerformerSaved),
+    /// RA: the components and noise drawn.
+    Ra(RaSaved),
 }
 
 impl Saved {
@@ -104,6 +107,7 @@ impl Saved {
             SavedState::Nystrom(s) => s.bytes(),
             SavedState::Linformer(s) => s.bytes(),
             SavedState::Performer(_) => 0,
+            SavedState::Ra(s) => s.bytes(),
         }
     }
 
@@ -312,6 +316,7 @@ methods! {
     Nystrom(Nystrom),
     Linformer(Linformer),
     Performer(Performer),
+    Ra(Ra),
 }
 
 impl Method {

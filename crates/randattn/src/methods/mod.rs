@@ -6,5 +6,6 @@ pub mod informer;
 pub mod linformer;
 pub mod nystrom;
 pub mod performer;
+pub mod ra;
 pub mod skeinformer;
 pub mod yoso;
