@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Case, assert_close, normal, random_masks};
+use common::{Case, assert_close, normal, random_masks, run_in_pool};
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::informer::Informer;
 use randattn::{Attention, Method};
@@ -208,17 +208,7 @@ fn same_seed_same_output_at_any_thread_count() {
     let x = randattn::AttentionInputs::new(&w.q, s, &w.k, s, &w.v, s).unwrap();
     let g = normal(w.q.len(), 1.0, 2, "g");
     let method = Method::parse::<&str>("informer", &[]).unwrap();
-    let run = |threads: usize, seed: u64| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let f = method.forward(&x, seed).unwrap();
-            let gr = method.backward(&x, seed, &f.saved, &g).unwrap();
-            (f.output, gr)
-        })
-    };
+    let run = |threads: usize, seed: u64| run_in_pool(&method, &x, seed, &g, threads);
     let (o1, g1) = run(1, 4);
     for t in [2, 3] {
         assert_eq!(run(t, 4), (o1.clone(), g1.clone()));

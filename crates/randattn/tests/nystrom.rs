@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Case, assert_close, normal, random_masks, rel_error};
+use common::{Case, assert_close, normal, random_masks, rel_error, run_in_pool};
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::nystrom::Nystrom;
 use randattn::{Attention, Method};
@@ -177,17 +177,7 @@ fn same_output_at_any_thread_count_and_bad_input() {
     let x = randattn::AttentionInputs::new(&w.q, s, &w.k, s, &w.v, s).unwrap();
     let g = normal(w.q.len(), 1.0, 2, "g");
     let method = Method::parse::<&str>("nystrom", &[("conv", "5")]).unwrap();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let f = method.forward(&x, 4).unwrap();
-            let gr = method.backward(&x, 4, &f.saved, &g).unwrap();
-            (f.output, gr)
-        })
-    };
+    let run = |threads: usize| run_in_pool(&method, &x, 4, &g, threads);
     let one = run(1);
     assert_eq!(run(2), one);
     assert_eq!(run(3), one);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Case, assert_close, minilm, normal, random_masks, rel_error};
+use common::{Case, assert_close, minilm, normal, random_masks, rel_error, run_in_pool};
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::ra::{Draws, Noise, Ra};
 use randattn::{Attention, AttentionInputs, Method};
@@ -213,17 +213,7 @@ fn masks_threads_and_bad_input() {
         }
     }
     let g = normal(f.output.len(), 1.0, 1, "g");
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let f = method.forward(&x, 2).unwrap();
-            let gr = method.backward(&x, 2, &f.saved, &g).unwrap();
-            (f.output, gr)
-        })
-    };
+    let run = |threads: usize| run_in_pool(&method, &x, 2, &g, threads);
     let one = run(1);
     assert_eq!(run(3), one);
     assert!(one.1.dq.iter().chain(&one.1.dk).all(|v| v.is_finite()));

@@ -3,8 +3,8 @@
 
 use rand::Rng;
 use rand_distr::StandardNormal;
-use randattn::AttentionInputs;
 use randattn::rng::stream;
+use randattn::{Attention, AttentionInputs, Grads};
 
 /// One attention problem: `(batch, heads, n_q, n_k, d, d_v)`, standard normal Q, K, V.
 pub struct Case {
@@ -128,4 +128,23 @@ pub fn random_masks(case: &mut Case, seed: u64) {
     }
     case.key_mask = Some(km);
     case.query_mask = Some(qm);
+}
+
+/// Forward and backward of `method` on `x` with `seed`, in a pool of `threads` threads.
+pub fn run_in_pool(
+    method: &(dyn Attention + Sync),
+    x: &AttentionInputs<'_>,
+    seed: u64,
+    grad_output: &[f32],
+    threads: usize,
+) -> (Vec<f32>, Grads) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let f = method.forward(x, seed).unwrap();
+        let grads = method.backward(x, seed, &f.saved, grad_output).unwrap();
+        (f.output, grads)
+    })
 }
