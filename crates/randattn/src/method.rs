@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::exact::{Exact, ExactNaive};
 use crate::methods::informer::{Informer, InformerSaved};
+use crate::methods::lara::{Lara, LaraSaved};
 use crate::methods::linformer::{Linformer, LinformerSaved};
 use crate::methods::nystrom::{Nystrom, NystromSaved};
 use crate::methods::performer::{Performer, PerformerSaved};
@@ -80,6 +81,8 @@ pub(crate) enum SavedState {
     Performer(PerformerSaved),
     /// RA: the components and noise drawn.
     Ra(RaSaved),
+    /// LARA: nothing (the noise is redrawn from the seed).
+    Lara(LaraSaved),
 }
 
 impl Saved {
@@ -108,6 +111,7 @@ impl Saved {
             SavedState::Linformer(s) => s.bytes(),
             SavedState::Performer(_) => 0,
             SavedState::Ra(s) => s.bytes(),
+            SavedState::Lara(_) => 0,
         }
     }
 
@@ -317,6 +321,7 @@ methods! {
     Linformer(Linformer),
     Performer(Performer),
     Ra(Ra),
+    Lara(Lara),
 }
 
 impl Method {

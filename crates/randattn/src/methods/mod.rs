@@ -3,6 +3,7 @@
 mod conv;
 pub mod exact;
 pub mod informer;
+pub mod lara;
 pub mod linformer;
 pub mod nystrom;
 pub mod performer;

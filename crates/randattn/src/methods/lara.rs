@@ -1,0 +1,874 @@
+//! LARA: linear randomized attention with multiple shared proposals.
+//!
+//! Zheng, Wang, Kong, *Linear Complexity Randomized Self-attention Mechanism*, ICML 2022
+//! (arXiv 2204.04667). Brief: `shared/papers/lara.md` §4.
+//!
+//! # The estimator
+//!
+//! In scaled coordinates `x_n = s^{1/2} q_n`, `y_m = s^{1/2} k_m`, LARA draws one sample from each
+//! of `C` Gaussian proposals `N(μ_c, I)` — `μ_c = q̃_c + k̃_c`, the means of `C` contiguous
+//! segments of the unmasked queries and keys (uneven segments as in the brief: the first
+//! `(s+1)C − n` have `s = ⌊n/C⌋` tokens, the rest `s+1`; with `n ≤ C` every token is a landmark) —
+//! shares the samples `ω_c` among all queries, and combines them by self-normalised multiple
+//! importance sampling, everything in log space:
+//!
+//! ```text
+//! F_c = softmax_m(ω_c·y_m − ½‖y_m‖²) V ,   z_c = LSE_m(ω_c·y_m − ½‖y_m‖²)
+//! ℓ_nc = log α_nc + ω_c·x_n + z_c − (ω_c·μ_c − ½‖μ_c‖²) ,   out_n = Σ_c softmax_c(ℓ_n·)_c F_c
+//! α_nc = BH_c + λ (r_nc − mean_c r_nc),   BH_c = softmax_c'(ω_c·μ_c' − ½‖μ_c'‖²)_c ,
+//! r_nc = softmax_n(q̃_c·x_n)   (over the unmasked queries)
+//! ```
+//!
+//! with `α` clamped to `≥ 1e-8` before the log, as in the released code (`mis-opt`, the default,
+//! `λ = 1`). `eval=true` uses `ω_c = μ_c` (deterministic); `antithetic=true` adds `μ_c − ε_c` to
+//! every `μ_c + ε_c` (2C samples, each weighted half). Cost `O(C·(n_q + n_k)·d + C²·d)` time and
+//! `O(C·n)` memory: no `n × n` buffer.
+//!
+//! Proposal means can be given (`[heads, C, d]`, scaled coordinates; then they also stand in for
+//! `q̃` in `r`), so a model can learn them: the backward returns their gradient as the parameter
+//! `proposal_means`.
+//!
+//! # Masks, randomness, backward, and where we differ from the reference
+//!
+//! Masked keys get `−∞` logits and are left out of the key landmarks; masked queries output 0 and
+//! are left out of the query landmarks and of the softmax over queries in `r` (the reference keeps
+//! padded queries there and zeroed pads in the segment means). The noise of head `(b, h)` comes
+//! from `rng::stream(seed, b, h, "lara/noise")`; the backward redraws it from the seed and
+//! differentiates the computed function exactly (a clamped `α` passes no gradient). The noise
+//! variance is the paper's unit variance in scaled coordinates (see `ra` for the code's
+//! narrower convention).
+
+use rand::Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, gemm, zeroed};
+use crate::method::{
+    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
+    param_error, parse_value, unknown_param,
+};
+use crate::methods::exact::{SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale};
+use crate::rng::stream;
+
+/// Largest number of proposals accepted.
+pub const MAX_PROPOSALS: usize = 4096;
+/// Lower clamp of the MIS weights before the log (the released code's).
+pub const ALPHA_MIN: f32 = 1e-8;
+
+/// LARA `lara`. See the module documentation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lara {
+    /// Number of proposals `C`.
+    pub proposals: usize,
+    /// Weight `λ` of the query-softmax correction in the MIS weights.
+    pub lambda: f32,
+    /// Antithetic pairs `μ ± ε`.
+    pub antithetic: bool,
+    /// Evaluation mode: `ω = μ`, deterministic.
+    pub eval: bool,
+    /// Given proposal means `[heads, C, d]` (scaled coordinates); `None` = segment means.
+    pub proposal_means: Option<Vec<f32>>,
+    /// Softmax scale; `None` = `1/√d`.
+    pub scale: Option<f32>,
+}
+
+impl Default for Lara {
+    fn default() -> Self {
+        Lara {
+            proposals: 64,
+            lambda: 1.0,
+            antithetic: false,
+            eval: false,
+            proposal_means: None,
+            scale: None,
+        }
+    }
+}
+
+impl MethodConfig for Lara {
+    const INFO: MethodInfo = MethodInfo {
+        name: "lara",
+        summary: "LARA: shared Gaussian proposals at segment means, multiple importance sampling",
+        cost: "O(C (n_q + n_k) d + C^2 d) time, O(C n) memory",
+        random: true,
+        approximates_softmax: true,
+        params: &[
+            ParamInfo {
+                name: "proposals",
+                default: "64",
+                range: "an integer in 1..=4096 (capped by the unmasked tokens)",
+                help: "number of proposals C (one sample each)",
+            },
+            ParamInfo {
+                name: "lambda",
+                default: "1",
+                range: "a finite number",
+                help: "weight of the query-softmax correction in the MIS weights",
+            },
+            ParamInfo {
+                name: "antithetic",
+                default: "false",
+                range: "`true` or `false`",
+                help: "antithetic samples mu +- eps (2C samples)",
+            },
+            ParamInfo {
+                name: "eval",
+                default: "false",
+                range: "`true` or `false`",
+                help: "evaluation mode: omega = mu (deterministic)",
+            },
+            SCALE_PARAM,
+        ],
+    };
+    fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let info = &Self::INFO;
+        match name {
+            "proposals" => self.proposals = parse_value(info, "proposals", value)?,
+            "lambda" => self.lambda = parse_value(info, "lambda", value)?,
+            "antithetic" => self.antithetic = parse_value(info, "antithetic", value)?,
+            "eval" => self.eval = parse_value(info, "eval", value)?,
+            "scale" => self.scale = parse_scale(info, value)?,
+            _ => return Err(unknown_param(info, name)),
+        }
+        Ok(())
+    }
+    fn params(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("proposals", self.proposals.to_string()),
+            ("lambda", self.lambda.to_string()),
+            ("antithetic", self.antithetic.to_string()),
+            ("eval", self.eval.to_string()),
+            ("scale", scale_text(self.scale)),
+        ]
+    }
+    fn validate(&self) -> Result<()> {
+        let info = &Self::INFO;
+        if !(1..=MAX_PROPOSALS).contains(&self.proposals) {
+            return Err(param_error(info, "proposals", self.proposals.to_string()));
+        }
+        if !self.lambda.is_finite() {
+            return Err(param_error(info, "lambda", self.lambda.to_string()));
+        }
+        if let Some(m) = &self.proposal_means
+            && m.iter().any(|v| !v.is_finite())
+        {
+            return Err(param_error(
+                info,
+                "proposals",
+                "given proposal means with non-finite values".to_string(),
+            ));
+        }
+        validate_scale(info, self.scale)
+    }
+}
+
+/// What the backward needs beyond the inputs and the seed: nothing (everything is recomputed).
+#[derive(Debug, Clone)]
+pub(crate) struct LaraSaved;
+
+/// Segments of `len` tokens into `c` parts as the brief: the first `(s+1)c − len` have
+/// `s = ⌊len/c⌋` tokens, the rest `s + 1`.
+fn segments(len: usize, c: usize) -> Vec<std::ops::Range<usize>> {
+    let s = len / c;
+    let short = (s + 1) * c - len;
+    let mut start = 0;
+    (0..c)
+        .map(|i| {
+            let size = if i < short { s } else { s + 1 };
+            let r = start..start + size;
+            start += size;
+            r
+        })
+        .collect()
+}
+
+/// One head's forward, everything kept for the backward.
+struct Head {
+    /// Scaled queries and keys, `n_q × d`, `n_k × d`.
+    x: Vec<f32>,
+    y: Vec<f32>,
+    /// Proposals `c_eff`, samples `j_n` (`c_eff` or `2·c_eff`), repetitions per proposal.
+    c: usize,
+    reps: usize,
+    /// Landmark segments (empty with given means).
+    q_idx: Vec<u32>,
+    k_idx: Vec<u32>,
+    q_segs: Vec<std::ops::Range<usize>>,
+    k_segs: Vec<std::ops::Range<usize>>,
+    /// `q̃` (or the given means) and `μ`, `c × d`.
+    q_land: Vec<f32>,
+    mu: Vec<f32>,
+    /// Samples `ω`, `j × d`; the sign of each sample's noise (0 in eval mode).
+    omega: Vec<f32>,
+    /// Key softmaxes `softmax_m(A_k)`, `j × n_k`; `F` (`j × d_v`).
+    pk: Vec<f32>,
+    f: Vec<f32>,
+    /// `L = ω μᵀ − ½‖μ‖²`, `j × c`; `BH` (`j`).
+    l: Vec<f32>,
+    bh: Vec<f32>,
+    /// `r`, `c × n_q` (zero columns for masked queries).
+    r: Vec<f32>,
+    /// Unclamped `α`, `j × n_q`.
+    alpha: Vec<f32>,
+    /// `W = softmax_j(ℓ)`, `j × n_q`.
+    w: Vec<f32>,
+    /// Kept queries.
+    query_kept: Vec<bool>,
+}
+
+impl Lara {
+    fn head(&self, x: &AttentionInputs<'_>, bh: usize, seed: u64) -> Option<Head> {
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = x.dims();
+        let (b, h) = (bh / heads, bh % heads);
+        let root = resolve_scale(self.scale, d).sqrt();
+        let keep = x.key_mask_row(b);
+        let xs: Vec<f32> = x.q_head(bh).iter().map(|v| v * root).collect();
+        let ys: Vec<f32> = x.k_head(bh).iter().map(|v| v * root).collect();
+        let query_kept: Vec<bool> = (0..n_q).map(|i| x.query_kept(bh, i)).collect();
+        let q_idx: Vec<u32> = (0..n_q as u32)
+            .filter(|&i| query_kept[i as usize])
+            .collect();
+        let k_idx: Vec<u32> = (0..n_k as u32)
+            .filter(|&j| keep.is_none_or(|m| m[j as usize]))
+            .collect();
+        if q_idx.is_empty() || k_idx.is_empty() {
+            return None;
+        }
+        let (c, q_segs, k_segs, q_land, mu) = match &self.proposal_means {
+            Some(means) => {
+                let c = self.proposals;
+                let mu = means[h * c * d..(h + 1) * c * d].to_vec();
+                (c, Vec::new(), Vec::new(), mu.clone(), mu)
+            }
+            None => {
+                let c = self.proposals.min(q_idx.len()).min(k_idx.len());
+                let q_segs = segments(q_idx.len(), c);
+                let k_segs = segments(k_idx.len(), c);
+                let mean = |rows: &[f32], idx: &[u32], segs: &[std::ops::Range<usize>]| {
+                    let mut out = vec![0.0f32; segs.len() * d];
+                    for (o, seg) in out.chunks_exact_mut(d).zip(segs) {
+                        let inv = 1.0 / seg.len() as f32;
+                        for &i in &idx[seg.clone()] {
+                            for (a, v) in o
+                                .iter_mut()
+                                .zip(&rows[i as usize * d..(i as usize + 1) * d])
+                            {
+                                *a += v * inv;
+                            }
+                        }
+                    }
+                    out
+                };
+                let q_land = mean(&xs, &q_idx, &q_segs);
+                let k_land = mean(&ys, &k_idx, &k_segs);
+                let mu: Vec<f32> = q_land.iter().zip(&k_land).map(|(a, b)| a + b).collect();
+                (c, q_segs, k_segs, q_land, mu)
+            }
+        };
+        // Samples ω_j = μ_{c(j)} ± ε_{c(j)}.
+        let reps = if self.antithetic && !self.eval { 2 } else { 1 };
+        let j_n = c * reps;
+        let mut omega = vec![0.0f32; j_n * d];
+        let mut rng = stream(seed, b, h, "lara/noise");
+        for cc in 0..c {
+            let eps: Vec<f32> = (0..d)
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect();
+            for rep in 0..reps {
+                let sign = if self.eval {
+                    0.0
+                } else if rep == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
+                let row = &mut omega[(cc * reps + rep) * d..(cc * reps + rep + 1) * d];
+                for ((o, m), e) in row.iter_mut().zip(&mu[cc * d..(cc + 1) * d]).zip(&eps) {
+                    *o = m + sign * e;
+                }
+            }
+        }
+        // Key side: A_k = ω yᵀ − ½‖y‖² (masked −∞); softmax, F, z.
+        let half_y: Vec<f32> = ys
+            .chunks_exact(d)
+            .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
+            .collect();
+        let mut pk = vec![0.0f32; j_n * n_k];
+        gemm(
+            j_n,
+            n_k,
+            d,
+            &mut pk,
+            n_k,
+            Mat::rows(&omega, d),
+            Mat::cols(&ys, d),
+            1.0,
+            false,
+        );
+        let mut z = vec![0.0f32; j_n];
+        for (row, zj) in pk.chunks_exact_mut(n_k).zip(z.iter_mut()) {
+            for (m, a) in row.iter_mut().enumerate() {
+                *a = if keep.is_none_or(|mk| mk[m]) {
+                    *a - half_y[m]
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row
+                .iter_mut()
+                .map(|a| {
+                    *a = (*a - max).exp();
+                    *a
+                })
+                .sum();
+            for a in row.iter_mut() {
+                *a /= sum;
+            }
+            *zj = max + sum.ln();
+        }
+        let mut f = vec![0.0f32; j_n * d_v];
+        gemm(
+            j_n,
+            d_v,
+            n_k,
+            &mut f,
+            d_v,
+            Mat::rows(&pk, n_k),
+            Mat::rows(x.v_head(bh), d_v),
+            1.0,
+            false,
+        );
+        // L = ω μᵀ − ½‖μ‖², BH_j = softmax_c(L_j)[c(j)].
+        let half_mu: Vec<f32> = mu
+            .chunks_exact(d)
+            .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
+            .collect();
+        let mut l = vec![0.0f32; j_n * c];
+        gemm(
+            j_n,
+            c,
+            d,
+            &mut l,
+            c,
+            Mat::rows(&omega, d),
+            Mat::cols(&mu, d),
+            1.0,
+            false,
+        );
+        let mut bh_w = vec![0.0f32; j_n];
+        for (j, row) in l.chunks_exact_mut(c).enumerate() {
+            for (a, hm) in row.iter_mut().zip(&half_mu) {
+                *a -= hm;
+            }
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|a| (a - max).exp()).sum();
+            bh_w[j] = (row[j / reps] - max).exp() / sum;
+        }
+        // r_c· = softmax over kept queries of q̃_c·x.
+        let mut r = vec![0.0f32; c * n_q];
+        gemm(
+            c,
+            n_q,
+            d,
+            &mut r,
+            n_q,
+            Mat::rows(&q_land, d),
+            Mat::cols(&xs, d),
+            1.0,
+            false,
+        );
+        for row in r.chunks_exact_mut(n_q) {
+            let max = row
+                .iter()
+                .zip(&query_kept)
+                .filter(|(_, k)| **k)
+                .map(|(a, _)| *a)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for (a, k) in row.iter_mut().zip(&query_kept) {
+                *a = if *k { (*a - max).exp() } else { 0.0 };
+                sum += *a;
+            }
+            for a in row.iter_mut() {
+                *a /= sum;
+            }
+        }
+        // α_jn = (BH_j + λ (r_{c(j)} n − mean_c r_cn)) / reps; ℓ and W = softmax_j(ℓ).
+        let mut r_mean = vec![0.0f32; n_q];
+        for row in r.chunks_exact(n_q) {
+            for (a, v) in r_mean.iter_mut().zip(row) {
+                *a += v / c as f32;
+            }
+        }
+        let mut w = vec![0.0f32; j_n * n_q];
+        gemm(
+            j_n,
+            n_q,
+            d,
+            &mut w,
+            n_q,
+            Mat::rows(&omega, d),
+            Mat::cols(&xs, d),
+            1.0,
+            false,
+        );
+        let mut alpha = vec![0.0f32; j_n * n_q];
+        for j in 0..j_n {
+            let cj = j / reps;
+            let own = l[j * c + cj];
+            for n in 0..n_q {
+                let a = (bh_w[j] + self.lambda * (r[cj * n_q + n] - r_mean[n])) / reps as f32;
+                alpha[j * n_q + n] = a;
+                w[j * n_q + n] += a.max(ALPHA_MIN).ln() + z[j] - own;
+            }
+        }
+        for n in 0..n_q {
+            let max = (0..j_n)
+                .map(|j| w[j * n_q + n])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for j in 0..j_n {
+                let e = (w[j * n_q + n] - max).exp();
+                w[j * n_q + n] = e;
+                sum += e;
+            }
+            for j in 0..j_n {
+                w[j * n_q + n] /= sum;
+            }
+        }
+        Some(Head {
+            x: xs,
+            y: ys,
+            c,
+            reps,
+            q_idx,
+            k_idx,
+            q_segs,
+            k_segs,
+            q_land,
+            mu,
+            omega,
+            pk,
+            f,
+            l,
+            bh: bh_w,
+            r,
+            alpha,
+            w,
+            query_kept,
+        })
+    }
+}
+
+impl Attention for Lara {
+    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+        self.validate()?;
+        let dims = x.dims();
+        self.check_means(dims)?;
+        let Dims { n_q, d_v, .. } = dims;
+        let mut output = vec![0.0f32; dims.out_len()];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                if let Some(h) = self.head(x, bh, seed) {
+                    let j_n = h.c * h.reps;
+                    gemm(
+                        n_q,
+                        d_v,
+                        j_n,
+                        out,
+                        d_v,
+                        Mat::cols(&h.w, n_q),
+                        Mat::rows(&h.f, d_v),
+                        1.0,
+                        false,
+                    );
+                }
+            });
+        x.zero_masked_queries(&mut output);
+        Ok(Forward {
+            output,
+            saved: Saved::new(Self::INFO.name, dims, SavedState::Lara(LaraSaved)),
+        })
+    }
+
+    fn backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+        saved: &Saved,
+        grad_output: &[f32],
+    ) -> Result<Grads> {
+        self.validate()?;
+        let dims = x.dims();
+        let SavedState::Lara(_) = saved.check(Self::INFO.name, dims)? else {
+            return Err(Error::Saved {
+                message: "does not come from a lara forward".to_string(),
+            });
+        };
+        x.check_grad_output(grad_output)?;
+        self.check_means(dims)?;
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = dims;
+        let root = resolve_scale(self.scale, d).sqrt();
+        let mut g = grad_output.to_vec();
+        x.zero_masked_queries(&mut g);
+        let bhs = dims.batch_heads();
+        let mut grads = Grads {
+            dq: zeroed(x.q().len()),
+            dk: zeroed(x.k().len()),
+            dv: zeroed(x.v().len()),
+            params: Vec::new(),
+        };
+        let c_given = self.proposal_means.as_ref().map(|_| self.proposals);
+        let mut dmu_parts = vec![
+            0.0f32;
+            if c_given.is_some() {
+                bhs * self.proposals * d
+            } else {
+                0
+            }
+        ];
+        let mu_chunk = if c_given.is_some() {
+            self.proposals * d
+        } else {
+            0
+        };
+        let dmu_iter: Vec<&mut [f32]> = if mu_chunk > 0 {
+            dmu_parts.chunks_mut(mu_chunk).collect()
+        } else {
+            (0..bhs).map(|_| &mut [][..]).collect()
+        };
+        grads
+            .dq
+            .par_chunks_mut(n_q * d)
+            .zip(grads.dk.par_chunks_mut(n_k * d))
+            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .zip(dmu_iter.into_par_iter())
+            .enumerate()
+            .for_each(|(bh, (((dq, dk), dv), dmu_out))| {
+                let Some(h) = self.head(x, bh, seed) else {
+                    return;
+                };
+                let (c, reps) = (h.c, h.reps);
+                let j_n = c * reps;
+                let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+                // out = Wᵀ F: dW = F Gᵀ (j × n), dF = W G (j × d_v).
+                let mut dw = vec![0.0f32; j_n * n_q];
+                gemm(
+                    j_n,
+                    n_q,
+                    d_v,
+                    &mut dw,
+                    n_q,
+                    Mat::rows(&h.f, d_v),
+                    Mat::cols(gh, d_v),
+                    1.0,
+                    false,
+                );
+                let mut df = vec![0.0f32; j_n * d_v];
+                gemm(
+                    j_n,
+                    d_v,
+                    n_q,
+                    &mut df,
+                    d_v,
+                    Mat::rows(&h.w, n_q),
+                    Mat::rows(gh, d_v),
+                    1.0,
+                    false,
+                );
+                // W = softmax_j(ℓ): dℓ = W ⊙ (dW − Σ_j W dW), column by column.
+                let mut dl_ = vec![0.0f32; j_n * n_q];
+                for n in 0..n_q {
+                    let inner: f32 = (0..j_n).map(|j| h.w[j * n_q + n] * dw[j * n_q + n]).sum();
+                    for j in 0..j_n {
+                        dl_[j * n_q + n] = h.w[j * n_q + n] * (dw[j * n_q + n] - inner);
+                    }
+                }
+                let mut domega = vec![0.0f32; j_n * d];
+                let mut dx = vec![0.0f32; n_q * d];
+                let mut dy = vec![0.0f32; n_k * d];
+                // ℓ ⊃ ω·x: dω += dℓ x, dx += dℓᵀ ω.
+                gemm(
+                    j_n,
+                    d,
+                    n_q,
+                    &mut domega,
+                    d,
+                    Mat::rows(&dl_, n_q),
+                    Mat::rows(&h.x, d),
+                    1.0,
+                    true,
+                );
+                gemm(
+                    n_q,
+                    d,
+                    j_n,
+                    &mut dx,
+                    d,
+                    Mat::cols(&dl_, n_q),
+                    Mat::rows(&h.omega, d),
+                    1.0,
+                    true,
+                );
+                // ℓ ⊃ z_j − own_j; log α: dα = dℓ / α where not clamped.
+                let mut dz = vec![0.0f32; j_n];
+                let mut dlmat = vec![0.0f32; j_n * c];
+                let mut dbh = vec![0.0f32; j_n];
+                let mut dr = vec![0.0f32; c * n_q];
+                for j in 0..j_n {
+                    let cj = j / reps;
+                    let row = &dl_[j * n_q..(j + 1) * n_q];
+                    let total: f32 = row.iter().sum();
+                    dz[j] = total;
+                    dlmat[j * c + cj] -= total;
+                    for n in 0..n_q {
+                        let a = h.alpha[j * n_q + n];
+                        if a <= ALPHA_MIN {
+                            continue;
+                        }
+                        let da = row[n] / a / reps as f32;
+                        dbh[j] += da;
+                        dr[cj * n_q + n] += self.lambda * da;
+                        for cc in 0..c {
+                            dr[cc * n_q + n] -= self.lambda * da / c as f32;
+                        }
+                    }
+                }
+                // BH_j = softmax_c(L_j)[c(j)].
+                for j in 0..j_n {
+                    let cj = j / reps;
+                    let row = &h.l[j * c..(j + 1) * c];
+                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|a| (a - max).exp()).sum();
+                    for cc in 0..c {
+                        let p = (row[cc] - max).exp() / sum;
+                        let ind = if cc == cj { 1.0 } else { 0.0 };
+                        dlmat[j * c + cc] += dbh[j] * h.bh[j] * (ind - p);
+                    }
+                }
+                // L = ω μᵀ − ½‖μ‖²: dω += dL μ; dμ += dLᵀ ω − (Σ_j dL) μ.
+                let mut dmu = vec![0.0f32; c * d];
+                gemm(
+                    j_n,
+                    d,
+                    c,
+                    &mut domega,
+                    d,
+                    Mat::rows(&dlmat, c),
+                    Mat::rows(&h.mu, d),
+                    1.0,
+                    true,
+                );
+                gemm(
+                    c,
+                    d,
+                    j_n,
+                    &mut dmu,
+                    d,
+                    Mat::cols(&dlmat, c),
+                    Mat::rows(&h.omega, d),
+                    1.0,
+                    true,
+                );
+                for cc in 0..c {
+                    let col: f32 = (0..j_n).map(|j| dlmat[j * c + cc]).sum();
+                    for t in 0..d {
+                        dmu[cc * d + t] -= col * h.mu[cc * d + t];
+                    }
+                }
+                // r = softmax over kept queries of q̃ xᵀ.
+                let mut dt = vec![0.0f32; c * n_q];
+                for cc in 0..c {
+                    let rr = &h.r[cc * n_q..(cc + 1) * n_q];
+                    let drr = &dr[cc * n_q..(cc + 1) * n_q];
+                    let inner: f32 = rr.iter().zip(drr).map(|(a, b)| a * b).sum();
+                    for n in 0..n_q {
+                        if h.query_kept[n] {
+                            dt[cc * n_q + n] = rr[n] * (drr[n] - inner);
+                        }
+                    }
+                }
+                let mut dq_land = vec![0.0f32; c * d];
+                gemm(
+                    c,
+                    d,
+                    n_q,
+                    &mut dq_land,
+                    d,
+                    Mat::rows(&dt, n_q),
+                    Mat::rows(&h.x, d),
+                    1.0,
+                    false,
+                );
+                gemm(
+                    n_q,
+                    d,
+                    c,
+                    &mut dx,
+                    d,
+                    Mat::cols(&dt, n_q),
+                    Mat::rows(&h.q_land, d),
+                    1.0,
+                    true,
+                );
+                // F = softmax(A_k) V, z = LSE(A_k): dA_k = P ⊙ (dF Vᵀ − dF·F + dz).
+                let v = x.v_head(bh);
+                let mut dak = vec![0.0f32; j_n * n_k];
+                gemm(
+                    j_n,
+                    n_k,
+                    d_v,
+                    &mut dak,
+                    n_k,
+                    Mat::rows(&df, d_v),
+                    Mat::cols(v, d_v),
+                    1.0,
+                    false,
+                );
+                for j in 0..j_n {
+                    let dff: f32 = df[j * d_v..(j + 1) * d_v]
+                        .iter()
+                        .zip(&h.f[j * d_v..(j + 1) * d_v])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    for m in 0..n_k {
+                        let p = h.pk[j * n_k + m];
+                        dak[j * n_k + m] = p * (dak[j * n_k + m] - dff + dz[j]);
+                    }
+                }
+                gemm(
+                    n_k,
+                    d_v,
+                    j_n,
+                    dv,
+                    d_v,
+                    Mat::cols(&h.pk, n_k),
+                    Mat::rows(&df, d_v),
+                    1.0,
+                    true,
+                );
+                // A_k = ω yᵀ − ½‖y‖²: dω += dA y; dy += dAᵀ ω − (Σ_j dA) y.
+                gemm(
+                    j_n,
+                    d,
+                    n_k,
+                    &mut domega,
+                    d,
+                    Mat::rows(&dak, n_k),
+                    Mat::rows(&h.y, d),
+                    1.0,
+                    true,
+                );
+                gemm(
+                    n_k,
+                    d,
+                    j_n,
+                    &mut dy,
+                    d,
+                    Mat::cols(&dak, n_k),
+                    Mat::rows(&h.omega, d),
+                    1.0,
+                    true,
+                );
+                for m in 0..n_k {
+                    let col: f32 = (0..j_n).map(|j| dak[j * n_k + m]).sum();
+                    for t in 0..d {
+                        dy[m * d + t] -= col * h.y[m * d + t];
+                    }
+                }
+                // ω_j = μ_{c(j)} ± ε.
+                for j in 0..j_n {
+                    let cj = j / reps;
+                    for t in 0..d {
+                        dmu[cj * d + t] += domega[j * d + t];
+                    }
+                }
+                if dmu_out.is_empty() {
+                    // μ = q̃ + k̃, segment means of the kept tokens.
+                    for (cc, seg) in h.q_segs.iter().enumerate() {
+                        let inv = 1.0 / seg.len() as f32;
+                        for &i in &h.q_idx[seg.clone()] {
+                            for t in 0..d {
+                                dx[i as usize * d + t] +=
+                                    (dmu[cc * d + t] + dq_land[cc * d + t]) * inv;
+                            }
+                        }
+                    }
+                    for (cc, seg) in h.k_segs.iter().enumerate() {
+                        let inv = 1.0 / seg.len() as f32;
+                        for &m in &h.k_idx[seg.clone()] {
+                            for t in 0..d {
+                                dy[m as usize * d + t] += dmu[cc * d + t] * inv;
+                            }
+                        }
+                    }
+                } else {
+                    // Given means stand for μ and for q̃ in r.
+                    for ((o, a), b) in dmu_out.iter_mut().zip(&dmu).zip(&dq_land) {
+                        *o = a + b;
+                    }
+                }
+                for (o, v) in dq.iter_mut().zip(&dx) {
+                    *o = root * v;
+                }
+                for (o, v) in dk.iter_mut().zip(&dy) {
+                    *o = root * v;
+                }
+            });
+        if let Some(c) = c_given {
+            let mut grad = vec![0.0f32; heads * c * d];
+            for (bh, part) in dmu_parts.chunks_exact(c * d).enumerate() {
+                let h = bh % heads;
+                for (a, b) in grad[h * c * d..(h + 1) * c * d].iter_mut().zip(part) {
+                    *a += *b;
+                }
+            }
+            grads.params.push(ParamGrad {
+                name: "proposal_means",
+                shape: vec![heads, c, d],
+                grad,
+            });
+        }
+        Ok(grads)
+    }
+}
+
+impl Lara {
+    fn check_means(&self, dims: Dims) -> Result<()> {
+        if let Some(m) = &self.proposal_means {
+            let want = dims.heads * self.proposals * dims.d;
+            if m.len() != want {
+                return Err(Error::shape(
+                    "proposal_means",
+                    format!(
+                        "has {} values but [heads, proposals, d] = [{}, {}, {}] needs {want}",
+                        m.len(),
+                        dims.heads,
+                        self.proposals,
+                        dims.d
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

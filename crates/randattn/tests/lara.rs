@@ -1,0 +1,359 @@
+//! LARA: the forward against an f64 implementation of the formula with the same noise, finite
+//! differences of the backward (sampled, antithetic, eval and given proposal means), the error
+//! falling with the number of proposals on real MiniLM layers, masks, threads and bad input.
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas
+
+mod common;
+
+use common::{Case, assert_close, minilm, normal, random_masks, rel_error, run_in_pool};
+use rand::Rng;
+use rand_distr::StandardNormal;
+use randattn::methods::lara::Lara;
+use randattn::rng::stream;
+use randattn::{Attention, AttentionInputs, Method};
+
+fn lse(v: &[f64]) -> f64 {
+    let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+/// The module's formula in f64, written independently (segment means, proposals, MIS weights).
+fn naive(lara: &Lara, case: &Case, seed: u64) -> Vec<f32> {
+    let (b, h, nq, nk, d, dv) = case.shape;
+    let root = (1.0 / (d as f64).sqrt()).sqrt();
+    let mut out = vec![0.0f32; b * h * nq * dv];
+    for bh in 0..b * h {
+        let bb = bh / h;
+        let qk = |i: usize| case.query_mask.as_ref().is_none_or(|m| m[bb * nq + i]);
+        let kk = |j: usize| case.key_mask.as_ref().is_none_or(|m| m[bb * nk + j]);
+        let x = |i: usize| -> Vec<f64> {
+            (0..d)
+                .map(|t| root * case.q[(bh * nq + i) * d + t] as f64)
+                .collect()
+        };
+        let y = |j: usize| -> Vec<f64> {
+            (0..d)
+                .map(|t| root * case.k[(bh * nk + j) * d + t] as f64)
+                .collect()
+        };
+        let qi: Vec<usize> = (0..nq).filter(|&i| qk(i)).collect();
+        let ki: Vec<usize> = (0..nk).filter(|&j| kk(j)).collect();
+        if qi.is_empty() || ki.is_empty() {
+            continue;
+        }
+        let (c, mu, qland): (usize, Vec<Vec<f64>>, Vec<Vec<f64>>) = match &lara.proposal_means {
+            Some(m) => {
+                let c = lara.proposals;
+                let mu: Vec<Vec<f64>> = (0..c)
+                    .map(|cc| {
+                        (0..d)
+                            .map(|t| m[((bh % h) * c + cc) * d + t] as f64)
+                            .collect()
+                    })
+                    .collect();
+                (c, mu.clone(), mu)
+            }
+            None => {
+                let c = lara.proposals.min(qi.len()).min(ki.len());
+                let seg_means = |idx: &[usize], f: &dyn Fn(usize) -> Vec<f64>| -> Vec<Vec<f64>> {
+                    let s = idx.len() / c;
+                    let short = (s + 1) * c - idx.len();
+                    let mut start = 0;
+                    (0..c)
+                        .map(|cc| {
+                            let len = if cc < short { s } else { s + 1 };
+                            let mut m = vec![0.0; d];
+                            for &i in &idx[start..start + len] {
+                                for (a, v) in m.iter_mut().zip(f(i)) {
+                                    *a += v / len as f64;
+                                }
+                            }
+                            start += len;
+                            m
+                        })
+                        .collect()
+                };
+                let ql = seg_means(&qi, &x);
+                let kl = seg_means(&ki, &y);
+                let mu = ql
+                    .iter()
+                    .zip(&kl)
+                    .map(|(a, b)| a.iter().zip(b).map(|(p, q)| p + q).collect())
+                    .collect();
+                (c, mu, ql)
+            }
+        };
+        let reps = if lara.antithetic && !lara.eval { 2 } else { 1 };
+        let mut rng = stream(seed, bb, bh % h, "lara/noise");
+        let mut omega: Vec<(usize, Vec<f64>)> = Vec::new();
+        for cc in 0..c {
+            let eps: Vec<f64> = (0..d)
+                .map(|_| rng.sample::<f32, _>(StandardNormal) as f64)
+                .collect();
+            for rep in 0..reps {
+                let sign = if lara.eval {
+                    0.0
+                } else if rep == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
+                omega.push((
+                    cc,
+                    mu[cc].iter().zip(&eps).map(|(m, e)| m + sign * e).collect(),
+                ));
+            }
+        }
+        let dotp = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(p, q)| p * q).sum() };
+        let half = |a: &[f64]| -> f64 { 0.5 * dotp(a, a) };
+        // r: softmax over kept queries of q̃_c·x_n.
+        let r: Vec<Vec<f64>> = (0..c)
+            .map(|cc| {
+                let logits: Vec<f64> = qi.iter().map(|&i| dotp(&qland[cc], &x(i))).collect();
+                let z = lse(&logits);
+                let mut row = vec![0.0; nq];
+                for (t, &i) in qi.iter().enumerate() {
+                    row[i] = (logits[t] - z).exp();
+                }
+                row
+            })
+            .collect();
+        for &n in &qi {
+            let mut ell = Vec::new();
+            let mut fs = Vec::new();
+            for (cj, om) in &omega {
+                let ak: Vec<f64> = ki.iter().map(|&j| dotp(om, &y(j)) - half(&y(j))).collect();
+                let z = lse(&ak);
+                let mut f = vec![0.0; dv];
+                for (t, &j) in ki.iter().enumerate() {
+                    let p = (ak[t] - z).exp();
+                    for cdx in 0..dv {
+                        f[cdx] += p * case.v[(bh * nk + j) * dv + cdx] as f64;
+                    }
+                }
+                let l: Vec<f64> = mu.iter().map(|m| dotp(om, m) - half(m)).collect();
+                let bh_w = (l[*cj] - lse(&l)).exp();
+                let rmean: f64 = (0..c).map(|cc| r[cc][n]).sum::<f64>() / c as f64;
+                let alpha = (bh_w + lara.lambda as f64 * (r[*cj][n] - rmean)) / reps as f64;
+                ell.push(alpha.max(1e-8).ln() + dotp(om, &x(n)) + z - l[*cj]);
+                fs.push(f);
+            }
+            let z = lse(&ell);
+            for (e, f) in ell.iter().zip(&fs) {
+                let w = (e - z).exp();
+                for cdx in 0..dv {
+                    out[(bh * nq + n) * dv + cdx] += (w * f[cdx]) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn variants() -> Vec<Lara> {
+    let base = Lara {
+        proposals: 4,
+        ..Lara::default()
+    };
+    vec![
+        base.clone(),
+        Lara {
+            antithetic: true,
+            ..base.clone()
+        },
+        Lara {
+            eval: true,
+            lambda: 2.0,
+            ..base.clone()
+        },
+        Lara {
+            proposals: 3,
+            proposal_means: Some(normal(2 * 3 * 4, 0.5, 9, "means")),
+            ..base
+        },
+    ]
+}
+
+#[test]
+fn forward_matches_the_formula_with_the_same_noise() {
+    let mut case = Case::new((2, 2, 13, 11, 4, 3), 5);
+    random_masks(&mut case, 3);
+    for lara in variants() {
+        let got = lara.forward(&case.inputs(), 7).unwrap().output;
+        assert_close(&format!("{lara:?}"), &got, &naive(&lara, &case, 7), 1e-4);
+    }
+    // n ≤ C: every token is its own landmark.
+    let small = Case::new((1, 1, 3, 3, 4, 2), 1);
+    let lara = Lara::default();
+    assert_close(
+        "n <= C",
+        &lara.forward(&small.inputs(), 2).unwrap().output,
+        &naive(&lara, &small, 2),
+        1e-4,
+    );
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    let mut case = Case::new((2, 2, 9, 8, 4, 3), 6);
+    random_masks(&mut case, 8);
+    let g = normal(2 * 2 * 9 * 3, 1.0, 4, "g");
+    for lara in variants() {
+        let x = case.inputs();
+        let f = lara.forward(&x, 3).unwrap();
+        let grads = lara.backward(&x, 3, &f.saved, &g).unwrap();
+        let loss = |c: &Case, m: &Lara| -> f64 {
+            let out = m.forward(&c.inputs(), 3).unwrap().output;
+            out.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        fn field(c: &mut Case, which: usize) -> &mut Vec<f32> {
+            match which {
+                0 => &mut c.q,
+                1 => &mut c.k,
+                _ => &mut c.v,
+            }
+        }
+        let eps = 1e-2f32;
+        let close = |an: f32, fd: f64, what: String| {
+            assert!(
+                (an as f64 - fd).abs() <= 1e-2 * (1.0 + fd.abs()),
+                "{lara:?} {what}: analytic {an} vs finite difference {fd}"
+            );
+        };
+        for which in 0..3 {
+            for idx in 0..field(&mut Case::new(case.shape, 6), which).len() {
+                let mut c = Case::new(case.shape, 6);
+                c.key_mask = case.key_mask.clone();
+                c.query_mask = case.query_mask.clone();
+                let base = field(&mut c, which)[idx];
+                field(&mut c, which)[idx] = base + eps;
+                let plus = loss(&c, &lara);
+                field(&mut c, which)[idx] = base - eps;
+                let minus = loss(&c, &lara);
+                let an = [&grads.dq, &grads.dk, &grads.dv][which][idx];
+                close(
+                    an,
+                    (plus - minus) / (2.0 * eps as f64),
+                    format!("tensor {which}[{idx}]"),
+                );
+            }
+        }
+        if let Some(means) = &lara.proposal_means {
+            let pg = &grads.params[0];
+            assert_eq!(
+                (pg.name, pg.shape.clone()),
+                ("proposal_means", vec![2, 3, 4])
+            );
+            for idx in 0..means.len() {
+                let bump = |delta: f32| {
+                    let mut m = means.clone();
+                    m[idx] += delta;
+                    Lara {
+                        proposal_means: Some(m),
+                        ..lara.clone()
+                    }
+                };
+                let fd = (loss(&case, &bump(eps)) - loss(&case, &bump(-eps))) / (2.0 * eps as f64);
+                close(pg.grad[idx], fd, format!("proposal_means[{idx}]"));
+            }
+        }
+    }
+}
+
+#[test]
+fn error_falls_as_proposals_grow_on_real_minilm_layers() {
+    // Measured (mean of 3 seeds) on layers 0 / 2 / 5: C = 16: 0.95 / 1.15 / 0.85, C = 128:
+    // 0.78 / 0.92 / 0.67; Performer with the same number of samples is about level with LARA
+    // here (m = 64: 0.85 / 1.03 / 0.77 against LARA C = 64: 0.86 / 1.03 / 0.75) — the paper's
+    // advantage comes from proposals learned in training, which a pretrained softmax model
+    // does not have.
+    for layer in ["layer0", "layer5"] {
+        let (q, s) = minilm(&format!("{layer}-q.npy"));
+        let (k, _) = minilm(&format!("{layer}-k.npy"));
+        let (v, _) = minilm(&format!("{layer}-v.npy"));
+        let (want, _) = minilm(&format!("{layer}-out.npy"));
+        let shape = [s[0], s[1], s[2], s[3]];
+        let x = AttentionInputs::new(&q, shape, &k, shape, &v, shape).unwrap();
+        let errs: Vec<f64> = [16, 32, 64, 128]
+            .iter()
+            .map(|&c| {
+                let lara = Lara {
+                    proposals: c,
+                    ..Lara::default()
+                };
+                (0..3)
+                    .map(|seed| rel_error(&lara.forward(&x, seed).unwrap().output, &want))
+                    .sum::<f64>()
+                    / 3.0
+            })
+            .collect();
+        for w in errs.windows(2) {
+            assert!(w[1] < w[0], "{layer}: {errs:?}");
+        }
+    }
+}
+
+#[test]
+fn masks_threads_and_bad_input() {
+    let mut case = Case::new((3, 2, 30, 30, 8, 4), 7);
+    random_masks(&mut case, 7);
+    let method = Method::parse("lara", &[("proposals", "6")]).unwrap();
+    let x = case.inputs();
+    let f = method.forward(&x, 2).unwrap();
+    let (km, qm) = (
+        case.key_mask.clone().unwrap(),
+        case.query_mask.clone().unwrap(),
+    );
+    for (idx, o) in f.output.iter().enumerate() {
+        let (bh, i) = (idx / (30 * 4), (idx / 4) % 30);
+        assert!(o.is_finite());
+        if bh / 2 == 1 || !qm[(bh / 2) * 30 + i] {
+            assert_eq!(*o, 0.0);
+        }
+    }
+    let mut other = Case::new(case.shape, 7);
+    other.key_mask = case.key_mask.clone();
+    other.query_mask = case.query_mask.clone();
+    for bh in 0..6 {
+        for j in 0..30 {
+            if !km[(bh / 2) * 30 + j] {
+                other.k[(bh * 30 + j) * 8..(bh * 30 + j + 1) * 8].fill(20.0);
+                other.v[(bh * 30 + j) * 4..(bh * 30 + j + 1) * 4].fill(-9.0);
+            }
+            if !qm[(bh / 2) * 30 + j] {
+                other.q[(bh * 30 + j) * 8..(bh * 30 + j + 1) * 8].fill(3.0);
+            }
+        }
+    }
+    assert_close(
+        "padding",
+        &method.forward(&other.inputs(), 2).unwrap().output,
+        &f.output,
+        1e-5,
+    );
+    let g = normal(f.output.len(), 1.0, 1, "g");
+    let run = |threads: usize| run_in_pool(&method, &x, 2, &g, threads);
+    let one = run(1);
+    assert_eq!(run(3), one);
+    assert_ne!(method.forward(&x, 3).unwrap().output, f.output);
+    let eval = Method::parse("lara", &[("eval", "true")]).unwrap();
+    assert_eq!(
+        eval.forward(&x, 1).unwrap().output,
+        eval.forward(&x, 2).unwrap().output
+    );
+    for (k, v, needle) in [
+        ("proposals", "0", "parameter `proposals`"),
+        ("lambda", "nan", "parameter `lambda`"),
+        ("antithetic", "2", "parameter `antithetic`"),
+        ("eval", "maybe", "parameter `eval`"),
+    ] {
+        let err = Method::parse("lara", &[(k, v)]).unwrap_err().to_string();
+        assert!(err.contains(needle), "{k}={v}: {err}");
+    }
+    let wrong = Lara {
+        proposal_means: Some(vec![0.0; 5]),
+        ..Lara::default()
+    };
+    let err = wrong.forward(&x, 0).unwrap_err().to_string();
+    assert!(err.contains("[heads, proposals, d] = [2, 64, 8]"), "{err}");
+}
