@@ -44,7 +44,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, zeroed};
+use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, softmax_row, zeroed};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
     param_error, parse_value, unknown_param,
@@ -210,9 +210,9 @@ struct Head {
     bh: Vec<f32>,
     /// `r`, `c × n_q` (zero columns for masked queries).
     r: Vec<f32>,
-    /// Unclamped `α`, `j × n_q`.
+    /// Unclamped `α`, `n_q × j`.
     alpha: Vec<f32>,
-    /// `W = softmax_j(ℓ)`, `j × n_q`.
+    /// `W = softmax_j(ℓ)`, `n_q × j`.
     w: Vec<f32>,
     /// Kept queries.
     query_kept: Vec<bool>,
@@ -323,16 +323,11 @@ impl Lara {
                     f32::NEG_INFINITY
                 };
             }
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row
-                .iter_mut()
-                .map(|a| {
-                    *a = (*a - max).exp();
-                    *a
-                })
-                .sum();
+            let max = row_max(row);
+            let sum = exp_shifted_sum(row, max);
+            let inv = 1.0 / sum;
             for a in row.iter_mut() {
-                *a /= sum;
+                *a *= inv;
             }
             *zj = max + sum.ln();
         }
@@ -410,41 +405,33 @@ impl Lara {
                 *a += v / c as f32;
             }
         }
-        let mut w = vec![0.0f32; j_n * n_q];
+        // ℓ and W = softmax_j(ℓ), one row per query (`n_q × j`).
+        let mut w = vec![0.0f32; n_q * j_n];
         gemm(
-            j_n,
             n_q,
+            j_n,
             d,
             &mut w,
-            n_q,
-            Mat::rows(&omega, d),
-            Mat::cols(&xs, d),
+            j_n,
+            Mat::rows(&xs, d),
+            Mat::cols(&omega, d),
             1.0,
             false,
         );
-        let mut alpha = vec![0.0f32; j_n * n_q];
-        for j in 0..j_n {
-            let cj = j / reps;
-            let own = l[j * c + cj];
-            for n in 0..n_q {
+        let mut alpha = vec![0.0f32; n_q * j_n];
+        let own: Vec<f32> = (0..j_n).map(|j| l[j * c + j / reps]).collect();
+        for ((wrow, arow), n) in w
+            .chunks_exact_mut(j_n)
+            .zip(alpha.chunks_exact_mut(j_n))
+            .zip(0..n_q)
+        {
+            for j in 0..j_n {
+                let cj = j / reps;
                 let a = (bh_w[j] + self.lambda * (r[cj * n_q + n] - r_mean[n])) / reps as f32;
-                alpha[j * n_q + n] = a;
-                w[j * n_q + n] += a.max(ALPHA_MIN).ln() + z[j] - own;
+                arow[j] = a;
+                wrow[j] += a.max(ALPHA_MIN).ln() + z[j] - own[j];
             }
-        }
-        for n in 0..n_q {
-            let max = (0..j_n)
-                .map(|j| w[j * n_q + n])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for j in 0..j_n {
-                let e = (w[j * n_q + n] - max).exp();
-                w[j * n_q + n] = e;
-                sum += e;
-            }
-            for j in 0..j_n {
-                w[j * n_q + n] /= sum;
-            }
+            softmax_row(wrow);
         }
         Some(Head {
             x: xs,
@@ -489,7 +476,7 @@ impl Attention for Lara {
                         j_n,
                         out,
                         d_v,
-                        Mat::cols(&h.w, n_q),
+                        Mat::rows(&h.w, j_n),
                         Mat::rows(&h.f, d_v),
                         1.0,
                         false,
@@ -570,16 +557,16 @@ impl Attention for Lara {
                 let (c, reps) = (h.c, h.reps);
                 let j_n = c * reps;
                 let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
-                // out = Wᵀ F: dW = F Gᵀ (j × n), dF = W G (j × d_v).
-                let mut dw = vec![0.0f32; j_n * n_q];
+                // out = W F (W is n × j): dW = G Fᵀ, dF = Wᵀ G.
+                let mut dw = vec![0.0f32; n_q * j_n];
                 gemm(
-                    j_n,
                     n_q,
+                    j_n,
                     d_v,
                     &mut dw,
-                    n_q,
-                    Mat::rows(&h.f, d_v),
-                    Mat::cols(gh, d_v),
+                    j_n,
+                    Mat::rows(gh, d_v),
+                    Mat::cols(&h.f, d_v),
                     1.0,
                     false,
                 );
@@ -590,30 +577,30 @@ impl Attention for Lara {
                     n_q,
                     &mut df,
                     d_v,
-                    Mat::rows(&h.w, n_q),
+                    Mat::cols(&h.w, j_n),
                     Mat::rows(gh, d_v),
                     1.0,
                     false,
                 );
-                // W = softmax_j(ℓ): dℓ = W ⊙ (dW − Σ_j W dW), column by column.
-                let mut dl_ = vec![0.0f32; j_n * n_q];
-                for n in 0..n_q {
-                    let inner: f32 = (0..j_n).map(|j| h.w[j * n_q + n] * dw[j * n_q + n]).sum();
-                    for j in 0..j_n {
-                        dl_[j * n_q + n] = h.w[j * n_q + n] * (dw[j * n_q + n] - inner);
+                // W = softmax_j(ℓ), row by row: dℓ = W ⊙ (dW − Σ_j W dW) (in place of dW).
+                for (dr_, wr) in dw.chunks_exact_mut(j_n).zip(h.w.chunks_exact(j_n)) {
+                    let inner: f32 = dr_.iter().zip(wr).map(|(a, b)| a * b).sum();
+                    for (a, b) in dr_.iter_mut().zip(wr) {
+                        *a = b * (*a - inner);
                     }
                 }
+                let dl_ = dw;
                 let mut domega = vec![0.0f32; j_n * d];
                 let mut dx = vec![0.0f32; n_q * d];
                 let mut dy = vec![0.0f32; n_k * d];
-                // ℓ ⊃ ω·x: dω += dℓ x, dx += dℓᵀ ω.
+                // ℓ ⊃ ω·x: dω += dℓᵀ x, dx += dℓ ω.
                 gemm(
                     j_n,
                     d,
                     n_q,
                     &mut domega,
                     d,
-                    Mat::rows(&dl_, n_q),
+                    Mat::cols(&dl_, j_n),
                     Mat::rows(&h.x, d),
                     1.0,
                     true,
@@ -624,7 +611,7 @@ impl Attention for Lara {
                     j_n,
                     &mut dx,
                     d,
-                    Mat::cols(&dl_, n_q),
+                    Mat::rows(&dl_, j_n),
                     Mat::rows(&h.omega, d),
                     1.0,
                     true,
@@ -634,24 +621,30 @@ impl Attention for Lara {
                 let mut dlmat = vec![0.0f32; j_n * c];
                 let mut dbh = vec![0.0f32; j_n];
                 let mut dr = vec![0.0f32; c * n_q];
-                for j in 0..j_n {
-                    let cj = j / reps;
-                    let row = &dl_[j * n_q..(j + 1) * n_q];
-                    let total: f32 = row.iter().sum();
-                    dz[j] = total;
-                    dlmat[j * c + cj] -= total;
-                    for n in 0..n_q {
-                        let a = h.alpha[j * n_q + n];
+                for (n, (drow, arow)) in dl_
+                    .chunks_exact(j_n)
+                    .zip(h.alpha.chunks_exact(j_n))
+                    .enumerate()
+                {
+                    // The mean over proposals in α takes λ/C of every sample's dα.
+                    let mut mean_share = 0.0f32;
+                    for j in 0..j_n {
+                        dz[j] += drow[j];
+                        let a = arow[j];
                         if a <= ALPHA_MIN {
                             continue;
                         }
-                        let da = row[n] / a / reps as f32;
+                        let da = drow[j] / a / reps as f32;
                         dbh[j] += da;
-                        dr[cj * n_q + n] += self.lambda * da;
-                        for cc in 0..c {
-                            dr[cc * n_q + n] -= self.lambda * da / c as f32;
-                        }
+                        dr[(j / reps) * n_q + n] += self.lambda * da;
+                        mean_share += self.lambda * da / c as f32;
                     }
+                    for cc in 0..c {
+                        dr[cc * n_q + n] -= mean_share;
+                    }
+                }
+                for j in 0..j_n {
+                    dlmat[j * c + j / reps] -= dz[j];
                 }
                 // BH_j = softmax_c(L_j)[c(j)].
                 for j in 0..j_n {
