@@ -11,8 +11,12 @@ use randattn::{Attention, Method};
 
 /// f64 Performer with the method's own directions (no stabilisation needed in f64 here).
 fn naive(p: &Performer, case: &Case, seed: u64) -> Vec<f32> {
+    naive64(p, case, seed).iter().map(|v| *v as f32).collect()
+}
+
+fn naive64(p: &Performer, case: &Case, seed: u64) -> Vec<f64> {
     let (b, h, nq, nk, d, dv) = case.shape;
-    let mut out = vec![0.0f32; b * h * nq * dv];
+    let mut out = vec![0.0f64; b * h * nq * dv];
     for bh in 0..b * h {
         let head = bh % h;
         let fq = p.features(&case.q[bh * nq * d..(bh + 1) * nq * d], d, seed, head);
@@ -44,11 +48,7 @@ fn naive(p: &Performer, case: &Case, seed: u64) -> Vec<f32> {
                 }
             }
             for c in 0..dv {
-                out[(bh * nq + i) * dv + c] = if den > 0.0 {
-                    (num[c] / den) as f32
-                } else {
-                    0.0
-                };
+                out[(bh * nq + i) * dv + c] = if den > 0.0 { num[c] / den } else { 0.0 };
             }
         }
     }
@@ -80,6 +80,34 @@ fn forward_matches_the_f64_formula_with_the_same_directions() {
             &naive(&p, &case, 3),
             1e-4,
         );
+    }
+}
+
+/// The forward streams keys and queries in tiles of 256 rows with an online key maximum: many
+/// tiles, a first tile of masked keys only, and key norms growing along the sequence (so later
+/// tiles raise the maximum and the sums so far are rescaled) must still give the formula.
+#[test]
+fn streamed_forward_matches_the_formula_across_tiles() {
+    let (b, h, nq, nk, d) = (2, 2, 300, 700, 8);
+    let mut case = Case::new((b, h, nq, nk, d, 3), 21);
+    for (i, row) in case.k.chunks_exact_mut(d).enumerate() {
+        let f = 0.3 + 1.5 * (i % nk) as f32 / nk as f32;
+        row.iter_mut().for_each(|v| *v *= f);
+    }
+    let mut keep = vec![true; b * nk];
+    keep[..300].fill(false); // batch 0: the first tile and part of the second masked
+    for j in (nk..2 * nk).step_by(3) {
+        keep[j] = false;
+    }
+    case.key_mask = Some(keep);
+    for kernel in [Kernel::Positive, Kernel::Hyperbolic] {
+        let p = Performer {
+            features: 24,
+            kernel,
+            ..Performer::default()
+        };
+        let got = p.forward(&case.inputs(), 8).unwrap().output;
+        assert_close(&format!("{kernel:?}"), &got, &naive(&p, &case, 8), 1e-4);
     }
 }
 
@@ -237,6 +265,66 @@ fn backward_matches_finite_differences() {
                     "{kernel:?} tensor {which}[{idx}]: analytic {an} vs finite difference {fd}"
                 );
             }
+        }
+    }
+}
+
+/// The streamed backward across many tiles (the finite-difference test above fits in one):
+/// the directional derivative of `⟨G, out⟩` along a random direction of Q, K and V, by central
+/// differences of the f64 formula, equals `⟨grad, direction⟩`.
+#[test]
+fn streamed_backward_matches_directional_derivatives_across_tiles() {
+    let (b, h, nq, nk, d, dv) = (1, 2, 300, 600, 8, 3);
+    let mut case = Case::new((b, h, nq, nk, d, dv), 31);
+    for v in case.q.iter_mut().chain(case.k.iter_mut()) {
+        *v *= 0.7;
+    }
+    let mut keep = vec![true; nk];
+    keep[..280].fill(false);
+    case.key_mask = Some(keep);
+    let mut qkeep = vec![true; nq];
+    qkeep[10..20].fill(false);
+    case.query_mask = Some(qkeep);
+    for kernel in [Kernel::Positive, Kernel::Hyperbolic] {
+        let p = Performer {
+            features: 16,
+            kernel,
+            ..Performer::default()
+        };
+        let x = case.inputs();
+        let g = normal(x.dims().out_len(), 1.0, 3, "g");
+        let f = p.forward(&x, 5).unwrap();
+        let grads = p.backward(&x, 5, &f.saved, &g).unwrap();
+        for which in 0..3 {
+            let len = [case.q.len(), case.k.len(), case.v.len()][which];
+            let dir = normal(len, 1.0, 40 + which as u64, "direction");
+            let an: f64 = [&grads.dq, &grads.dk, &grads.dv][which]
+                .iter()
+                .zip(&dir)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            let eps = 1e-3f32;
+            let loss_at = |t: f32| -> f64 {
+                let mut c = Case::new(case.shape, 31);
+                c.q.clone_from(&case.q);
+                c.k.clone_from(&case.k);
+                c.key_mask.clone_from(&case.key_mask);
+                c.query_mask.clone_from(&case.query_mask);
+                let field = [&mut c.q, &mut c.k, &mut c.v][which].as_mut_slice();
+                for (a, u) in field.iter_mut().zip(&dir) {
+                    *a += t * u;
+                }
+                naive64(&p, &c, 5)
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a * *b as f64)
+                    .sum()
+            };
+            let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+            assert!(
+                (an - fd).abs() <= 1e-3 * (1.0 + fd.abs()),
+                "{kernel:?} tensor {which}: analytic {an} vs finite difference {fd}"
+            );
         }
     }
 }

@@ -236,146 +236,341 @@ impl Performer {
     /// Log-features `ω·x − ‖x‖²/2` (both signs for the hyperbolic map) of the rows `x`
     /// (already scaled by `s^{1/2}`), `rows × width`.
     fn log_features(&self, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; x.len() / d * self.width()];
+        self.log_features_into(x, w, d, &mut out);
+        out
+    }
+
+    /// [`Self::log_features`] into `out` (`rows × width`, overwritten).
+    fn log_features_into(&self, x: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
         let (m, width) = (self.features, self.width());
         let rows = x.len() / d;
-        let mut proj = vec![0.0f32; rows * m];
+        // The projections land in the first m columns; the hyperbolic map mirrors them.
         gemm(
             rows,
             m,
             d,
-            &mut proj,
-            m,
+            out,
+            width,
             Mat::rows(x, d),
             Mat::cols(w, d),
             1.0,
             false,
         );
-        let mut out = vec![0.0f32; rows * width];
-        for ((o, p), xr) in out
-            .chunks_exact_mut(width)
-            .zip(proj.chunks_exact(m))
-            .zip(x.chunks_exact(d))
-        {
+        for (o, xr) in out.chunks_exact_mut(width).zip(x.chunks_exact(d)) {
             let half_sq = 0.5 * dot(xr, xr);
-            for (ov, pv) in o[..m].iter_mut().zip(p) {
-                *ov = pv - half_sq;
-            }
             if self.kernel == Kernel::Hyperbolic {
-                for (ov, pv) in o[m..].iter_mut().zip(p) {
-                    *ov = -pv - half_sq;
+                let (pos, neg) = o.split_at_mut(m);
+                for (nv, pv) in neg.iter_mut().zip(pos.iter()) {
+                    *nv = -pv - half_sq;
+                }
+            }
+            for ov in o[..m].iter_mut() {
+                *ov -= half_sq;
+            }
+        }
+    }
+
+    /// One tile of scaled rows `x` (`rows × d`) into features `φ` (`rows × width`): with
+    /// `shift = Some(s)` every kept row is `e^(log φ − s)` and masked rows are 0; with `None`
+    /// each row is shifted by its own maximum (queries).
+    #[allow(clippy::too_many_arguments)]
+    fn tile_features(
+        &self,
+        src: &[f32],
+        root: f32,
+        w: &[f32],
+        d: usize,
+        xs: &mut [f32],
+        phi: &mut [f32],
+        shift: Option<f32>,
+        kept: impl Fn(usize) -> bool,
+    ) {
+        let width = self.width();
+        for (a, b) in xs.iter_mut().zip(src) {
+            *a = b * root;
+        }
+        self.log_features_into(xs, w, d, phi);
+        for (j, row) in phi.chunks_exact_mut(width).enumerate() {
+            match shift {
+                _ if !kept(j) => row.fill(0.0),
+                Some(s) => {
+                    exp_shifted_sum(row, s);
+                }
+                None => {
+                    let m = row_max(row);
+                    exp_shifted_sum(row, m);
                 }
             }
         }
-        out
     }
-}
 
-/// Everything one head's forward computes, for its backward too.
-struct HeadState {
-    /// Scaled queries and keys.
-    xq: Vec<f32>,
-    xk: Vec<f32>,
-    /// Query and key features (stabilised), `n × width`; masked keys are zero rows.
-    phi_q: Vec<f32>,
-    phi_k: Vec<f32>,
-    /// `φ(K)ᵀ V` (`width × d_v`) and `φ(K)ᵀ 1` (`width`).
-    kv: Vec<f32>,
-    ksum: Vec<f32>,
-    /// Per-row denominators `φ(q)·φ(K)ᵀ1`.
-    den: Vec<f32>,
-    /// Output rows.
-    out: Vec<f32>,
-}
-
-impl Performer {
-    fn head(&self, x: &AttentionInputs<'_>, bh: usize, w: &[f32]) -> HeadState {
+    /// The key statistics of one head, `(φ(K)ᵀ V, φ(K)ᵀ 1, shift)`, streamed over tiles of
+    /// [`TILE`] keys so that no `n × width` feature matrix is formed. The keys' shift is an
+    /// online maximum: when a tile raises it, the sums so far are rescaled by `e^(old − new)`,
+    /// so the result equals one shift by the maximum over all kept keys (which cancels in every
+    /// ratio). The `1/√width` normalisation cancels too and is left out.
+    fn key_stats(&self, x: &AttentionInputs<'_>, bh: usize, w: &[f32]) -> KeyStats {
         let Dims {
             heads, n_k, d, d_v, ..
         } = x.dims();
         let width = self.width();
         let root = resolve_scale(self.scale, d).sqrt();
         let keep = x.key_mask_row(bh / heads);
-        let xq: Vec<f32> = x.q_head(bh).iter().map(|v| v * root).collect();
-        let xk: Vec<f32> = x.k_head(bh).iter().map(|v| v * root).collect();
-        let norm = 1.0 / (width as f32).sqrt();
-        // Queries: each row shifted by its own maximum (cancels in that row's ratio).
-        let mut phi_q = self.log_features(&xq, w, d);
-        for row in phi_q.chunks_exact_mut(width) {
-            let max = row_max(row);
-            exp_shifted_sum(row, max);
-            for v in row.iter_mut() {
-                *v *= norm;
+        let (kh, vh) = (x.k_head(bh), x.v_head(bh));
+        let mut xs = vec![0.0f32; TILE * d];
+        let mut phi = vec![0.0f32; TILE * width];
+        let mut st = KeyStats {
+            kv: vec![0.0f32; width * d_v],
+            ksum: vec![0.0f32; width],
+            shift: f32::NEG_INFINITY,
+        };
+        for start in (0..n_k).step_by(TILE) {
+            let rows = TILE.min(n_k - start);
+            let kept = |j: usize| keep.is_none_or(|m| m[start + j]);
+            let (xs, phi) = (&mut xs[..rows * d], &mut phi[..rows * width]);
+            for (a, b) in xs.iter_mut().zip(&kh[start * d..(start + rows) * d]) {
+                *a = b * root;
             }
-        }
-        // Keys: one shift for the whole head (cancels in every ratio); masked keys left out.
-        let mut phi_k = self.log_features(&xk, w, d);
-        let mut max = f32::NEG_INFINITY;
-        for (j, row) in phi_k.chunks_exact(width).enumerate() {
-            if keep.is_none_or(|m| m[j]) {
-                max = max.max(row_max(row));
+            self.log_features_into(xs, w, d, phi);
+            let tile_max = phi
+                .chunks_exact(width)
+                .enumerate()
+                .filter(|(j, _)| kept(*j))
+                .map(|(_, r)| row_max(r))
+                .fold(f32::NEG_INFINITY, f32::max);
+            if tile_max == f32::NEG_INFINITY {
+                continue;
             }
-        }
-        for (j, row) in phi_k.chunks_exact_mut(width).enumerate() {
-            if keep.is_none_or(|m| m[j]) {
-                exp_shifted_sum(row, max);
-                for v in row.iter_mut() {
-                    *v *= norm;
+            if tile_max > st.shift {
+                if st.shift > f32::NEG_INFINITY {
+                    let f = (st.shift - tile_max).exp();
+                    st.kv
+                        .iter_mut()
+                        .chain(st.ksum.iter_mut())
+                        .for_each(|v| *v *= f);
                 }
-            } else {
-                row.fill(0.0);
+                st.shift = tile_max;
             }
-        }
-        let n_q = xq.len() / d;
-        let mut kv = vec![0.0f32; width * d_v];
-        gemm(
-            width,
-            d_v,
-            n_k,
-            &mut kv,
-            d_v,
-            Mat::cols(&phi_k, width),
-            Mat::rows(x.v_head(bh), d_v),
-            1.0,
-            false,
-        );
-        let mut ksum = vec![0.0f32; width];
-        for row in phi_k.chunks_exact(width) {
-            for (a, b) in ksum.iter_mut().zip(row) {
-                *a += *b;
-            }
-        }
-        let mut out = vec![0.0f32; n_q * d_v];
-        gemm(
-            n_q,
-            d_v,
-            width,
-            &mut out,
-            d_v,
-            Mat::rows(&phi_q, width),
-            Mat::rows(&kv, d_v),
-            1.0,
-            false,
-        );
-        let den: Vec<f32> = phi_q.chunks_exact(width).map(|r| dot(r, &ksum)).collect();
-        for (o, &dn) in out.chunks_exact_mut(d_v).zip(&den) {
-            if dn > 0.0 {
-                let inv = 1.0 / dn;
-                for v in o.iter_mut() {
-                    *v *= inv;
+            for (j, row) in phi.chunks_exact_mut(width).enumerate() {
+                if kept(j) {
+                    exp_shifted_sum(row, st.shift);
+                    for (a, b) in st.ksum.iter_mut().zip(row.iter()) {
+                        *a += *b;
+                    }
+                } else {
+                    row.fill(0.0);
                 }
-            } else {
-                o.fill(0.0);
             }
+            gemm(
+                width,
+                d_v,
+                rows,
+                &mut st.kv,
+                d_v,
+                Mat::cols(phi, width),
+                Mat::rows(&vh[start * d_v..(start + rows) * d_v], d_v),
+                1.0,
+                true,
+            );
         }
-        HeadState {
-            xq,
-            xk,
-            phi_q,
-            phi_k,
-            kv,
-            ksum,
-            den,
+        st
+    }
+
+    /// Output rows of one query tile from its features `phi` (each row under its own shift):
+    /// `out = φ KV / (φ · ksum)`, 0 where the denominator underflows. Returns the denominators.
+    fn tile_output(&self, phi: &[f32], st: &KeyStats, d_v: usize, out: &mut [f32]) -> Vec<f32> {
+        let width = self.width();
+        let rows = phi.len() / width;
+        gemm(
+            rows,
+            d_v,
+            width,
             out,
+            d_v,
+            Mat::rows(phi, width),
+            Mat::rows(&st.kv, d_v),
+            1.0,
+            false,
+        );
+        let mut dens = Vec::with_capacity(rows);
+        for (orow, prow) in out.chunks_exact_mut(d_v).zip(phi.chunks_exact(width)) {
+            let den = dot(prow, &st.ksum);
+            if den > 0.0 {
+                let inv = 1.0 / den;
+                orow.iter_mut().for_each(|v| *v *= inv);
+            } else {
+                orow.fill(0.0);
+            }
+            dens.push(den);
+        }
+        dens
+    }
+
+    /// The forward of one head: key statistics, then query tiles (time linear in n, working set
+    /// in cache).
+    fn head_forward(&self, x: &AttentionInputs<'_>, bh: usize, w: &[f32], out: &mut [f32]) {
+        let Dims { n_q, d, d_v, .. } = x.dims();
+        let width = self.width();
+        let root = resolve_scale(self.scale, d).sqrt();
+        let st = self.key_stats(x, bh, w);
+        let qh = x.q_head(bh);
+        let mut xs = vec![0.0f32; TILE * d];
+        let mut phi = vec![0.0f32; TILE * width];
+        for start in (0..n_q).step_by(TILE) {
+            let rows = TILE.min(n_q - start);
+            let (xs, phi) = (&mut xs[..rows * d], &mut phi[..rows * width]);
+            let src = &qh[start * d..(start + rows) * d];
+            self.tile_features(src, root, w, d, xs, phi, None, |_| true);
+            self.tile_output(phi, &st, d_v, &mut out[start * d_v..(start + rows) * d_v]);
+        }
+    }
+
+    /// The backward of one head, streamed like the forward: key statistics; query tiles (which
+    /// give dQ and accumulate `d(KV)`, `d(ksum)`); key tiles (which give dK and dV). `g` is the
+    /// head's output gradient with masked query rows zeroed.
+    #[allow(clippy::too_many_arguments)]
+    fn head_backward(
+        &self,
+        x: &AttentionInputs<'_>,
+        bh: usize,
+        w: &[f32],
+        g: &[f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+            ..
+        } = x.dims();
+        let width = self.width();
+        let root = resolve_scale(self.scale, d).sqrt();
+        let st = self.key_stats(x, bh, w);
+        let mut xs = vec![0.0f32; TILE * d];
+        let mut phi = vec![0.0f32; TILE * width];
+        let mut dphi = vec![0.0f32; TILE * width];
+        let mut out = vec![0.0f32; TILE * d_v];
+        let mut dnum = vec![0.0f32; TILE * d_v];
+        let mut dkv = vec![0.0f32; width * d_v];
+        let mut dksum = vec![0.0f32; width];
+        let qh = x.q_head(bh);
+        for start in (0..n_q).step_by(TILE) {
+            let rows = TILE.min(n_q - start);
+            let (xs, phi, dphi) = (
+                &mut xs[..rows * d],
+                &mut phi[..rows * width],
+                &mut dphi[..rows * width],
+            );
+            let (out, dnum) = (&mut out[..rows * d_v], &mut dnum[..rows * d_v]);
+            let src = &qh[start * d..(start + rows) * d];
+            self.tile_features(src, root, w, d, xs, phi, None, |_| true);
+            let dens = self.tile_output(phi, &st, d_v, out);
+            // out = num / den: dnum = G / den, dden = −(G·out) / den.
+            let gt = &g[start * d_v..(start + rows) * d_v];
+            let mut dden = vec![0.0f32; rows];
+            for (((dn, dd), (gr, or)), &den) in dnum
+                .chunks_exact_mut(d_v)
+                .zip(dden.iter_mut())
+                .zip(gt.chunks_exact(d_v).zip(out.chunks_exact(d_v)))
+                .zip(&dens)
+            {
+                if den > 0.0 {
+                    let inv = 1.0 / den;
+                    for (a, b) in dn.iter_mut().zip(gr) {
+                        *a = b * inv;
+                    }
+                    *dd = -dot(gr, or) * inv;
+                } else {
+                    dn.fill(0.0);
+                }
+            }
+            // num = φ(Q) KV, den = φ(Q) ksum.
+            gemm(
+                rows,
+                width,
+                d_v,
+                dphi,
+                width,
+                Mat::rows(dnum, d_v),
+                Mat::cols(&st.kv, d_v),
+                1.0,
+                false,
+            );
+            for (row, dd) in dphi.chunks_exact_mut(width).zip(&dden) {
+                for (a, k) in row.iter_mut().zip(&st.ksum) {
+                    *a += dd * k;
+                }
+            }
+            gemm(
+                width,
+                d_v,
+                rows,
+                &mut dkv,
+                d_v,
+                Mat::cols(phi, width),
+                Mat::rows(dnum, d_v),
+                1.0,
+                true,
+            );
+            for (row, dd) in phi.chunks_exact(width).zip(&dden) {
+                for (a, p) in dksum.iter_mut().zip(row) {
+                    *a += dd * p;
+                }
+            }
+            let dx = feature_backward(self, dphi, phi, xs, w, d);
+            for (a, b) in dq[start * d..(start + rows) * d].iter_mut().zip(&dx) {
+                *a = b * root;
+            }
+        }
+        // KV = φ(K)ᵀ V, ksum = φ(K)ᵀ 1; masked keys have zero features, hence zero dK and dV.
+        let keep = x.key_mask_row(bh / heads);
+        let (kh, vh) = (x.k_head(bh), x.v_head(bh));
+        for start in (0..n_k).step_by(TILE) {
+            let rows = TILE.min(n_k - start);
+            let (xs, phi, dphi) = (
+                &mut xs[..rows * d],
+                &mut phi[..rows * width],
+                &mut dphi[..rows * width],
+            );
+            let src = &kh[start * d..(start + rows) * d];
+            let kept = |j: usize| keep.is_none_or(|m| m[start + j]);
+            self.tile_features(src, root, w, d, xs, phi, Some(st.shift), kept);
+            gemm(
+                rows,
+                d_v,
+                width,
+                &mut dv[start * d_v..(start + rows) * d_v],
+                d_v,
+                Mat::rows(phi, width),
+                Mat::rows(&dkv, d_v),
+                1.0,
+                false,
+            );
+            gemm(
+                rows,
+                width,
+                d_v,
+                dphi,
+                width,
+                Mat::rows(&vh[start * d_v..(start + rows) * d_v], d_v),
+                Mat::cols(&dkv, d_v),
+                1.0,
+                false,
+            );
+            for row in dphi.chunks_exact_mut(width) {
+                for (a, s) in row.iter_mut().zip(&dksum) {
+                    *a += s;
+                }
+            }
+            let dx = feature_backward(self, dphi, phi, xs, w, d);
+            for (a, b) in dk[start * d..(start + rows) * d].iter_mut().zip(&dx) {
+                *a = b * root;
+            }
         }
     }
 
@@ -385,6 +580,20 @@ impl Performer {
             .map(|h| self.directions(dims.d, seed, h))
             .collect()
     }
+}
+
+/// Rows per tile of the streamed forward and backward: a tile's features stay in cache.
+const TILE: usize = 256;
+
+/// Key statistics of one head under one common shift.
+struct KeyStats {
+    /// `φ(K)ᵀ V` (`width × d_v`).
+    kv: Vec<f32>,
+    /// `φ(K)ᵀ 1` (`width`).
+    ksum: Vec<f32>,
+    /// The shift of every key feature (the maximum log-feature over kept keys; `−∞` when every
+    /// key is masked).
+    shift: f32,
 }
 
 /// `dx = Σ_i dφ_i φ_i (±ω_i − x)` for every row: the gradient of the (stabilised) features with
@@ -452,10 +661,7 @@ impl Attention for Performer {
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
-            .for_each(|(bh, out)| {
-                let st = self.head(x, bh, &dirs[bh % heads]);
-                out.copy_from_slice(&st.out);
-            });
+            .for_each(|(bh, out)| self.head_forward(x, bh, &dirs[bh % heads], out));
         x.zero_masked_queries(&mut output);
         Ok(Forward {
             output,
@@ -486,8 +692,6 @@ impl Attention for Performer {
             d_v,
             ..
         } = dims;
-        let width = self.width();
-        let root = resolve_scale(self.scale, d).sqrt();
         let dirs = self.all_directions(dims, seed);
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
@@ -504,108 +708,8 @@ impl Attention for Performer {
             .zip(grads.dv.par_chunks_mut(n_k * d_v))
             .enumerate()
             .for_each(|(bh, ((dq, dk), dv))| {
-                let w = &dirs[bh % heads];
-                let st = self.head(x, bh, w);
                 let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
-                // out = num / den: dnum = G / den, dden = −(G·out) / den.
-                let mut dnum = vec![0.0f32; n_q * d_v];
-                let mut dden = vec![0.0f32; n_q];
-                for (((dn, dd), (gr, or)), &den) in dnum
-                    .chunks_exact_mut(d_v)
-                    .zip(dden.iter_mut())
-                    .zip(gh.chunks_exact(d_v).zip(st.out.chunks_exact(d_v)))
-                    .zip(&st.den)
-                {
-                    if den > 0.0 {
-                        let inv = 1.0 / den;
-                        for (a, b) in dn.iter_mut().zip(gr) {
-                            *a = b * inv;
-                        }
-                        *dd = -dot(gr, or) * inv;
-                    }
-                }
-                // num = φ(Q) KV, den = φ(Q) ksum.
-                let mut dphi_q = vec![0.0f32; n_q * width];
-                gemm(
-                    n_q,
-                    width,
-                    d_v,
-                    &mut dphi_q,
-                    width,
-                    Mat::rows(&dnum, d_v),
-                    Mat::cols(&st.kv, d_v),
-                    1.0,
-                    false,
-                );
-                for (row, dd) in dphi_q.chunks_exact_mut(width).zip(&dden) {
-                    for (a, k) in row.iter_mut().zip(&st.ksum) {
-                        *a += dd * k;
-                    }
-                }
-                let mut dkv = vec![0.0f32; width * d_v];
-                gemm(
-                    width,
-                    d_v,
-                    n_q,
-                    &mut dkv,
-                    d_v,
-                    Mat::cols(&st.phi_q, width),
-                    Mat::rows(&dnum, d_v),
-                    1.0,
-                    false,
-                );
-                let mut dksum = vec![0.0f32; width];
-                for (row, dd) in st.phi_q.chunks_exact(width).zip(&dden) {
-                    for (a, p) in dksum.iter_mut().zip(row) {
-                        *a += dd * p;
-                    }
-                }
-                // KV = φ(K)ᵀ V, ksum = φ(K)ᵀ 1.
-                gemm(
-                    n_k,
-                    d_v,
-                    width,
-                    dv,
-                    d_v,
-                    Mat::rows(&st.phi_k, width),
-                    Mat::rows(&dkv, d_v),
-                    1.0,
-                    false,
-                );
-                let mut dphi_k = vec![0.0f32; n_k * width];
-                gemm(
-                    n_k,
-                    width,
-                    d_v,
-                    &mut dphi_k,
-                    width,
-                    Mat::rows(x.v_head(bh), d_v),
-                    Mat::cols(&dkv, d_v),
-                    1.0,
-                    false,
-                );
-                for row in dphi_k.chunks_exact_mut(width) {
-                    for (a, s) in row.iter_mut().zip(&dksum) {
-                        *a += s;
-                    }
-                }
-                // Masked keys have zero features, hence zero gradient below; masked value rows
-                // get none either.
-                if let Some(keep) = x.key_mask_row(bh / heads) {
-                    for (j, kept) in keep.iter().enumerate() {
-                        if !kept {
-                            dv[j * d_v..(j + 1) * d_v].fill(0.0);
-                        }
-                    }
-                }
-                let dxq = feature_backward(self, &dphi_q, &st.phi_q, &st.xq, w, d);
-                let dxk = feature_backward(self, &dphi_k, &st.phi_k, &st.xk, w, d);
-                for (a, b) in dq.iter_mut().zip(&dxq) {
-                    *a = b * root;
-                }
-                for (a, b) in dk.iter_mut().zip(&dxk) {
-                    *a = b * root;
-                }
+                self.head_backward(x, bh, &dirs[bh % heads], gh, dq, dk, dv);
             });
         Ok(grads)
     }
