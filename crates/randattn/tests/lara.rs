@@ -9,6 +9,8 @@ use common::{Case, assert_close, minilm, normal, random_masks, rel_error, run_in
 use rand::Rng;
 use rand_distr::StandardNormal;
 use randattn::methods::lara::Lara;
+use randattn::methods::performer::Performer;
+use randattn::methods::ra::Ra;
 use randattn::rng::stream;
 use randattn::{Attention, AttentionInputs, Method};
 
@@ -191,6 +193,72 @@ fn forward_matches_the_formula_with_the_same_noise() {
         &naive(&lara, &small, 2),
         1e-4,
     );
+}
+
+/// The brief's special cases of the shared-sample MIS estimator, each against another method's
+/// own implementation with the same draws: RA (`J = n`, sample `n` from query `n`'s mixture,
+/// weights `δ_nj`) reproduces `ra`, and RFA (`ω ~ N(0, I)`, constant weights) reproduces the
+/// positive-feature `performer`.
+#[test]
+fn special_cases_reproduce_ra_and_performer() {
+    let (b, h, nq, nk, d, dv) = (2, 3, 40, 40, 16, 5);
+    let mut case = Case::new((b, h, nq, nk, d, dv), 17);
+    random_masks(&mut case, 5);
+    let x = case.inputs();
+    let lara = Lara::default();
+    let root = (1.0 / (d as f32).sqrt()).sqrt();
+
+    // RA: ω_n = s^{1/2}(q_n + k_{m*}) + ε_n, the draws of `ra` itself.
+    let ra = Ra::default();
+    let draws = ra.draws(&x, 9).unwrap();
+    let mut samples = vec![0.0f32; b * h * nq * d];
+    let mut log_w = vec![f32::NEG_INFINITY; b * h * nq * nq];
+    for bh in 0..b * h {
+        for i in 0..nq {
+            let m = draws.components[bh * nq + i];
+            if m == u32::MAX {
+                continue; // a masked query: its sample is never used
+            }
+            for t in 0..d {
+                samples[(bh * nq + i) * d + t] = root
+                    * (case.q[(bh * nq + i) * d + t] + case.k[(bh * nk + m as usize) * d + t])
+                    + draws.noise[(bh * nq + i) * d + t];
+            }
+            log_w[(bh * nq + i) * nq + i] = 0.0;
+        }
+    }
+    let got = lara.estimate_with_samples(&x, &samples, &log_w).unwrap();
+    let want = ra.forward(&x, 9).unwrap().output;
+    assert_close("RA special case", &got, &want, 1e-4);
+
+    // RFA: the Performer's own (orthogonal) directions, equal weights.
+    let perf = Performer {
+        features: 48,
+        ..Performer::default()
+    };
+    let mut samples = Vec::new();
+    for bh in 0..b * h {
+        samples.extend(perf.directions(d, 4, bh % h));
+    }
+    let log_w = vec![0.3f32; b * h * nq * perf.features];
+    let got = lara.estimate_with_samples(&x, &samples, &log_w).unwrap();
+    let want = perf.forward(&x, 4).unwrap().output;
+    assert_close("RFA special case", &got, &want, 1e-4);
+
+    // Bad samples or weights are errors.
+    let err = |s: &[f32], w: &[f32]| {
+        lara.estimate_with_samples(&x, s, w)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&samples[1..], &log_w).contains("samples"));
+    assert!(err(&samples, &log_w[1..]).contains("log_weights"));
+    let mut bad = samples.clone();
+    bad[7] = f32::NAN;
+    assert!(err(&bad, &log_w).contains("samples"));
+    let mut bad = log_w.clone();
+    bad[3] = f32::INFINITY;
+    assert!(err(&samples, &bad).contains("log_weights"));
 }
 
 #[test]

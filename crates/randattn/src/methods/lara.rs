@@ -43,7 +43,7 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::inputs::{AttentionInputs, Dims};
+use crate::inputs::{AttentionInputs, Dims, check_finite};
 use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, softmax_row, zeroed};
 use crate::method::{
     Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
@@ -297,52 +297,7 @@ impl Lara {
                 }
             }
         }
-        // Key side: A_k = ω yᵀ − ½‖y‖² (masked −∞); softmax, F, z.
-        let half_y: Vec<f32> = ys
-            .chunks_exact(d)
-            .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
-            .collect();
-        let mut pk = vec![0.0f32; j_n * n_k];
-        gemm(
-            j_n,
-            n_k,
-            d,
-            &mut pk,
-            n_k,
-            Mat::rows(&omega, d),
-            Mat::cols(&ys, d),
-            1.0,
-            false,
-        );
-        let mut z = vec![0.0f32; j_n];
-        for (row, zj) in pk.chunks_exact_mut(n_k).zip(z.iter_mut()) {
-            for (m, a) in row.iter_mut().enumerate() {
-                *a = if keep.is_none_or(|mk| mk[m]) {
-                    *a - half_y[m]
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-            let max = row_max(row);
-            let sum = exp_shifted_sum(row, max);
-            let inv = 1.0 / sum;
-            for a in row.iter_mut() {
-                *a *= inv;
-            }
-            *zj = max + sum.ln();
-        }
-        let mut f = vec![0.0f32; j_n * d_v];
-        gemm(
-            j_n,
-            d_v,
-            n_k,
-            &mut f,
-            d_v,
-            Mat::rows(&pk, n_k),
-            Mat::rows(x.v_head(bh), d_v),
-            1.0,
-            false,
-        );
+        let (pk, z, f) = key_side(&omega, &ys, keep, x.v_head(bh), d, d_v);
         // L = ω μᵀ − ½‖μ‖², BH_j = softmax_c(L_j)[c(j)].
         let half_mu: Vec<f32> = mu
             .chunks_exact(d)
@@ -454,6 +409,183 @@ impl Lara {
             w,
             query_kept,
         })
+    }
+}
+
+/// The key side shared by every sample `ω_j` (`j × d`, scaled coordinates): the key softmaxes
+/// `softmax_m(ω_j·y_m − ½‖y_m‖²)` (`j × n_k`, masked keys 0), their log-normalisers `z_j`, and
+/// `F = f(ω) = softmax · V` (`j × d_v`).
+fn key_side(
+    omega: &[f32],
+    ys: &[f32],
+    keep: Option<&[bool]>,
+    v: &[f32],
+    d: usize,
+    d_v: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (j_n, n_k) = (omega.len() / d, ys.len() / d);
+    let half_y: Vec<f32> = ys
+        .chunks_exact(d)
+        .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
+        .collect();
+    let mut pk = vec![0.0f32; j_n * n_k];
+    gemm(
+        j_n,
+        n_k,
+        d,
+        &mut pk,
+        n_k,
+        Mat::rows(omega, d),
+        Mat::cols(ys, d),
+        1.0,
+        false,
+    );
+    let mut z = vec![0.0f32; j_n];
+    for (row, zj) in pk.chunks_exact_mut(n_k).zip(z.iter_mut()) {
+        for (m, a) in row.iter_mut().enumerate() {
+            *a = if keep.is_none_or(|mk| mk[m]) {
+                *a - half_y[m]
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        let max = row_max(row);
+        let sum = exp_shifted_sum(row, max);
+        let inv = 1.0 / sum;
+        for a in row.iter_mut() {
+            *a *= inv;
+        }
+        *zj = max + sum.ln();
+    }
+    let mut f = vec![0.0f32; j_n * d_v];
+    gemm(
+        j_n,
+        d_v,
+        n_k,
+        &mut f,
+        d_v,
+        Mat::rows(&pk, n_k),
+        Mat::rows(v, d_v),
+        1.0,
+        false,
+    );
+    (pk, z, f)
+}
+
+impl Lara {
+    /// The self-normalised multiple-importance-sampling estimator at the heart of RA and LARA,
+    /// with samples and weights chosen by the caller:
+    ///
+    /// ```text
+    /// out_n = Σ_j softmax_j(a_nj + ω_j·x_n + z_j) f(ω_j),
+    /// f(ω) = softmax_m(ω·y_m − ½‖y_m‖²) V,   z_j = LSE_m(ω_j·y_m − ½‖y_m‖²)
+    /// ```
+    ///
+    /// in scaled coordinates (`x = s^{1/2} q`, `y = s^{1/2} k`, `s` = this config's scale).
+    /// `samples` are the `ω_j`, `[batch, heads, J, d]`; `log_weights` are
+    /// `a_nj = log α_nj + log N(ω_j; 0, I) − log q_j(ω_j)` for proposals `q_j` and MIS weights
+    /// `α` (constants in `j` cancel), `[batch, heads, n_q, J]`; `−∞` switches a sample off for a
+    /// query. LARA is this with its Gaussian proposals, `a_nj = log α_nj − ω_j·μ_j + ½‖μ_j‖²`.
+    /// The brief's special cases: RA (`J = n`, `ω_n` drawn from query `n`'s own mixture,
+    /// `a_nj = 0` for `j = n` and `−∞` otherwise) and RFA, i.e. Performer's positive features
+    /// (`q_j = N(0, I)`, constant `α`: `a` constant). Masked keys are left out; masked queries and
+    /// queries with every weight `−∞` output 0.
+    pub fn estimate_with_samples(
+        &self,
+        x: &AttentionInputs<'_>,
+        samples: &[f32],
+        log_weights: &[f32],
+    ) -> Result<Vec<f32>> {
+        self.validate()?;
+        let dims = x.dims();
+        let Dims {
+            heads, n_q, d, d_v, ..
+        } = dims;
+        let bhs = dims.batch_heads();
+        if samples.is_empty() || !samples.len().is_multiple_of(bhs * d) {
+            return Err(Error::shape(
+                "samples",
+                format!(
+                    "has {} values, not a positive multiple of batch·heads·d = {}",
+                    samples.len(),
+                    bhs * d
+                ),
+            ));
+        }
+        let j_n = samples.len() / (bhs * d);
+        if log_weights.len() != bhs * n_q * j_n {
+            return Err(Error::shape(
+                "log_weights",
+                format!(
+                    "has {} values but [batch·heads, n_q, J] = [{bhs}, {n_q}, {j_n}] needs {}",
+                    log_weights.len(),
+                    bhs * n_q * j_n
+                ),
+            ));
+        }
+        check_finite("samples", samples)?;
+        if let Some((index, &value)) = log_weights
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.is_nan() || **a == f32::INFINITY)
+        {
+            return Err(Error::NonFinite {
+                arg: "log_weights",
+                index,
+                value,
+            });
+        }
+        let root = resolve_scale(self.scale, d).sqrt();
+        let mut output = vec![0.0f32; dims.out_len()];
+        output
+            .par_chunks_mut(n_q * d_v)
+            .enumerate()
+            .for_each(|(bh, out)| {
+                let keep = x.key_mask_row(bh / heads);
+                if keep.is_some_and(|m| !m.contains(&true)) {
+                    return;
+                }
+                let xs: Vec<f32> = x.q_head(bh).iter().map(|v| v * root).collect();
+                let ys: Vec<f32> = x.k_head(bh).iter().map(|v| v * root).collect();
+                let omega = &samples[bh * j_n * d..(bh + 1) * j_n * d];
+                let (_, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
+                let mut w = vec![0.0f32; n_q * j_n];
+                gemm(
+                    n_q,
+                    j_n,
+                    d,
+                    &mut w,
+                    j_n,
+                    Mat::rows(&xs, d),
+                    Mat::cols(omega, d),
+                    1.0,
+                    false,
+                );
+                let a = &log_weights[bh * n_q * j_n..(bh + 1) * n_q * j_n];
+                for (wrow, arow) in w.chunks_exact_mut(j_n).zip(a.chunks_exact(j_n)) {
+                    for ((wv, av), zv) in wrow.iter_mut().zip(arow).zip(&z) {
+                        *wv += av + zv;
+                    }
+                    if wrow.iter().all(|v| *v == f32::NEG_INFINITY) {
+                        wrow.fill(0.0);
+                    } else {
+                        softmax_row(wrow);
+                    }
+                }
+                gemm(
+                    n_q,
+                    d_v,
+                    j_n,
+                    out,
+                    d_v,
+                    Mat::rows(&w, j_n),
+                    Mat::rows(&f, d_v),
+                    1.0,
+                    false,
+                );
+            });
+        x.zero_masked_queries(&mut output);
+        Ok(output)
     }
 }
 
