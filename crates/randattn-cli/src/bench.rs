@@ -91,8 +91,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut results = Vec::new();
     for &n in &a.n {
         let w = clustered(a.batch, a.heads, n, a.d, a.common.seed);
-        let shape = [a.batch, a.heads, n, a.d];
-        let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape)?;
+        let x = w.inputs()?;
         let mut exact_ms = f64::NAN;
         for m in &methods {
             bar.set_message(format!("{} n={n}", m.name()));

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use randattn::workload::clustered;
-use randattn::{Attention, AttentionInputs, Method};
+use randattn::{Attention, Method};
 use serde_json::json;
 
 use crate::report::{median_ms, ms, progress, table};
@@ -72,8 +72,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     let mut skipped = Vec::new();
     for &n in &ns {
         let w = clustered(a.batch, heads, n, d, a.common.seed);
-        let shape = [a.batch, heads, n, d];
-        let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape)?;
+        let x = w.inputs()?;
         let reference = methods[0].forward(&x, a.common.seed)?.output;
         let mut exact_ms = f64::NAN;
         for m in &methods {

@@ -6,6 +6,7 @@
 mod alloc;
 mod bench;
 mod compare;
+mod mca_profile;
 mod npy;
 mod report;
 mod run;
@@ -45,6 +46,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The main job: every method on a built-in realistic workload, error and speed vs `exact`.
     Compare(compare::CompareArgs),
+    /// MCA on one layer, α by α: error, FLOP fraction, and the sampled value projection's
+    /// wall-clock against the exact GEMM.
+    McaProfile(mca_profile::McaProfileArgs),
 }
 
 /// Options shared by the commands that run a workload and report on it.
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
         Command::Methods { json } => methods(json),
         Command::Bench(args) => bench::bench(args),
         Command::Compare(args) => compare::compare(args),
+        Command::McaProfile(args) => mca_profile::mca_profile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,9 +19,19 @@ pub struct RunArgs {
     /// Keys, float32 [batch, heads, n_k, d].
     #[arg(long)]
     k: PathBuf,
-    /// Values, float32 [batch, heads, n_k, d_v].
-    #[arg(long)]
-    v: PathBuf,
+    /// Values, float32 [batch, heads, n_k, d_v]; may be left out when --x and --wv are given
+    /// (then V = X·W_V + b_V).
+    #[arg(long, required_unless_present = "x")]
+    v: Option<PathBuf>,
+    /// Layer input X, float32 [batch, n_k, d_model] (mca samples V = X·W_V + b_V from it).
+    #[arg(long, requires = "wv")]
+    x: Option<PathBuf>,
+    /// Value projection W_V, float32 [d_model, heads·d_v] (head h = columns h·d_v..(h+1)·d_v).
+    #[arg(long, requires = "x")]
+    wv: Option<PathBuf>,
+    /// Value bias b_V, float32 [heads·d_v].
+    #[arg(long, requires = "wv")]
+    bv: Option<PathBuf>,
     /// Key-padding mask [batch, n_k] (1 keep, 0 drop); bool, uint8, int64 or float32.
     #[arg(long)]
     mask: Option<PathBuf>,
@@ -54,8 +64,35 @@ pub fn run(a: RunArgs) -> Result<()> {
     let method = Method::parse(&a.method, &crate::parse_settings(&a.settings)?)?;
     let (q, qs) = npy::read_f32(&a.q, 4, "q")?;
     let (k, ks) = npy::read_f32(&a.k, 4, "k")?;
-    let (v, vs) = npy::read_f32(&a.v, 4, "v")?;
-    let mut inputs = AttentionInputs::new(&q, shape4(&qs), &k, shape4(&ks), &v, shape4(&vs))?;
+    let projection = match (&a.x, &a.wv) {
+        (Some(xp), Some(wp)) => {
+            let (x, xs) = npy::read_f32(xp, 3, "x")?;
+            let (wv, ws) = npy::read_f32(wp, 2, "wv")?;
+            let bv =
+                a.bv.as_ref()
+                    .map(|p| npy::read_f32(p, 1, "bv").map(|(b, _)| b))
+                    .transpose()?;
+            Some((x, [xs[0], xs[1], xs[2]], wv, [ws[0], ws[1]], bv))
+        }
+        _ => None,
+    };
+    if method.name() == "mca" && projection.is_none() {
+        bail!(
+            "method mca samples the value projection: give the layer input --x and --wv (and --bv)"
+        );
+    }
+    let (v, vs) = match (&a.v, &projection) {
+        (Some(path), _) => {
+            let (v, vs) = npy::read_f32(path, 4, "v")?;
+            (v, shape4(&vs))
+        }
+        (None, Some((x, xs, wv, ws, bv))) => project(x, *xs, wv, *ws, bv.as_deref(), qs[1])?,
+        (None, None) => bail!("give --v, or --x and --wv to compute V = X·W_V + b_V"),
+    };
+    let mut inputs = AttentionInputs::new(&q, shape4(&qs), &k, shape4(&ks), &v, vs)?;
+    if let Some((x, xs, wv, ws, bv)) = &projection {
+        inputs = inputs.with_value_projection(x, *xs, wv, *ws, bv.as_deref())?;
+    }
     let key_mask = a
         .mask
         .as_ref()
@@ -88,11 +125,65 @@ pub fn run(a: RunArgs) -> Result<()> {
         npy::write_f32(&dir.join("dq.npy"), &grads.dq, &qs)?;
         npy::write_f32(&dir.join("dk.npy"), &grads.dk, &ks)?;
         npy::write_f32(&dir.join("dv.npy"), &grads.dv, &vs)?;
+        // MCA's gradients of X, W_V and b_V come as the parameters x, wv, bv.
         for p in &grads.params {
             npy::write_f32(&dir.join(format!("{}.npy", p.name)), &p.grad, &p.shape)?;
         }
     }
     Ok(())
+}
+
+/// V = X·W_V + b_V split into heads, `[batch, heads, n_k, d_v]`.
+fn project(
+    x: &[f32],
+    xs: [usize; 3],
+    wv: &[f32],
+    ws: [usize; 2],
+    bv: Option<&[f32]>,
+    heads: usize,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let [batch, n, d_model] = xs;
+    let cols = ws[1];
+    if ws[0] != d_model || !cols.is_multiple_of(heads) {
+        bail!(
+            "wv has shape {ws:?} but must be [d_model, heads·d_v] with d_model = {d_model} (from x) and a multiple of {heads} heads"
+        );
+    }
+    if let Some(b) = bv
+        && b.len() != cols
+    {
+        bail!(
+            "bv has {} elements but must be [heads·d_v] = [{cols}]",
+            b.len()
+        );
+    }
+    let d_v = cols / heads;
+    let mut flat = vec![0.0f32; batch * n * cols];
+    randattn::linalg::gemm(
+        batch * n,
+        cols,
+        d_model,
+        &mut flat,
+        cols,
+        randattn::linalg::Mat::rows(x, d_model),
+        randattn::linalg::Mat::rows(wv, cols),
+        1.0,
+        false,
+    );
+    let mut v = vec![0.0f32; batch * n * cols];
+    for b in 0..batch {
+        for j in 0..n {
+            let row = &flat[(b * n + j) * cols..(b * n + j + 1) * cols];
+            for h in 0..heads {
+                let dst =
+                    &mut v[((b * heads + h) * n + j) * d_v..((b * heads + h) * n + j + 1) * d_v];
+                for (c, o) in dst.iter_mut().enumerate() {
+                    *o = row[h * d_v + c] + bv.map_or(0.0, |bb| bb[h * d_v + c]);
+                }
+            }
+        }
+    }
+    Ok((v, [batch, heads, n, d_v]))
 }
 
 fn read_mask(path: &std::path::Path, what: &str, want: [usize; 2]) -> Result<Vec<bool>> {

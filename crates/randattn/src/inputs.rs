@@ -61,6 +61,22 @@ pub struct AttentionInputs<'a> {
     dims: Dims,
     key_mask: Option<&'a [bool]>,
     query_mask: Option<&'a [bool]>,
+    projection: Option<ValueProjection<'a>>,
+}
+
+/// The layer input and value projection behind V, `V = X·W_V + b_V` (what MCA samples):
+/// X `[batch, n_k, d_model]`, W_V `[d_model, heads·d_v]` (head `h` = columns `h·d_v..(h+1)·d_v`),
+/// optional b_V `[heads·d_v]`. Validated by [`AttentionInputs::with_value_projection`].
+#[derive(Debug, Clone, Copy)]
+pub struct ValueProjection<'a> {
+    /// X, row-major `[batch, n_k, d_model]`.
+    pub x: &'a [f32],
+    /// W_V, row-major `[d_model, heads·d_v]`.
+    pub wv: &'a [f32],
+    /// b_V, `[heads·d_v]`, if any.
+    pub bv: Option<&'a [f32]>,
+    /// The input feature dimension.
+    pub d_model: usize,
 }
 
 fn check_len(arg: &'static str, data_len: usize, shape: &[usize]) -> Result<()> {
@@ -170,6 +186,7 @@ impl<'a> AttentionInputs<'a> {
             },
             key_mask: None,
             query_mask: None,
+            projection: None,
         })
     }
 
@@ -207,6 +224,68 @@ impl<'a> AttentionInputs<'a> {
         }
         self.query_mask = Some(mask);
         Ok(self)
+    }
+
+    /// Attaches the layer input X `[batch, n_k, d_model]`, W_V `[d_model, heads·d_v]` and an
+    /// optional b_V `[heads·d_v]` from which V was (or would be) computed, for methods that
+    /// approximate the value projection itself (MCA). V is not checked against them.
+    pub fn with_value_projection(
+        mut self,
+        x: &'a [f32],
+        x_shape: [usize; 3],
+        wv: &'a [f32],
+        wv_shape: [usize; 2],
+        bv: Option<&'a [f32]>,
+    ) -> Result<Self> {
+        let Dims {
+            batch,
+            heads,
+            n_k,
+            d_v,
+            ..
+        } = self.dims;
+        check_len("x", x.len(), &x_shape)?;
+        check_len("wv", wv.len(), &wv_shape)?;
+        let d_model = x_shape[2];
+        if x_shape[0] != batch || x_shape[1] != n_k {
+            return Err(Error::shape(
+                "x",
+                format!(
+                    "has shape {x_shape:?} but must be [batch, n_k, d_model] = [{batch}, {n_k}, d_model] to match k"
+                ),
+            ));
+        }
+        if wv_shape != [d_model, heads * d_v] {
+            return Err(Error::shape(
+                "wv",
+                format!(
+                    "has shape {wv_shape:?} but must be [d_model, heads·d_v] = [{d_model}, {}] (x has d_model {d_model}; {heads} heads of d_v {d_v})",
+                    heads * d_v
+                ),
+            ));
+        }
+        if let Some(b) = bv {
+            if b.len() != heads * d_v {
+                return Err(Error::shape(
+                    "bv",
+                    format!(
+                        "has {} elements but must be [heads·d_v] = [{}]",
+                        b.len(),
+                        heads * d_v
+                    ),
+                ));
+            }
+            check_finite("bv", b)?;
+        }
+        check_finite("x", x)?;
+        check_finite("wv", wv)?;
+        self.projection = Some(ValueProjection { x, wv, bv, d_model });
+        Ok(self)
+    }
+
+    /// The value projection attached by [`Self::with_value_projection`], if any.
+    pub fn value_projection(&self) -> Option<ValueProjection<'a>> {
+        self.projection
     }
 
     /// The sizes of this call.

@@ -34,7 +34,7 @@ pub mod rng;
 pub mod workload;
 
 pub use error::{Error, Result};
-pub use inputs::{AttentionInputs, Dims};
+pub use inputs::{AttentionInputs, Dims, ValueProjection};
 pub use method::{
     Attention, Forward, Grads, Method, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved,
 };

@@ -10,6 +10,7 @@ use crate::methods::exact::{Exact, ExactNaive};
 use crate::methods::informer::{Informer, InformerSaved};
 use crate::methods::lara::{Lara, LaraSaved};
 use crate::methods::linformer::{Linformer, LinformerSaved};
+use crate::methods::mca::{Mca, McaSaved};
 use crate::methods::nystrom::{Nystrom, NystromSaved};
 use crate::methods::performer::{Performer, PerformerSaved};
 use crate::methods::ra::{Ra, RaSaved};
@@ -83,6 +84,8 @@ pub(crate) enum SavedState {
     Ra(RaSaved),
     /// LARA: nothing (the noise is redrawn from the seed).
     Lara(LaraSaved),
+    /// MCA: the sampled values and their samples, and the exact kernel's state.
+    Mca(Box<McaSaved>),
 }
 
 impl Saved {
@@ -112,6 +115,7 @@ impl Saved {
             SavedState::Performer(_) => 0,
             SavedState::Ra(s) => s.bytes(),
             SavedState::Lara(_) => 0,
+            SavedState::Mca(s) => s.bytes(),
         }
     }
 
@@ -322,6 +326,7 @@ methods! {
     Performer(Performer),
     Ra(Ra),
     Lara(Lara),
+    Mca(Mca),
 }
 
 impl Method {

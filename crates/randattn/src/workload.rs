@@ -8,10 +8,12 @@
 use rand::Rng;
 use rand_distr::StandardNormal;
 
-use crate::inputs::Dims;
+use crate::error::Result;
+use crate::inputs::{AttentionInputs, Dims};
+use crate::linalg::{Mat, gemm};
 use crate::rng::stream;
 
-/// Q, K, V (and an optional key mask) owned, with their sizes.
+/// Q, K, V owned, with their sizes, and the layer input and value projection behind V.
 #[derive(Debug, Clone)]
 pub struct Workload {
     /// Sizes (self-attention: `n_q = n_k`, `d_v = d`).
@@ -20,8 +22,37 @@ pub struct Workload {
     pub q: Vec<f32>,
     /// `[batch, heads, n, d]`.
     pub k: Vec<f32>,
-    /// `[batch, heads, n, d]`.
+    /// `[batch, heads, n, d]`: `X·W_V + b_V` split into heads.
     pub v: Vec<f32>,
+    /// The layer input X, `[batch, n, d_model]`.
+    pub x: Vec<f32>,
+    /// W_V, `[d_model, heads·d]`.
+    pub wv: Vec<f32>,
+    /// b_V, `[heads·d]`.
+    pub bv: Vec<f32>,
+    /// `d_model = heads·d`.
+    pub d_model: usize,
+}
+
+impl Workload {
+    /// The inputs, with the value projection attached (so MCA can run on them too).
+    pub fn inputs(&self) -> Result<AttentionInputs<'_>> {
+        let Dims {
+            batch,
+            heads,
+            n_k,
+            d,
+            ..
+        } = self.dims;
+        let shape = [batch, heads, n_k, d];
+        AttentionInputs::new(&self.q, shape, &self.k, shape, &self.v, shape)?.with_value_projection(
+            &self.x,
+            [batch, n_k, self.d_model],
+            &self.wv,
+            [self.d_model, heads * d],
+            Some(&self.bv),
+        )
+    }
 }
 
 /// Number of heavy tokens per head.
@@ -34,7 +65,11 @@ const HEAVY_TOKENS: usize = 4;
 /// keys of its cluster and about 0 against others; every token belongs to a random cluster; keys
 /// are centre + isotropic noise of norm ≈ 0.9R; queries are centre + half a shared global
 /// direction `g` + the same noise; four "heavy" keys are `1.6·g` + noise, so every query
-/// gives them a logit of about 4. V is standard normal.
+/// gives them a logit of about 4. V is `X·W_V + b_V` with X standard normal `[batch, n, d_model]`
+/// (`d_model = heads·d`, rows of norm about `√d_model`, like LayerNorm outputs), W_V Gaussian
+/// with log-normal input-feature scales (as trained weights have: some features matter more, so
+/// MCA's sampling probabilities are not uniform) normalised to unit-variance values, and b_V
+/// small: each value row is marginally close to standard normal.
 ///
 /// Calibrated against the real MiniLM layers in `shared/fixtures/minilm` (n = 512): there the
 /// mean largest attention weight of a row is 0.10–0.24 (50–120× uniform) with an effective
@@ -49,7 +84,7 @@ pub fn clustered(batch: usize, heads: usize, n: usize, d: usize, seed: u64) -> W
         d_v: d,
     };
     let len = batch * heads * n * d;
-    let (mut q, mut k, mut v) = (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
+    let (mut q, mut k) = (vec![0.0f32; len], vec![0.0f32; len]);
     let radius = (5.0 * (d as f32).sqrt()).sqrt();
     let noise = 0.9 * radius / (d as f32).sqrt();
     let clusters = (n / 64).clamp(4, 32);
@@ -71,15 +106,69 @@ pub fn clustered(batch: usize, heads: usize, n: usize, d: usize, seed: u64) -> W
                 for c in 0..d {
                     let e1: f32 = rng.sample(StandardNormal);
                     let e2: f32 = rng.sample(StandardNormal);
-                    let e3: f32 = rng.sample(StandardNormal);
                     k[row + c] = if heavy { 1.6 * global[c] } else { centre[c] } + noise * e1;
                     q[row + c] = centre[c] + 0.5 * global[c] + noise * e2;
-                    v[row + c] = e3;
                 }
             }
         }
     }
-    Workload { dims, q, k, v }
+    let d_model = heads * d;
+    let cols = heads * d;
+    let mut rng = stream(seed, 0, 0, "workload/projection");
+    let scales: Vec<f32> = (0..d_model)
+        .map(|_| (0.7 * rng.sample::<f32, _>(StandardNormal)).exp())
+        .collect();
+    let norm = (scales.iter().map(|s| s * s).sum::<f32>()).sqrt();
+    let mut wv = vec![0.0f32; d_model * cols];
+    for (row, s) in wv.chunks_exact_mut(cols).zip(&scales) {
+        for w in row.iter_mut() {
+            *w = s / norm * rng.sample::<f32, _>(StandardNormal);
+        }
+    }
+    let bv: Vec<f32> = (0..cols)
+        .map(|_| 0.1 * rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    let mut x = vec![0.0f32; batch * n * d_model];
+    for (b, xb) in x.chunks_exact_mut(n * d_model).enumerate() {
+        let mut rng = stream(seed, b, 0, "workload/x");
+        for v in xb.iter_mut() {
+            *v = rng.sample(StandardNormal);
+        }
+    }
+    let mut flat = vec![0.0f32; batch * n * cols];
+    gemm(
+        batch * n,
+        cols,
+        d_model,
+        &mut flat,
+        cols,
+        Mat::rows(&x, d_model),
+        Mat::rows(&wv, cols),
+        1.0,
+        false,
+    );
+    let mut v = vec![0.0f32; len];
+    for b in 0..batch {
+        for j in 0..n {
+            let row = &flat[(b * n + j) * cols..(b * n + j + 1) * cols];
+            for h in 0..heads {
+                let dst = &mut v[((b * heads + h) * n + j) * d..((b * heads + h) * n + j + 1) * d];
+                for (c, o) in dst.iter_mut().enumerate() {
+                    *o = row[h * d + c] + bv[h * d + c];
+                }
+            }
+        }
+    }
+    Workload {
+        dims,
+        q,
+        k,
+        v,
+        x,
+        wv,
+        bv,
+        d_model,
+    }
 }
 
 #[cfg(test)]

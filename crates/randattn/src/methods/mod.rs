@@ -5,6 +5,7 @@ pub mod exact;
 pub mod informer;
 pub mod lara;
 pub mod linformer;
+pub mod mca;
 pub mod nystrom;
 pub mod performer;
 pub mod ra;
