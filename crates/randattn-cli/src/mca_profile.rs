@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Args;
 use randattn::methods::exact::Exact;
-use randattn::methods::mca::{Mca, Probs};
+use randattn::methods::mca::{Draws, Mca, Probs};
 use randattn::workload::{Workload, clustered};
 use randattn::{Attention, AttentionInputs, Dims};
 use serde_json::json;
@@ -24,6 +24,9 @@ pub struct McaProfileArgs {
     /// Sampling distribution: `weight` (the paper's) or `input-aware`.
     #[arg(long, default_value = "weight")]
     probs: String,
+    /// Draws to profile: `token`, `shared` or both (comma-separated; shared needs probs=weight).
+    #[arg(long, value_delimiter = ',', default_values_t = ["token".to_string(), "shared".to_string()])]
+    draws: Vec<String>,
     /// Seeds averaged for the error.
     #[arg(long, default_value_t = 3)]
     seeds: u64,
@@ -200,12 +203,26 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
     let exact_ms = median_ms(5, budget, || Mca::exact_projection(&x));
     let mut rows = Vec::new();
     let mut results = Vec::new();
-    for &alpha in &a.alphas {
+    let mut modes = Vec::new();
+    for d in &a.draws {
+        modes.push(match d.as_str() {
+            "token" => Draws::Token,
+            "shared" => Draws::Shared,
+            other => bail!("--draws takes `token` and/or `shared`, got `{other}`"),
+        });
+    }
+    for (&alpha, &draws) in a
+        .alphas
+        .iter()
+        .flat_map(|al| modes.iter().map(move |m| (al, m)))
+    {
         let mca = Mca {
             alpha,
             probs,
+            draws,
             ..Mca::default()
         };
+        randattn::MethodConfig::validate(&mca)?;
         let prep = mca.prepare(&layer.wv, layer.d_model, dims.heads, dims.d_v)?;
         let mut err = 0.0;
         let mut diag = None;
@@ -227,8 +244,13 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             .filter(|r| **r as usize >= layer.d_model)
             .count() as f64
             / diag.budgets.len() as f64;
+        let draws_name = match draws {
+            Draws::Token => "token",
+            Draws::Shared => "shared",
+        };
         rows.push(vec![
             format!("{alpha}"),
+            draws_name.to_string(),
             format!("{err:.3}"),
             format!("{frac:.3}"),
             format!("{frac_padded:.3}"),
@@ -240,7 +262,7 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             ms(budgets_ms),
         ]);
         results.push(json!({
-            "alpha": alpha, "rel_error": err, "flop_fraction": frac,
+            "alpha": alpha, "draws": draws_name, "rel_error": err, "flop_fraction": frac,
             "flop_fraction_padded": frac_padded, "exact_token_share": exact_tokens,
             "mean_bound": mean(&diag.bound), "sampled_projection_ms": sampled_ms,
             "exact_projection_ms": exact_ms, "budget_pass_ms": budgets_ms,
@@ -269,6 +291,7 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
         table(
             &[
                 "alpha",
+                "draws",
                 "rel_error",
                 "flops",
                 "flops padded",

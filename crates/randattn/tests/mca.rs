@@ -8,7 +8,7 @@ mod common;
 
 use common::{Case, assert_close, minilm, normal, random_masks, run_in_pool};
 use randattn::methods::exact::ExactNaive;
-use randattn::methods::mca::{Mca, Prepared, Probs, TokenSamples};
+use randattn::methods::mca::{Draws, Mca, Prepared, Probs, TokenSamples};
 use randattn::{Attention, AttentionInputs, Method};
 
 /// Q, K from a [`Case`], and X, W_V, b_V with V = X·W_V + b_V.
@@ -136,9 +136,14 @@ fn amm_estimator_is_unbiased_with_the_predicted_variance() {
         .map(|k| (xj[k] as f64).abs() * wrow(k).iter().map(|v| v * v).sum::<f64>().sqrt())
         .sum();
     let seeds = 400u64;
-    for probs in [Probs::Weight, Probs::InputAware] {
+    for (probs, draws) in [
+        (Probs::Weight, Draws::Token),
+        (Probs::InputAware, Draws::Token),
+        (Probs::Weight, Draws::Shared),
+    ] {
         let mca = Mca {
             probs,
+            draws,
             ..Mca::default()
         };
         for r in [4u32, 16, 64] {
@@ -160,12 +165,12 @@ fn amm_estimator_is_unbiased_with_the_predicted_variance() {
             };
             assert!(
                 (mse / theory - 1.0).abs() < 0.2,
-                "{probs:?} r={r}: mean squared error {mse} vs theory {theory}"
+                "{probs:?} {draws:?} r={r}: mean squared error {mse} vs theory {theory}"
             );
             let bias2: f64 = mean.iter().zip(&exact).map(|(m, e)| (m - e).powi(2)).sum();
             assert!(
                 bias2 < 3.0 * theory / seeds as f64,
-                "{probs:?} r={r}: squared error of the mean {bias2} vs variance/seeds {}",
+                "{probs:?} {draws:?} r={r}: squared error of the mean {bias2} vs variance/seeds {}",
                 theory / seeds as f64
             );
         }
@@ -183,9 +188,14 @@ fn per_row_mean_error_is_below_the_bound() {
         let x = mc.inputs();
         let prep = mc.prepared();
         let (want, _) = minilm(&format!("layer{l}-out.npy"));
-        for alpha in [0.3f32, 1.0] {
+        for (alpha, draws) in [
+            (0.3f32, Draws::Token),
+            (1.0, Draws::Token),
+            (1.0, Draws::Shared),
+        ] {
             let mca = Mca {
                 alpha,
+                draws,
                 ..Mca::default()
             };
             let mut err = vec![0.0f64; 12 * 512];
@@ -212,7 +222,7 @@ fn per_row_mean_error_is_below_the_bound() {
                     .fold(0.0, f64::max);
                 assert!(
                     worst <= bound[h] as f64,
-                    "layer {l} alpha {alpha} head {h}: worst row error {worst} > bound {}",
+                    "layer {l} alpha {alpha} {draws:?} head {h}: worst row error {worst} > bound {}",
                     bound[h]
                 );
             }
@@ -370,7 +380,11 @@ fn budgets_follow_the_formula_at_its_boundaries_and_under_masks() {
 /// from the naive exact backward on the sampled values.
 #[test]
 fn backward_matches_the_dense_formula_with_the_same_samples() {
-    for probs in [Probs::Weight, Probs::InputAware] {
+    for (probs, draws) in [
+        (Probs::Weight, Draws::Token),
+        (Probs::InputAware, Draws::Token),
+        (Probs::Weight, Draws::Shared),
+    ] {
         let (b, h, n, d, dv, d_model) = (2, 2, 23, 4, 3, 12);
         let mut mc = McaCase::synthetic((b, h, n, d, dv), d_model, 5);
         for v in mc.case.q.iter_mut() {
@@ -381,6 +395,7 @@ fn backward_matches_the_dense_formula_with_the_same_samples() {
         let mca = Mca {
             alpha: 0.7,
             probs,
+            draws,
             ..Mca::default()
         };
         let prep = mc.prepared();
@@ -398,7 +413,7 @@ fn backward_matches_the_dense_formula_with_the_same_samples() {
                         kinds[0] += 1;
                     }
                     TokenSamples::Sampled(e) => {
-                        for &(k, c) in e {
+                        for &(k, c) in &e {
                             row[k as usize] = c as f64;
                         }
                         kinds[if e.is_empty() { 2 } else { 1 }] += 1;
@@ -483,6 +498,13 @@ fn masks_threads_and_bad_input() {
         assert_eq!(out, out1, "{threads} threads");
         assert_eq!(gr, g1, "{threads} threads");
     }
+    let shared = Mca {
+        draws: Draws::Shared,
+        ..Mca::default()
+    };
+    let (s1, sg1) = run_in_pool(&shared, &x, 5, &g, 1);
+    let (s3, sg3) = run_in_pool(&shared, &x, 5, &g, 3);
+    assert_eq!((s1, sg1), (s3, sg3), "shared draws, 1 vs 3 threads");
     assert!(out1.iter().all(|v| v.is_finite()));
     // Batch element 1 attends to nothing: zero output, zero gradients of Q and K there.
     let per_b = 2 * 50 * 4;

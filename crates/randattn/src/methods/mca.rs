@@ -76,6 +76,17 @@ pub enum Probs {
     InputAware,
 }
 
+/// Whose draws a token uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draws {
+    /// Every token draws its own indices (independent errors across tokens).
+    Token,
+    /// One index stream per (batch, head); token `j` uses its first `r_j` draws, as the
+    /// reference CUDA kernel does (each token still unbiased, errors correlated across tokens),
+    /// which turns the sampled projection into blocked GEMMs.
+    Shared,
+}
+
 /// MCA `mca`. See the module documentation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mca {
@@ -83,6 +94,8 @@ pub struct Mca {
     pub alpha: f32,
     /// Sampling distribution.
     pub probs: Probs,
+    /// Per-token or shared draws.
+    pub draws: Draws,
     /// Softmax scale; `None` = `1/√d`.
     pub scale: Option<f32>,
 }
@@ -92,6 +105,7 @@ impl Default for Mca {
         Mca {
             alpha: 0.3,
             probs: Probs::Weight,
+            draws: Draws::Token,
             scale: None,
         }
     }
@@ -118,6 +132,13 @@ impl MethodConfig for Mca {
                 range: "`weight` or `input-aware`",
                 help: "p(k) ~ |W_h[k]|^2 (paper), or ~ |x_k| |W_h[k]| per token",
             },
+            ParamInfo {
+                name: "draws",
+                default: "token",
+                range: "`token`, or `shared` (with probs=weight)",
+                help: "independent draws per token, or one stream per head whose prefixes \
+                       the tokens use (the reference's; blocked GEMMs, correlated errors)",
+            },
             SCALE_PARAM,
         ],
     };
@@ -130,6 +151,13 @@ impl MethodConfig for Mca {
                     "weight" => Probs::Weight,
                     "input-aware" => Probs::InputAware,
                     _ => return Err(param_error(info, "probs", format!("`{value}`"))),
+                }
+            }
+            "draws" => {
+                self.draws = match value.trim() {
+                    "token" => Draws::Token,
+                    "shared" => Draws::Shared,
+                    _ => return Err(param_error(info, "draws", format!("`{value}`"))),
                 }
             }
             "scale" => self.scale = parse_scale(info, value)?,
@@ -148,12 +176,28 @@ impl MethodConfig for Mca {
                 }
                 .to_string(),
             ),
+            (
+                "draws",
+                match self.draws {
+                    Draws::Token => "token",
+                    Draws::Shared => "shared",
+                }
+                .to_string(),
+            ),
             ("scale", scale_text(self.scale)),
         ]
     }
     fn validate(&self) -> Result<()> {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(param_error(&Self::INFO, "alpha", self.alpha.to_string()));
+        }
+        if self.draws == Draws::Shared && self.probs == Probs::InputAware {
+            return Err(param_error(
+                &Self::INFO,
+                "draws",
+                "`shared` with probs=input-aware (a per-token distribution cannot share draws)"
+                    .to_string(),
+            ));
         }
         validate_scale(&Self::INFO, self.scale)
     }
@@ -314,13 +358,13 @@ pub struct Diagnostics {
 }
 
 /// The sampled indices of one token.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum TokenSamples<'a> {
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSamples {
     /// `r ≥ d_model`: the exact row.
     Exact,
     /// Distinct sampled features and their weights `c_k = count_k/(r·p(k))`:
     /// `Ṽ[j] = Σ c_k x_j[k] W_h[k, :] + b_h` (empty for `r = 0`).
-    Sampled(&'a [(u32, f32)]),
+    Sampled(Vec<(u32, f32)>),
 }
 
 /// Sampled value rows and the samples behind them.
@@ -333,13 +377,17 @@ pub struct SampledValues {
 
 impl SampledValues {
     /// The samples of token `j` of head `bh` (= batch · heads + head).
-    pub fn token(&self, bh: usize, j: usize) -> TokenSamples<'_> {
+    pub fn token(&self, bh: usize, j: usize) -> TokenSamples {
         let hs = &self.heads[bh];
         if hs.is_exact[j] {
-            TokenSamples::Exact
-        } else {
-            TokenSamples::Sampled(hs.entries(j))
+            return TokenSamples::Exact;
         }
+        let mut merged: Vec<(u32, f32)> = Vec::new();
+        hs.for_each_entry(j, |k, c| match merged.iter_mut().find(|e| e.0 == k) {
+            Some(e) => e.1 += c,
+            None => merged.push((k, c)),
+        });
+        TokenSamples::Sampled(merged)
     }
 
     fn bytes(&self) -> usize {
@@ -347,24 +395,61 @@ impl SampledValues {
             + self
                 .heads
                 .iter()
-                .map(|h| 5 * h.offsets.len() + 8 * h.entries.len() + 4 * h.exact.len())
+                .map(|h| {
+                    5 * h.offsets.len()
+                        + 8 * h.entries.len()
+                        + 4 * h.exact.len()
+                        + h.shared
+                            .as_ref()
+                            .map_or(0, |s| 4 * (2 * s.stream.len() + s.r.len()))
+                })
                 .sum::<usize>()
     }
 }
 
-/// The samples of one head, CSR: token `j`'s entries are `entries[offsets[j]..offsets[j+1]]`
-/// (empty for exact tokens, which `is_exact` marks and `exact` lists).
+/// The samples of one head. Per-token draws, CSR: token `j`'s entries are
+/// `entries[offsets[j]..offsets[j+1]]`; shared draws: `shared`. Exact tokens are marked by
+/// `is_exact` and listed in `exact`.
 #[derive(Debug, Clone)]
 struct HeadSamples {
     offsets: Vec<u32>,
     entries: Vec<(u32, f32)>,
     is_exact: Vec<bool>,
     exact: Vec<u32>,
+    shared: Option<SharedStream>,
+}
+
+/// One head's shared index stream: token `j` uses draws `0..r[j]`, each with weight
+/// `inv_p[k_t]/r[j]`.
+#[derive(Debug, Clone)]
+struct SharedStream {
+    stream: Vec<u32>,
+    inv_p: Vec<f32>,
+    r: Vec<u32>,
 }
 
 impl HeadSamples {
-    fn entries(&self, j: usize) -> &[(u32, f32)] {
-        &self.entries[self.offsets[j] as usize..self.offsets[j + 1] as usize]
+    /// Calls `f(k, c)` for every sampled feature of token `j` (duplicates possible with shared
+    /// draws; nothing for exact and zero-budget tokens).
+    fn for_each_entry(&self, j: usize, mut f: impl FnMut(u32, f32)) {
+        if self.is_exact[j] {
+            return;
+        }
+        match &self.shared {
+            None => {
+                for &(k, c) in &self.entries[self.offsets[j] as usize..self.offsets[j + 1] as usize]
+                {
+                    f(k, c);
+                }
+            }
+            Some(s) => {
+                let r = s.r[j] as usize;
+                let inv_r = 1.0 / r.max(1) as f32;
+                for (&k, &ip) in s.stream[..r].iter().zip(&s.inv_p) {
+                    f(k, ip * inv_r);
+                }
+            }
+        }
     }
 }
 
@@ -580,6 +665,7 @@ impl Mca {
             entries: Vec::new(),
             is_exact: vec![false; n_k],
             exact: Vec::new(),
+            shared: None,
         };
         let mut counts = vec![0u32; d_model];
         let mut drawn = vec![0u32; d_model + 1];
@@ -589,7 +675,21 @@ impl Mca {
         let inv_p = &prep.inv_p[h * d_model..(h + 1) * d_model];
         let norms = &prep.norms[h * d_model..(h + 1) * d_model];
         let head_key = stream(seed, b, h, "mca/samples").next_u64();
+        if self.draws == Draws::Shared {
+            for (j, &r) in budgets.iter().enumerate() {
+                if r as usize >= d_model {
+                    hs.is_exact[j] = true;
+                    hs.exact.push(j as u32);
+                }
+            }
+            if prep.frob[h] > 0.0 {
+                hs.shared = Some(shared_rows(head_key, budgets, xb, w, table, inv_p, vals));
+            }
+        }
         for (j, &r) in budgets.iter().enumerate() {
+            if self.draws == Draws::Shared {
+                break;
+            }
             let r = r.min(d_model as u32);
             hs.offsets.push(hs.entries.len() as u32);
             if r as usize == d_model {
@@ -605,13 +705,19 @@ impl Mca {
             let start = hs.entries.len();
             match self.probs {
                 Probs::Weight => {
-                    let unique = draw_alias(key, r as usize, table, &mut counts, &mut drawn);
-                    let inv_r = 1.0 / r as f32;
-                    for &k in &drawn[..unique] {
-                        let c = counts[k as usize] as f32 * inv_r * inv_p[k as usize];
-                        hs.entries.push((k, c));
-                        counts[k as usize] = 0;
-                    }
+                    weight_token(
+                        key,
+                        r as usize,
+                        table,
+                        inv_p,
+                        xj,
+                        w,
+                        &mut counts,
+                        &mut drawn,
+                        &mut hs.entries,
+                        &mut vals[j * d_v..(j + 1) * d_v],
+                    );
+                    continue;
                 }
                 Probs::InputAware => {
                     let mut total = 0.0f64;
@@ -645,7 +751,7 @@ impl Mca {
                 &mut vals[j * d_v..(j + 1) * d_v],
             );
         }
-        hs.offsets.push(hs.entries.len() as u32);
+        hs.offsets.resize(n_k + 1, hs.entries.len() as u32);
         // Exact tokens: gather their rows of X and do one GEMM.
         if !hs.exact.is_empty() {
             let ne = hs.exact.len();
@@ -780,11 +886,109 @@ fn token_key(head_key: u64, j: usize) -> u64 {
     mix64(head_key ^ mix64((j as u64).wrapping_add(1).wrapping_mul(GOLDEN)))
 }
 
+/// Tokens per block of the shared-draw GEMMs.
+const SHARED_BLOCK: usize = 32;
+
+/// The sampled tokens of one head with one shared stream `k_0, k_1, …` (token `j` uses its
+/// first `r_j` draws): `Z[t] = W[k_t]/p(k_t)`, then for blocks of tokens sorted by budget the
+/// gathered `Xs[i, t] = x_{j_i}[k_t]·[t < r_{j_i}]` times `Z` in one GEMM, each row divided by
+/// its `r`. Writes the rows into `vals` and returns the stream.
+fn shared_rows(
+    key: u64,
+    budgets: &[u32],
+    xb: &[f32],
+    w: &[f32],
+    table: &[u64],
+    inv_p: &[f32],
+    vals: &mut [f32],
+) -> SharedStream {
+    let d_model = table.len();
+    let d_v = w.len() / d_model;
+    let r: Vec<u32> = budgets
+        .iter()
+        .map(|&r| if r as usize >= d_model { 0 } else { r })
+        .collect();
+    let longest = r.iter().copied().max().unwrap_or(0) as usize;
+    let stream: Vec<u32> = (1..=longest as u64)
+        .map(|t| {
+            let u = mix64(key.wrapping_add(t.wrapping_mul(GOLDEN)));
+            let i = (((u >> 32) * d_model as u64) >> 32) as usize;
+            let e = table[i];
+            let keep = ((u as u32) < (e >> 32) as u32) as usize;
+            (keep * i + (1 - keep) * (e as u32) as usize) as u32
+        })
+        .collect();
+    let ip: Vec<f32> = stream.iter().map(|&k| inv_p[k as usize]).collect();
+    let mut z = vec![0.0f32; longest * d_v];
+    for ((row, &k), &c) in z.chunks_exact_mut(d_v).zip(&stream).zip(&ip) {
+        for (o, wv) in row
+            .iter_mut()
+            .zip(&w[k as usize * d_v..(k as usize + 1) * d_v])
+        {
+            *o = wv * c;
+        }
+    }
+    let mut order: Vec<u32> = (0..r.len() as u32).filter(|&j| r[j as usize] > 0).collect();
+    order.sort_by_key(|&j| std::cmp::Reverse(r[j as usize]));
+    let mut xs = vec![0.0f32; SHARED_BLOCK * longest];
+    let mut out = vec![0.0f32; SHARED_BLOCK * d_v];
+    for blk in order.chunks(SHARED_BLOCK) {
+        let width = r[blk[0] as usize] as usize;
+        let rows = blk.len();
+        for (row, &j) in xs.chunks_exact_mut(width).zip(blk) {
+            let (j, rj) = (j as usize, r[j as usize] as usize);
+            let xj = &xb[j * d_model..(j + 1) * d_model];
+            for (o, &k) in row[..rj].iter_mut().zip(&stream) {
+                *o = xj[k as usize];
+            }
+            row[rj..].fill(0.0);
+        }
+        gemm(
+            rows,
+            d_v,
+            width,
+            &mut out,
+            d_v,
+            Mat::rows(&xs, width),
+            Mat::rows(&z, d_v),
+            1.0,
+            false,
+        );
+        for (o, &j) in out.chunks_exact(d_v).zip(blk) {
+            let inv = 1.0 / r[j as usize] as f32;
+            for (a, b) in vals[j as usize * d_v..(j as usize + 1) * d_v]
+                .iter_mut()
+                .zip(o)
+            {
+                *a = b * inv;
+            }
+        }
+    }
+    SharedStream {
+        stream,
+        inv_p: ip,
+        r,
+    }
+}
+
 multiversion! {
-    /// `r` draws of token `key` from a head's alias table (SplitMix64 sequence, branch-free
-    /// select: the accept test is a coin flip no predictor can learn): the distinct features go
-    /// to `drawn` in order of first appearance, their counts to `counts`; returns how many.
-    fn draw_alias(key: u64, r: usize, table: &[u64], counts: &mut [u32], drawn: &mut [u32]) -> usize {
+    /// One token with per-token draws from its head's alias table, all in one vectorised body:
+    /// `r` draws (SplitMix64 sequence; branch-free select, since the accept test is a coin flip
+    /// no predictor can learn), their distinct features and weights `count/(r·p)` appended to
+    /// `entries`, and `out += Σ c·x[k]·W[k, :]`.
+    #[allow(clippy::too_many_arguments)]
+    fn weight_token(
+        key: u64,
+        r: usize,
+        table: &[u64],
+        inv_p: &[f32],
+        x: &[f32],
+        w: &[f32],
+        counts: &mut [u32],
+        drawn: &mut [u32],
+        entries: &mut Vec<(u32, f32)>,
+        out: &mut [f32],
+    ) {
         let d = table.len() as u64;
         let mut unique = 0usize;
         for t in 1..=r as u64 {
@@ -797,7 +1001,14 @@ multiversion! {
             unique += (counts[k] == 0) as usize;
             counts[k] += 1;
         }
-        unique
+        let start = entries.len();
+        let inv_r = 1.0 / r as f32;
+        for &k in &drawn[..unique] {
+            let c = counts[k as usize] as f32 * inv_r * inv_p[k as usize];
+            entries.push((k, c));
+            counts[k as usize] = 0;
+        }
+        sparse_row_body(&entries[start..], x, w, out);
     }
 }
 
@@ -809,33 +1020,50 @@ fn token_draws(key: u64, r: usize, out: &mut Vec<u64>) {
 }
 
 multiversion! {
-    /// `out += Σ c·x[k]·W[k, :]` over the entries `(k, c)` (W row-major, `out.len()` columns),
-    /// sixteen columns at a time so that the accumulator stays in registers.
+    /// `out += Σ c·x[k]·W[k, :]` over the entries `(k, c)` (W row-major, `out.len()` columns).
     fn sparse_row(entries: &[(u32, f32)], x: &[f32], w: &[f32], out: &mut [f32]) {
-        let d_v = out.len();
-        let mut c0 = 0;
-        while c0 + 16 <= d_v {
-            let mut acc = [0.0f32; 16];
-            for &(k, c) in entries {
-                let s = c * x[k as usize];
-                let wr = &w[k as usize * d_v + c0..k as usize * d_v + c0 + 16];
-                for (a, wv) in acc.iter_mut().zip(wr) {
-                    *a = s.mul_add(*wv, *a);
-                }
+        sparse_row_body(entries, x, w, out);
+    }
+}
+
+/// [`sparse_row`]'s body, sixteen columns at a time so that the accumulator stays in
+/// registers (inlined into the vectorised callers).
+#[inline(always)]
+fn sparse_row_body(entries: &[(u32, f32)], x: &[f32], w: &[f32], out: &mut [f32]) {
+    let d_v = out.len();
+    let mut c0 = 0;
+    while c0 + 16 <= d_v {
+        let mut acc = [0.0f32; 16];
+        for &(k, c) in entries {
+            let s = c * x[k as usize];
+            let wr = &w[k as usize * d_v + c0..k as usize * d_v + c0 + 16];
+            for (a, wv) in acc.iter_mut().zip(wr) {
+                *a += s * wv;
             }
-            for (o, a) in out[c0..c0 + 16].iter_mut().zip(&acc) {
-                *o += a;
-            }
-            c0 += 16;
         }
-        if c0 < d_v {
-            for &(k, c) in entries {
-                let s = c * x[k as usize];
-                let wr = &w[k as usize * d_v + c0..(k as usize + 1) * d_v];
-                for (o, wv) in out[c0..].iter_mut().zip(wr) {
-                    *o = s.mul_add(*wv, *o);
-                }
+        for (o, a) in out[c0..c0 + 16].iter_mut().zip(&acc) {
+            *o += a;
+        }
+        c0 += 16;
+    }
+    if c0 < d_v {
+        for &(k, c) in entries {
+            let s = c * x[k as usize];
+            let wr = &w[k as usize * d_v + c0..(k as usize + 1) * d_v];
+            for (o, wv) in out[c0..].iter_mut().zip(wr) {
+                *o += s * wv;
             }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = max(out, row − l)` elementwise (NaN-free inputs; written as a compare so that it
+    /// vectorises to a packed max).
+    fn column_max_update(out: &mut [f32], row: &[f32], l: f32) {
+        for (o, v) in out.iter_mut().zip(row) {
+            let c = v - l;
+            *o = if c > *o { c } else { *o };
         }
     }
 }
@@ -874,13 +1102,11 @@ fn column_log_max(x: &AttentionInputs<'_>, bh: usize, scale: f32, lse: &[f32]) -
                 false,
             );
             for &i in &counted {
-                let l = lse[q0 + i];
-                for (o, v) in out[k0..k0 + cols]
-                    .iter_mut()
-                    .zip(&s[i * cols..(i + 1) * cols])
-                {
-                    *o = o.max(v - l);
-                }
+                column_max_update(
+                    &mut out[k0..k0 + cols],
+                    &s[i * cols..(i + 1) * cols],
+                    lse[q0 + i],
+                );
             }
         }
     }
@@ -987,7 +1213,7 @@ impl Attention for Mca {
                     }
                     for j in 0..n_k {
                         let gj = &gh[j * d_v..(j + 1) * d_v];
-                        for &(k, c) in hs.entries(j) {
+                        hs.for_each_entry(j, |k, c| {
                             let s = c * xb[j * d_model + k as usize];
                             for (a, gv) in dw[k as usize * d_v..(k as usize + 1) * d_v]
                                 .iter_mut()
@@ -995,7 +1221,7 @@ impl Attention for Mca {
                             {
                                 *a += s * gv;
                             }
-                        }
+                        });
                     }
                 }
                 dw
@@ -1045,9 +1271,9 @@ impl Attention for Mca {
                                         *a += v;
                                     }
                                 } else {
-                                    for &(k, c) in hs.entries(t0 + i) {
+                                    hs.for_each_entry(t0 + i, |k, c| {
                                         dxr[k as usize] += c * dr[k as usize];
-                                    }
+                                    });
                                 }
                             }
                         }
