@@ -118,9 +118,9 @@ impl Layer {
             bail!("wv has {} columns, not a multiple of {heads} heads", ws[1]);
         }
         let shape = [qs[0], heads, qs[2], qs[3]];
-        let d_v = ws[1] / heads;
-        let v = vec![0.0f32; qs[0] * heads * qs[2] * d_v];
-        let mut layer = Layer {
+        let v =
+            randattn::inputs::project_values(&x, [xs[0], xs[1], xs[2]], &wv, bv.as_deref(), heads)?;
+        let layer = Layer {
             q,
             k,
             v,
@@ -132,22 +132,6 @@ impl Layer {
             d_model: xs[2],
             source: format!("{} and the matching k, x, wv", qp.display()),
         };
-        // V from the projection (exact), for the exact reference output.
-        let exact_v = {
-            let inputs = layer.inputs()?;
-            Mca::exact_projection(&inputs)?
-        };
-        let [b, h, n, _] = shape;
-        for bb in 0..b {
-            for j in 0..n {
-                for hh in 0..h {
-                    let src =
-                        &exact_v[((bb * n + j) * h + hh) * d_v..((bb * n + j) * h + hh + 1) * d_v];
-                    layer.v[((bb * h + hh) * n + j) * d_v..((bb * h + hh) * n + j + 1) * d_v]
-                        .copy_from_slice(src);
-                }
-            }
-        }
         Ok(layer)
     }
 

@@ -86,7 +86,17 @@ pub fn run(a: RunArgs) -> Result<()> {
             let (v, vs) = npy::read_f32(path, 4, "v")?;
             (v, shape4(&vs))
         }
-        (None, Some((x, xs, wv, ws, bv))) => project(x, *xs, wv, *ws, bv.as_deref(), qs[1])?,
+        (None, Some((x, xs, wv, ws, bv))) => {
+            if ws[0] != xs[2] {
+                bail!(
+                    "wv has shape {ws:?} but x has d_model {} (shape {xs:?})",
+                    xs[2]
+                );
+            }
+            let v = randattn::inputs::project_values(x, *xs, wv, bv.as_deref(), qs[1])?;
+            let d_v = ws[1] / qs[1];
+            (v, [xs[0], qs[1], xs[1], d_v])
+        }
         (None, None) => bail!("give --v, or --x and --wv to compute V = X·W_V + b_V"),
     };
     let mut inputs = AttentionInputs::new(&q, shape4(&qs), &k, shape4(&ks), &v, vs)?;
@@ -131,59 +141,6 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// V = X·W_V + b_V split into heads, `[batch, heads, n_k, d_v]`.
-fn project(
-    x: &[f32],
-    xs: [usize; 3],
-    wv: &[f32],
-    ws: [usize; 2],
-    bv: Option<&[f32]>,
-    heads: usize,
-) -> Result<(Vec<f32>, [usize; 4])> {
-    let [batch, n, d_model] = xs;
-    let cols = ws[1];
-    if ws[0] != d_model || !cols.is_multiple_of(heads) {
-        bail!(
-            "wv has shape {ws:?} but must be [d_model, heads·d_v] with d_model = {d_model} (from x) and a multiple of {heads} heads"
-        );
-    }
-    if let Some(b) = bv
-        && b.len() != cols
-    {
-        bail!(
-            "bv has {} elements but must be [heads·d_v] = [{cols}]",
-            b.len()
-        );
-    }
-    let d_v = cols / heads;
-    let mut flat = vec![0.0f32; batch * n * cols];
-    randattn::linalg::gemm(
-        batch * n,
-        cols,
-        d_model,
-        &mut flat,
-        cols,
-        randattn::linalg::Mat::rows(x, d_model),
-        randattn::linalg::Mat::rows(wv, cols),
-        1.0,
-        false,
-    );
-    let mut v = vec![0.0f32; batch * n * cols];
-    for b in 0..batch {
-        for j in 0..n {
-            let row = &flat[(b * n + j) * cols..(b * n + j + 1) * cols];
-            for h in 0..heads {
-                let dst =
-                    &mut v[((b * heads + h) * n + j) * d_v..((b * heads + h) * n + j + 1) * d_v];
-                for (c, o) in dst.iter_mut().enumerate() {
-                    *o = row[h * d_v + c] + bv.map_or(0.0, |bb| bb[h * d_v + c]);
-                }
-            }
-        }
-    }
-    Ok((v, [batch, heads, n, d_v]))
 }
 
 fn read_mask(path: &std::path::Path, what: &str, want: [usize; 2]) -> Result<Vec<bool>> {

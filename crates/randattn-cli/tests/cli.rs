@@ -490,3 +490,67 @@ fn yoso_runs_with_the_documented_settings_and_writes_the_conv_gradient() {
     assert_eq!(read_f32(&f.path("out.npy")), first);
     assert_fails(f.run("yoso", &["--set", "backward=true"]), "use yoso-e");
 }
+
+/// MCA from the layer input and weights: with a tiny α it reproduces the model's attention;
+/// the backward writes the gradients of X, W_V and b_V; without --x it says what to give; and
+/// `exact` accepts --x/--wv/--bv in place of --v (V = X·W_V + b_V).
+#[test]
+fn mca_runs_from_the_layer_input_and_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let layer = |c: &mut Command| {
+        c.arg("--q").arg(fixture("layer5-q.npy"));
+        c.arg("--k").arg(fixture("layer5-k.npy"));
+        c.arg("--x").arg(fixture("layer5-x.npy"));
+        c.arg("--wv").arg(fixture("layer5-wv.npy"));
+        c.arg("--bv").arg(fixture("layer5-bv.npy"));
+    };
+    let want = read_f32(&fixture("layer5-out.npy"));
+    let worst = |got: &[f32]| {
+        got.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    for (method, alpha) in [("mca", "1e-6"), ("exact", "")] {
+        let mut c = bin();
+        c.args(["run", "--method", method]);
+        layer(&mut c);
+        if !alpha.is_empty() {
+            c.args(["--set", &format!("alpha={alpha}")]);
+        }
+        let o = c.arg("--out").arg(p("o.npy")).output().unwrap();
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        assert!(worst(&read_f32(&p("o.npy"))) < 1e-4, "{method}");
+    }
+    std::fs::write(p("g.npy"), constant_f32(&[1, 12, 512, 32], 1.0)).unwrap();
+    let mut c = bin();
+    c.args(["run", "--method", "mca", "--set", "alpha=0.3"]);
+    layer(&mut c);
+    c.arg("--out").arg(p("o.npy"));
+    c.arg("--grad-out").arg(p("g.npy"));
+    let o = c.arg("--grads-dir").arg(p("grads")).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (name, len) in [
+        ("x", 512 * 384),
+        ("wv", 384 * 384),
+        ("bv", 384),
+        ("dq", 12 * 512 * 32),
+    ] {
+        let g = read_f32(&p(&format!("grads/{name}.npy")));
+        assert_eq!(g.len(), len, "{name}");
+        assert!(
+            g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0),
+            "{name}"
+        );
+    }
+    let mut c = bin();
+    c.args(["run", "--method", "mca"]);
+    c.arg("--q").arg(fixture("layer5-q.npy"));
+    c.arg("--k").arg(fixture("layer5-k.npy"));
+    c.arg("--v").arg(fixture("layer5-v.npy"));
+    assert_fails(
+        c.arg("--out").arg(p("o.npy")).output().unwrap(),
+        "--x and --wv",
+    );
+}

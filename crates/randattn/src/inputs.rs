@@ -79,6 +79,67 @@ pub struct ValueProjection<'a> {
     pub d_model: usize,
 }
 
+/// `V = X·W_V + b_V` split into heads, `[batch, heads, n, d_v]`, from X `[batch, n, d_model]`,
+/// W_V `[d_model, heads·d_v]` (`wv.len() / d_model` columns) and an optional b_V: the values a
+/// model's value projection gives (for inputs that come as a layer input and weights).
+pub fn project_values(
+    x: &[f32],
+    x_shape: [usize; 3],
+    wv: &[f32],
+    bv: Option<&[f32]>,
+    heads: usize,
+) -> Result<Vec<f32>> {
+    check_len("x", x.len(), &x_shape)?;
+    let [batch, n, d_model] = x_shape;
+    let cols = wv.len() / d_model;
+    if heads == 0 || wv.len() != d_model * cols || cols == 0 || !cols.is_multiple_of(heads) {
+        return Err(Error::shape(
+            "wv",
+            format!(
+                "has {} elements, not [d_model, heads·d_v] with d_model = {d_model} (from x) and a multiple of {heads} heads",
+                wv.len()
+            ),
+        ));
+    }
+    if let Some(b) = bv
+        && b.len() != cols
+    {
+        return Err(Error::shape(
+            "bv",
+            format!(
+                "has {} elements but must be [heads·d_v] = [{cols}]",
+                b.len()
+            ),
+        ));
+    }
+    let d_v = cols / heads;
+    let mut flat = vec![0.0f32; batch * n * cols];
+    crate::linalg::gemm(
+        batch * n,
+        cols,
+        d_model,
+        &mut flat,
+        cols,
+        crate::linalg::Mat::rows(x, d_model),
+        crate::linalg::Mat::rows(wv, cols),
+        1.0,
+        false,
+    );
+    let mut v = vec![0.0f32; batch * n * cols];
+    for b in 0..batch {
+        for j in 0..n {
+            let row = &flat[(b * n + j) * cols..(b * n + j + 1) * cols];
+            for h in 0..heads {
+                let at = ((b * heads + h) * n + j) * d_v;
+                for (c, o) in v[at..at + d_v].iter_mut().enumerate() {
+                    *o = row[h * d_v + c] + bv.map_or(0.0, |bb| bb[h * d_v + c]);
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
 fn check_len(arg: &'static str, data_len: usize, shape: &[usize]) -> Result<()> {
     let want = shape
         .iter()

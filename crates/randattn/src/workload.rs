@@ -10,7 +10,6 @@ use rand_distr::StandardNormal;
 
 use crate::error::Result;
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm};
 use crate::rng::stream;
 
 /// Q, K, V owned, with their sizes, and the layer input and value projection behind V.
@@ -135,30 +134,8 @@ pub fn clustered(batch: usize, heads: usize, n: usize, d: usize, seed: u64) -> W
             *v = rng.sample(StandardNormal);
         }
     }
-    let mut flat = vec![0.0f32; batch * n * cols];
-    gemm(
-        batch * n,
-        cols,
-        d_model,
-        &mut flat,
-        cols,
-        Mat::rows(&x, d_model),
-        Mat::rows(&wv, cols),
-        1.0,
-        false,
-    );
-    let mut v = vec![0.0f32; len];
-    for b in 0..batch {
-        for j in 0..n {
-            let row = &flat[(b * n + j) * cols..(b * n + j + 1) * cols];
-            for h in 0..heads {
-                let dst = &mut v[((b * heads + h) * n + j) * d..((b * heads + h) * n + j + 1) * d];
-                for (c, o) in dst.iter_mut().enumerate() {
-                    *o = row[h * d + c] + bv[h * d + c];
-                }
-            }
-        }
-    }
+    let v = crate::inputs::project_values(&x, [batch, n, d_model], &wv, Some(&bv), heads)
+        .expect("the workload's shapes are consistent");
     Workload {
         dims,
         q,
