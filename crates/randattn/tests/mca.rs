@@ -515,6 +515,40 @@ fn masks_threads_and_bad_input() {
     let m = Method::parse("mca", &[("alpha", "0.5"), ("probs", "input-aware")]).unwrap();
     assert!(m.forward(&x, 1).is_ok());
 
+    // Zero rows of W_V (probability 0: never drawn) and a head whose W_h is zero (values are
+    // the bias): finite outputs, equal to exact attention of the exact values at α → 0.
+    let mut zero = McaCase::synthetic((1, 2, 30, 4, 3), 16, 8);
+    for (k, row) in zero.wv.chunks_exact_mut(6).enumerate() {
+        if k % 3 == 0 {
+            row.fill(0.0);
+        }
+        row[3..].fill(0.0);
+    }
+    zero.case.v = project(&zero.x, &zero.wv, &zero.bv, 1, 2, 30, 16, 3);
+    let xz = zero.inputs();
+    for probs in [Probs::Weight, Probs::InputAware] {
+        for seed in 0..20 {
+            let m = Mca {
+                alpha: 2.0,
+                probs,
+                ..Mca::default()
+            };
+            let out = m.forward(&xz, seed).unwrap().output;
+            assert!(out.iter().all(|v| v.is_finite()), "{probs:?} seed {seed}");
+        }
+    }
+    let tiny = Mca {
+        alpha: 1e-6,
+        ..Mca::default()
+    };
+    let want = ExactNaive::default().forward(&xz, 0).unwrap().output;
+    assert_close(
+        "zero rows",
+        &tiny.forward(&xz, 0).unwrap().output,
+        &want,
+        1e-5,
+    );
+
     // Missing projection, mismatched shapes, non-finite values, bad parameters.
     let plain = mc.case.inputs();
     let err = mca.forward(&plain, 0).unwrap_err().to_string();

@@ -335,6 +335,18 @@ fn build_alias(p: &[f64], threshold: &mut [u32], alias: &mut [u32]) {
         threshold[i] = u32::MAX;
         alias[i] = i as u32;
     }
+    // A feature of probability zero must never be drawn (its weight 1/p would be infinite),
+    // whatever the rounding above did.
+    let top = (0..n).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
+    for i in 0..n {
+        if p[i] == 0.0 {
+            threshold[i] = 0;
+            alias[i] = top as u32;
+        }
+        if p[alias[i] as usize] == 0.0 {
+            alias[i] = top as u32;
+        }
+    }
 }
 
 fn to_threshold(x: f64) -> u32 {
@@ -726,11 +738,17 @@ impl Mca {
                         *c = total;
                     }
                     if total > 0.0 {
+                        // The last feature with positive weight: rounding at u → 1 must not
+                        // land on a zero-weight one.
+                        let last = (0..d_model)
+                            .rev()
+                            .find(|&k| xj[k] != 0.0 && norms[k] > 0.0)
+                            .unwrap_or(d_model - 1);
                         let mut unique = 0usize;
                         token_draws(key, r as usize, &mut raw);
                         for &u in &raw {
                             let target = (u >> 11) as f64 * (total / (1u64 << 53) as f64);
-                            let k = cdf.partition_point(|c| *c <= target).min(d_model - 1);
+                            let k = cdf.partition_point(|c| *c <= target).min(last);
                             drawn[unique] = k as u32;
                             unique += (counts[k] == 0) as usize;
                             counts[k] += 1;
