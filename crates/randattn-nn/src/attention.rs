@@ -1,0 +1,112 @@
+//! `MultiHeadSelfAttention`: Q/K/V/O projections around any randattn method.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder, linear};
+use randattn::Method;
+
+use crate::op::{Masks, attention, mca};
+
+/// Multi-head self-attention whose attention is a randattn [`Method`] (MCA included: it samples
+/// the value projection from the layer input and this module's W_V).
+#[derive(Debug, Clone)]
+pub struct MultiHeadSelfAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    heads: usize,
+    head_dim: usize,
+    /// The attention estimator (`exact` for the model's own softmax).
+    pub method: Method,
+}
+
+/// What one attention call saw and produced, for fidelity reports.
+#[derive(Debug, Clone)]
+pub struct AttentionTrace {
+    /// The attention output before the output projection, `[batch, heads, n, head_dim]`.
+    pub heads_output: Tensor,
+}
+
+impl MultiHeadSelfAttention {
+    /// Builds the projections from `vb` (`query`, `key`, `value`, each `hidden × hidden` with
+    /// bias) and `out_vb` (`dense`) — Hugging Face BERT's names.
+    pub fn load(
+        vb: VarBuilder,
+        out_vb: VarBuilder,
+        hidden: usize,
+        heads: usize,
+        method: Method,
+    ) -> Result<Self> {
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            candle_core::bail!("hidden size {hidden} is not a multiple of {heads} heads");
+        }
+        Ok(MultiHeadSelfAttention {
+            query: linear(hidden, hidden, vb.pp("query"))?,
+            key: linear(hidden, hidden, vb.pp("key"))?,
+            value: linear(hidden, hidden, vb.pp("value"))?,
+            output: linear(hidden, hidden, out_vb.pp("dense"))?,
+            heads,
+            head_dim: hidden / heads,
+            method,
+        })
+    }
+
+    /// `[b, n, hidden]` → `[b, heads, n, head_dim]`.
+    fn split(&self, t: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = t.dims3()?;
+        t.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Attention over `x` (`[batch, n, hidden]`) with an optional key-padding mask
+    /// (`[batch, n]`, `true` = token): the output before the output projection.
+    pub fn attend(&self, x: &Tensor, mask: Option<&[bool]>, seed: u64) -> Result<Tensor> {
+        let masks = Masks {
+            key: mask.map(<[bool]>::to_vec),
+            query: None,
+        };
+        let q = self.split(&self.query.forward(x)?)?;
+        let k = self.split(&self.key.forward(x)?)?;
+        match &self.method {
+            Method::Mca(m) => {
+                // V = X·W_V + b_V with W_V = weightᵀ (candle stores [out, in]).
+                let wv = self.value.weight().t()?.contiguous()?;
+                let bv = match self.value.bias() {
+                    Some(b) => b.clone(),
+                    None => Tensor::zeros(wv.dim(1)?, x.dtype(), x.device())?,
+                };
+                mca(&q, &k, x, &wv, &bv, m, seed, &masks)
+            }
+            method => {
+                let v = self.split(&self.value.forward(x)?)?;
+                attention(&q, &k, &v, method, seed, &masks)
+            }
+        }
+    }
+
+    /// The full block: attention, heads merged, output projection. Returns the trace too.
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        mask: Option<&[bool]>,
+        seed: u64,
+    ) -> Result<(Tensor, AttentionTrace)> {
+        let (b, n, _) = x.dims3()?;
+        let heads_output = self.attend(x, mask, seed)?;
+        let merged = heads_output.transpose(1, 2)?.contiguous()?.reshape((
+            b,
+            n,
+            self.heads * self.head_dim,
+        ))?;
+        Ok((
+            self.output.forward(&merged)?,
+            AttentionTrace { heads_output },
+        ))
+    }
+
+    /// [`Self::forward_traced`] without the trace.
+    pub fn forward(&self, x: &Tensor, mask: Option<&[bool]>, seed: u64) -> Result<Tensor> {
+        Ok(self.forward_traced(x, mask, seed)?.0)
+    }
+}
