@@ -7,6 +7,7 @@ mod alloc;
 mod bench;
 mod compare;
 mod embed;
+mod fidelity;
 mod mca_profile;
 mod npy;
 mod report;
@@ -55,6 +56,9 @@ enum Command {
     Model(embed::ModelCommand),
     /// Sentence embeddings (one sentence per line) with any attention method in every layer.
     Embed(embed::EmbedArgs),
+    /// Every softmax-approximating method in every layer of the pretrained MiniLM: cosine of
+    /// sentence embeddings and per-layer attention error vs exact, and time.
+    Fidelity(fidelity::FidelityArgs),
 }
 
 /// Options shared by the commands that run a workload and report on it.
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
         Command::McaProfile(args) => mca_profile::mca_profile(args),
         Command::Model(cmd) => embed::model(cmd),
         Command::Embed(args) => embed::embed(args),
+        Command::Fidelity(args) => fidelity::fidelity(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -554,3 +554,65 @@ fn mca_runs_from_the_layer_input_and_weights() {
         "--x and --wv",
     );
 }
+
+/// The pretrained model from the command line: `embed` writes unit-norm embeddings; `fidelity`
+/// with MCA at α → 0 is exact (cosine 1) and names the YOSO family as not applicable; a missing
+/// model says how to fetch it.
+#[test]
+fn embed_and_fidelity_use_the_pretrained_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(
+        &input,
+        "A man is eating food.\n\nA cat sleeps on the warm roof.\n",
+    )
+    .unwrap();
+    let out = dir.path().join("e.npy");
+    let o = bin()
+        .args(["embed", "--attention", "exact", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = read_f32(&out);
+    assert_eq!(e.len(), 2 * 384);
+    for row in e.chunks_exact(384) {
+        let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+    let json = dir.path().join("f.json");
+    let o = bin()
+        .args([
+            "fidelity",
+            "--methods",
+            "mca:alpha=1e-6,performer:features=32",
+            "--seeds",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 2);
+    assert!(r[0]["cosine_min"].as_f64().unwrap() > 0.99999, "{}", r[0]);
+    assert!(r[1]["cosine_mean"].as_f64().unwrap() < 0.999, "{}", r[1]);
+    assert_eq!(r[0]["layer_rel_error"].as_array().unwrap().len(), 6);
+    let o = bin()
+        .args(["fidelity", "--seeds", "1", "--methods", "yoso"])
+        .output()
+        .unwrap();
+    assert_fails(o, "different kernel");
+    let o = bin()
+        .env("RANDATTN_HOME", dir.path().join("nowhere"))
+        .args(["embed", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert_fails(o, "randattn model fetch");
+}

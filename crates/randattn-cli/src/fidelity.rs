@@ -1,0 +1,234 @@
+//! `randattn fidelity`: every softmax-approximating method swapped into every layer of the
+//! pretrained MiniLM — how far its sentence embeddings and attention outputs move, and its time.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use randattn::Method;
+use randattn_nn::model::{DEFAULT_MAX_LEN, SentenceEmbedder, cache_dir};
+use serde_json::json;
+
+use crate::report::table;
+use crate::write_json;
+
+/// The built-in corpus: six paragraphs written for this project (about 200 tokens each, near
+/// the model card's 256-token maximum, so attention is non-trivial).
+const CORPUS: &str = include_str!("corpus.txt");
+
+#[derive(Args)]
+pub struct FidelityArgs {
+    /// Methods, comma-separated, each optionally with settings: `performer:features=64`,
+    /// `mca:alpha=0.3:draws=shared`; `all` = every softmax-approximating method with defaults.
+    #[arg(long, default_value = "all")]
+    methods: String,
+    /// Text file, one input per line (default: the built-in corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Maximum tokens per input (256 = the model card's; at most 512).
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    max_len: usize,
+    /// Seeds averaged per method.
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Write the results as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// `name[:key=value]...` → a validated method.
+fn parse_spec(spec: &str) -> Result<Method> {
+    let mut parts = spec.split(':');
+    let name = parts.next().unwrap_or_default().trim();
+    let mut settings = Vec::new();
+    for p in parts {
+        match p.split_once('=') {
+            Some((k, v)) => settings.push((k.trim().to_string(), v.trim().to_string())),
+            None => bail!("`{p}` in `{spec}` is not key=value"),
+        }
+    }
+    Ok(Method::parse(name, &settings)?)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(f64::MIN_POSITIVE)
+}
+
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+pub fn fidelity(a: FidelityArgs) -> Result<()> {
+    if a.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let text = match &a.corpus {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
+        None => CORPUS.to_string(),
+    };
+    let inputs: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if inputs.is_empty() {
+        bail!("the corpus has no non-empty lines");
+    }
+    let mut skipped = Vec::new();
+    let methods: Vec<Method> = if a.methods.trim() == "all" {
+        Method::catalog()
+            .iter()
+            .filter(|m| !m.name.starts_with("exact"))
+            .filter_map(|m| {
+                if m.approximates_softmax {
+                    Some(Method::from_name(m.name))
+                } else {
+                    skipped.push(m.name);
+                    None
+                }
+            })
+            .collect::<randattn::Result<_>>()?
+    } else {
+        a.methods
+            .split(',')
+            .map(|s| parse_spec(s.trim()))
+            .collect::<Result<_>>()?
+    };
+    for m in &methods {
+        if !m.info().approximates_softmax {
+            bail!(
+                "{} computes a different kernel than softmax (models are trained with it); \
+                 swapping it into a softmax-trained model measures nothing",
+                m.name()
+            );
+        }
+    }
+    let mut embedder =
+        SentenceEmbedder::load(&cache_dir(), Method::from_name("exact")?, a.max_len)?;
+    let token_ids: Vec<Vec<u32>> = inputs
+        .iter()
+        .map(|s| embedder.tokenize(s))
+        .collect::<Result<_, _>>()?;
+    let tokens: Vec<usize> = token_ids.iter().map(Vec::len).collect();
+    // The exact reference.
+    let started = Instant::now();
+    let reference: Vec<_> = token_ids
+        .iter()
+        .map(|ids| embedder.embed_ids(ids, 0))
+        .collect::<Result<_, _>>()?;
+    let exact_s = started.elapsed().as_secs_f64();
+    let layers = reference[0].traces.len();
+    let mut rows = vec![vec![
+        "exact".to_string(),
+        "1.00000".to_string(),
+        "1.00000".to_string(),
+        "0".to_string(),
+        format!("{exact_s:.2}"),
+        "1.00x".to_string(),
+        "scale=auto".to_string(),
+    ]];
+    let mut results = Vec::new();
+    for m in &methods {
+        embedder.model.set_method(m);
+        let (mut cos_sum, mut cos_min, mut secs) = (0.0f64, f64::INFINITY, 0.0f64);
+        let mut layer_err = vec![0.0f64; layers];
+        for seed in 0..a.seeds {
+            let started = Instant::now();
+            let outs: Vec<_> = token_ids
+                .iter()
+                .map(|ids| embedder.embed_ids(ids, seed))
+                .collect::<Result<_, _>>()?;
+            secs += started.elapsed().as_secs_f64() / a.seeds as f64;
+            for (o, r) in outs.iter().zip(&reference) {
+                let c = cosine(&o.embedding, &r.embedding);
+                cos_sum += c;
+                cos_min = cos_min.min(c);
+                for (l, (t, rt)) in o.traces.iter().zip(&r.traces).enumerate() {
+                    let got = t.flatten_all()?.to_vec1::<f32>()?;
+                    let want = rt.flatten_all()?.to_vec1::<f32>()?;
+                    layer_err[l] += rel_error(&got, &want) / (a.seeds as f64 * inputs.len() as f64);
+                }
+            }
+        }
+        let cos_mean = cos_sum / (a.seeds as f64 * inputs.len() as f64);
+        let params: Vec<String> = m.params().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rows.push(vec![
+            m.name().to_string(),
+            format!("{cos_mean:.5}"),
+            format!("{cos_min:.5}"),
+            layer_err
+                .iter()
+                .map(|e| format!("{e:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            format!("{secs:.2}"),
+            format!("{:.2}x", exact_s / secs),
+            params.join(" "),
+        ]);
+        let pmap: serde_json::Map<String, serde_json::Value> = m
+            .params()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        results.push(json!({
+            "method": m.name(), "params": pmap, "cosine_mean": cos_mean, "cosine_min": cos_min,
+            "layer_rel_error": layer_err, "seconds": secs, "exact_seconds": exact_s,
+        }));
+    }
+    println!(
+        "all-MiniLM-L6-v2, every layer's attention swapped; {} inputs of {}–{} tokens (max {}), \
+         {} seed(s), threads={}",
+        inputs.len(),
+        tokens.iter().min().unwrap_or(&0),
+        tokens.iter().max().unwrap_or(&0),
+        a.max_len,
+        a.seeds,
+        rayon::current_num_threads()
+    );
+    println!(
+        "cosine of sentence embeddings vs exact (mean, min); per-layer relative error of the \
+         attention output (layers 0..{}, errors propagate); seconds to embed the corpus",
+        layers - 1
+    );
+    print!(
+        "{}",
+        table(
+            &[
+                "method",
+                "cos mean",
+                "cos min",
+                "layer rel. error",
+                "seconds",
+                "speed",
+                "params"
+            ],
+            &rows
+        )
+    );
+    if !skipped.is_empty() {
+        println!(
+            "not run: {} — a different kernel than softmax (LSH collision probability); a model \
+             must be trained with it, so swapping it into this softmax-trained model measures nothing",
+            skipped.join(", ")
+        );
+    }
+    if let Some(path) = &a.json {
+        write_json(
+            path,
+            &json!({ "model": "all-MiniLM-L6-v2", "tokens": tokens, "seeds": a.seeds,
+                     "results": results }),
+        )?;
+    }
+    Ok(())
+}
