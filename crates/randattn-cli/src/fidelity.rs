@@ -143,6 +143,7 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
         embedder.model.set_method(m);
         let (mut cos_sum, mut cos_min, mut secs) = (0.0f64, f64::INFINITY, 0.0f64);
         let mut layer_err = vec![0.0f64; layers];
+        let mut flops: Option<f64> = None;
         for seed in 0..a.seeds {
             let started = Instant::now();
             let outs: Vec<_> = token_ids
@@ -155,14 +156,21 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
                 cos_sum += c;
                 cos_min = cos_min.min(c);
                 for (l, (t, rt)) in o.traces.iter().zip(&r.traces).enumerate() {
-                    let got = t.flatten_all()?.to_vec1::<f32>()?;
-                    let want = rt.flatten_all()?.to_vec1::<f32>()?;
+                    if let Some(f) = t.flop_fraction {
+                        *flops.get_or_insert(0.0) +=
+                            f / (a.seeds as f64 * inputs.len() as f64 * layers as f64);
+                    }
+                    let got = t.heads_output.flatten_all()?.to_vec1::<f32>()?;
+                    let want = rt.heads_output.flatten_all()?.to_vec1::<f32>()?;
                     layer_err[l] += rel_error(&got, &want) / (a.seeds as f64 * inputs.len() as f64);
                 }
             }
         }
         let cos_mean = cos_sum / (a.seeds as f64 * inputs.len() as f64);
-        let params: Vec<String> = m.params().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut params: Vec<String> = m.params().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if let Some(f) = flops {
+            params.push(format!("(flops {f:.3})"));
+        }
         rows.push(vec![
             m.name().to_string(),
             format!("{cos_mean:.5}"),
@@ -184,6 +192,7 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
         results.push(json!({
             "method": m.name(), "params": pmap, "cosine_mean": cos_mean, "cosine_min": cos_min,
             "layer_rel_error": layer_err, "seconds": secs, "exact_seconds": exact_s,
+            "mca_flop_fraction": flops,
         }));
     }
     println!(

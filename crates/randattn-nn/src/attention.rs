@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use randattn::Method;
 
-use crate::op::{Masks, attention, mca};
+use crate::op::{Masks, attention, mca_with_diagnostics};
 
 /// Multi-head self-attention whose attention is a randattn [`Method`] (MCA included: it samples
 /// the value projection from the layer input and this module's W_V).
@@ -25,6 +25,9 @@ pub struct MultiHeadSelfAttention {
 pub struct AttentionTrace {
     /// The attention output before the output projection, `[batch, heads, n, head_dim]`.
     pub heads_output: Tensor,
+    /// MCA only: the mean over batch and heads of the FLOP fraction of the value projection on
+    /// real tokens (mean r/d_model).
+    pub flop_fraction: Option<f64>,
 }
 
 impl MultiHeadSelfAttention {
@@ -60,8 +63,14 @@ impl MultiHeadSelfAttention {
     }
 
     /// Attention over `x` (`[batch, n, hidden]`) with an optional key-padding mask
-    /// (`[batch, n]`, `true` = token): the output before the output projection.
-    pub fn attend(&self, x: &Tensor, mask: Option<&[bool]>, seed: u64) -> Result<Tensor> {
+    /// (`[batch, n]`, `true` = token): the output before the output projection (and MCA's FLOP
+    /// fraction).
+    pub fn attend(
+        &self,
+        x: &Tensor,
+        mask: Option<&[bool]>,
+        seed: u64,
+    ) -> Result<(Tensor, Option<f64>)> {
         let masks = Masks {
             key: mask.map(<[bool]>::to_vec),
             query: None,
@@ -76,11 +85,16 @@ impl MultiHeadSelfAttention {
                     Some(b) => b.clone(),
                     None => Tensor::zeros(wv.dim(1)?, x.dtype(), x.device())?,
                 };
-                mca(&q, &k, x, &wv, &bv, m, seed, &masks)
+                let (out, diag) = mca_with_diagnostics(&q, &k, x, &wv, &bv, m, seed, &masks)?;
+                let f = &diag.flop_fraction;
+                Ok((
+                    out,
+                    Some(f.iter().map(|v| *v as f64).sum::<f64>() / f.len() as f64),
+                ))
             }
             method => {
                 let v = self.split(&self.value.forward(x)?)?;
-                attention(&q, &k, &v, method, seed, &masks)
+                Ok((attention(&q, &k, &v, method, seed, &masks)?, None))
             }
         }
     }
@@ -93,7 +107,7 @@ impl MultiHeadSelfAttention {
         seed: u64,
     ) -> Result<(Tensor, AttentionTrace)> {
         let (b, n, _) = x.dims3()?;
-        let heads_output = self.attend(x, mask, seed)?;
+        let (heads_output, flop_fraction) = self.attend(x, mask, seed)?;
         let merged = heads_output.transpose(1, 2)?.contiguous()?.reshape((
             b,
             n,
@@ -101,7 +115,10 @@ impl MultiHeadSelfAttention {
         ))?;
         Ok((
             self.output.forward(&merged)?,
-            AttentionTrace { heads_output },
+            AttentionTrace {
+                heads_output,
+                flop_fraction,
+            },
         ))
     }
 

@@ -6,7 +6,7 @@ use candle_nn::{Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder, embed
 use randattn::Method;
 use serde::Deserialize;
 
-use crate::attention::MultiHeadSelfAttention;
+use crate::attention::{AttentionTrace, MultiHeadSelfAttention};
 
 /// The fields of a Hugging Face BERT `config.json` this encoder uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,8 +54,8 @@ pub struct BertModel {
     pub config: BertConfig,
 }
 
-/// The outputs of every layer's attention (before the output projection), for fidelity reports.
-pub type LayerTraces = Vec<Tensor>;
+/// Every layer's attention trace (output before the output projection, MCA's FLOP fraction).
+pub type LayerTraces = Vec<AttentionTrace>;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     candle_nn::layer_norm(
@@ -165,7 +165,7 @@ impl BertModel {
         let mut traces = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
             let (a, trace) = l.attention.forward_traced(&x, mask, layer_seed(seed, i))?;
-            traces.push(trace.heads_output);
+            traces.push(trace);
             let h = l.attention_norm.forward(&(a + &x)?)?;
             let f = l.output.forward(&l.intermediate.forward(&h)?.gelu_erf()?)?;
             x = l.output_norm.forward(&(f + &h)?)?;

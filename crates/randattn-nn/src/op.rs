@@ -7,11 +7,11 @@
 //! (YOSO-C kernels, LARA proposal means, Linformer projections) are configuration here, not
 //! tensors: their gradients are not propagated.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
-use randattn::methods::mca::Mca;
+use randattn::methods::mca::{Diagnostics, Mca};
 use randattn::{Attention, AttentionInputs, Method, Saved};
 
 /// The contiguous f32 data of a storage with its layout.
@@ -157,6 +157,7 @@ struct McaOp {
     /// `(batch, heads, n, d_h, d_model, d_v)`.
     sizes: (usize, usize, usize, usize, usize, usize),
     saved: Mutex<Option<Saved>>,
+    diagnostics: Arc<Mutex<Option<Diagnostics>>>,
 }
 
 impl McaOp {
@@ -215,10 +216,18 @@ impl CustomOp3 for McaOp {
         );
         let (b, h, n, _, _, d_v) = self.sizes;
         let zeros = vec![0.0f32; b * h * n * d_v];
-        let f = self.with_inputs(qk, x, wvb, &zeros, |inp| {
-            self.mca.forward(&inp, self.seed).map_err(core_err)
+        let (f, diag) = self.with_inputs(qk, x, wvb, &zeros, |inp| {
+            let (_, h, _, _, d_model, d_v) = self.sizes;
+            let prep = self
+                .mca
+                .prepare(&wvb[..d_model * h * d_v], d_model, h, d_v)
+                .map_err(core_err)?;
+            self.mca
+                .forward_prepared(&inp, &prep, self.seed)
+                .map_err(core_err)
         })?;
         *self.saved.lock().expect("op lock") = Some(f.saved);
+        *self.diagnostics.lock().expect("op lock") = Some(diag);
         Ok((CpuStorage::F32(f.output), Shape::from(vec![b, h, n, d_v])))
     }
 
@@ -276,6 +285,21 @@ pub fn mca(
     seed: u64,
     masks: &Masks,
 ) -> Result<Tensor> {
+    Ok(mca_with_diagnostics(q, k, x, wv, bv, mca, seed, masks)?.0)
+}
+
+/// [`mca`], also returning the forward's budgets, FLOP fractions and bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn mca_with_diagnostics(
+    q: &Tensor,
+    k: &Tensor,
+    x: &Tensor,
+    wv: &Tensor,
+    bv: &Tensor,
+    mca: &Mca,
+    seed: u64,
+    masks: &Masks,
+) -> Result<(Tensor, Diagnostics)> {
     let (b, h, n, d) = q.dims4()?;
     let (_, _, d_model) = x.dims3()?;
     let (_, cols) = wv.dims2()?;
@@ -290,6 +314,13 @@ pub fn mca(
         masks: masks.clone(),
         sizes: (b, h, n, d, d_model, cols / h),
         saved: Mutex::new(None),
+        diagnostics: Arc::new(Mutex::new(None)),
     };
-    qk.apply_op3(&x.contiguous()?, &wvb, op)
+    let sink = op.diagnostics.clone();
+    let out = qk.apply_op3(&x.contiguous()?, &wvb, op)?;
+    let diag = sink.lock().expect("op lock").take();
+    match diag {
+        Some(d) => Ok((out, d)),
+        None => bail!("randattn: the mca forward left no diagnostics"),
+    }
 }
