@@ -10,7 +10,7 @@ use randattn::Method;
 use randattn_nn::model::{DEFAULT_MAX_LEN, SentenceEmbedder, cache_dir};
 use serde_json::json;
 
-use crate::report::table;
+use crate::report::{progress, table};
 use crate::write_json;
 
 /// The built-in corpus: six paragraphs written for this project (about 200 tokens each, near
@@ -35,6 +35,9 @@ pub struct FidelityArgs {
     /// Write the results as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// `name[:key=value]...` → a validated method.
@@ -139,7 +142,9 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
         "scale=auto".to_string(),
     ]];
     let mut results = Vec::new();
+    let bar = progress(methods.len() as u64, a.quiet);
     for m in &methods {
+        bar.set_message(m.name().to_string());
         embedder.model.set_method(m);
         let (mut cos_sum, mut cos_min, mut secs) = (0.0f64, f64::INFINITY, 0.0f64);
         let mut layer_err = vec![0.0f64; layers];
@@ -194,7 +199,9 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
             "layer_rel_error": layer_err, "seconds": secs, "exact_seconds": exact_s,
             "mca_flop_fraction": flops,
         }));
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     println!(
         "all-MiniLM-L6-v2, every layer's attention swapped; {} inputs of {}–{} tokens (max {}), \
          {} seed(s), threads={}",

@@ -13,7 +13,7 @@ use randattn::workload::{Workload, clustered};
 use randattn::{Attention, AttentionInputs, Dims};
 use serde_json::json;
 
-use crate::report::{median_ms, ms, table};
+use crate::report::{median_ms, ms, progress, table};
 use crate::{alloc, npy, write_json};
 
 #[derive(Args)]
@@ -195,6 +195,7 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             other => bail!("--draws takes `token` and/or `shared`, got `{other}`"),
         });
     }
+    let bar = progress((a.alphas.len() * modes.len()) as u64, a.common.quiet);
     for (&alpha, &draws) in a
         .alphas
         .iter()
@@ -251,7 +252,9 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             "mean_bound": mean(&diag.bound), "sampled_projection_ms": sampled_ms,
             "exact_projection_ms": exact_ms, "budget_pass_ms": budgets_ms,
         }));
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     println!(
         "{}: batch={} heads={} n={} d={} d_model={} probs={} threads={}",
         layer.source,
