@@ -153,3 +153,34 @@ fn mca_autograd_reaches_x_and_the_value_weights() {
     assert_close("mca dwv", &grad(&grads, &vw), &param("wv"));
     assert_close("mca dbv", &grad(&grads, &vb), &param("bv"));
 }
+
+/// Bad tensors give errors, not panics: wrong rank, wrong dtype, mismatched heads, MCA through
+/// the plain op, a key mask of the wrong length.
+#[test]
+fn bad_tensors_are_errors() {
+    let dev = Device::Cpu;
+    let exact = Method::parse::<&str>("exact", &[]).unwrap();
+    let none = Masks::default();
+    let q = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &dev).unwrap();
+    let err = |r: candle_core::Result<Tensor>| r.unwrap_err().to_string();
+    let flat = Tensor::zeros((10, 4), candle_core::DType::F32, &dev).unwrap();
+    assert!(err(attention(&flat, &q, &q, &exact, 0, &none)).contains("[batch, heads, n, d]"));
+    let f64q = q.to_dtype(candle_core::DType::F64).unwrap();
+    assert!(err(attention(&f64q, &q, &q, &exact, 0, &none)).contains("f32"));
+    let k3 = Tensor::zeros((1, 3, 5, 4), candle_core::DType::F32, &dev).unwrap();
+    assert!(err(attention(&q, &k3, &k3, &exact, 0, &none)).contains("heads"));
+    let m = Method::parse::<&str>("mca", &[]).unwrap();
+    assert!(err(attention(&q, &q, &q, &m, 0, &none)).contains("op::mca"));
+    let bad_mask = Masks {
+        key: Some(vec![true; 3]),
+        query: None,
+    };
+    assert!(err(attention(&q, &q, &q, &exact, 0, &bad_mask)).contains("key_mask"));
+    let x = Tensor::zeros((1, 5, 6), candle_core::DType::F32, &dev).unwrap();
+    let wv = Tensor::zeros((6, 5), candle_core::DType::F32, &dev).unwrap();
+    let bv = Tensor::zeros(5, candle_core::DType::F32, &dev).unwrap();
+    let e = mca(&q, &q, &x, &wv, &bv, &Mca::default(), 0, &none)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 2 heads"), "{e}");
+}
