@@ -59,6 +59,10 @@ pub struct EmbedArgs {
     /// Seed of the attention's random draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sentences per padded batch (sorted by length; 1 = one at a time, which makes a random
+    /// method's draws independent of the other sentences).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
 }
 
 pub fn embed(a: EmbedArgs) -> Result<()> {
@@ -80,23 +84,39 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
     if sentences.is_empty() {
         bail!("no sentences in the input (one per line)");
     }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let embedder = SentenceEmbedder::load(&cache_dir(), method, a.max_len)?;
-    let mut all = Vec::with_capacity(sentences.len());
-    for s in &sentences {
-        all.push(embedder.embed_one(s, a.seed)?);
+    let ids: Vec<Vec<u32>> = sentences
+        .iter()
+        .map(|s| embedder.tokenize(s))
+        .collect::<Result<_, _>>()?;
+    // Batches of similar lengths, so that little is padding.
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    let mut embeddings = vec![Vec::new(); ids.len()];
+    for group in order.chunks(a.batch) {
+        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| ids[i].clone()).collect();
+        let out = if seqs.len() == 1 {
+            vec![embedder.embed_ids(&seqs[0], a.seed)?.embedding]
+        } else {
+            embedder.embed_batch(&seqs, a.seed)?
+        };
+        for (&i, e) in group.iter().zip(out) {
+            embeddings[i] = e;
+        }
     }
     if let Some(path) = &a.out {
-        let flat: Vec<f32> = all
-            .iter()
-            .flat_map(|e| e.embedding.iter().copied())
-            .collect();
-        let dim = all[0].embedding.len();
-        npy::write_f32(path, &flat, &[all.len(), dim])?;
+        let flat: Vec<f32> = embeddings.iter().flatten().copied().collect();
+        let dim = embeddings[0].len();
+        npy::write_f32(path, &flat, &[embeddings.len(), dim])?;
     } else {
         let items: Vec<_> = sentences
             .iter()
-            .zip(&all)
-            .map(|(s, e)| json!({"text": s, "tokens": e.input_ids.len(), "embedding": e.embedding}))
+            .zip(&embeddings)
+            .zip(&ids)
+            .map(|((s, e), t)| json!({"text": s, "tokens": t.len(), "embedding": e}))
             .collect();
         println!(
             "{}",

@@ -284,4 +284,39 @@ impl SentenceEmbedder {
             traces,
         })
     }
+
+    /// Embeddings of several token sequences in one padded batch (`[PAD]` = 0 up to the longest,
+    /// a key-padding mask, mean pooling over the real tokens only). With exact attention the
+    /// result equals [`Self::embed_ids`] per sequence up to rounding; with a random method the
+    /// draws depend on the position in the batch (batch element `b` uses streams of `b`).
+    pub fn embed_batch(&self, batch: &[Vec<u32>], seed: u64) -> Result<Vec<Vec<f32>>, ModelError> {
+        if batch.iter().any(Vec::is_empty) {
+            return Err(ModelError::Invalid("an empty token sequence".to_string()));
+        }
+        let (b, n) = (batch.len(), batch.iter().map(Vec::len).max().unwrap_or(0));
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let mut ids = vec![0u32; b * n];
+        let mut mask = vec![false; b * n];
+        for (i, seq) in batch.iter().enumerate() {
+            ids[i * n..i * n + seq.len()].copy_from_slice(seq);
+            mask[i * n..i * n + seq.len()].fill(true);
+        }
+        let input = Tensor::from_vec(ids, (b, n), &Device::Cpu)?;
+        let hidden = self.model.forward(&input, Some(&mask), seed)?;
+        let weights: Vec<f32> = mask.iter().map(|m| *m as u8 as f32).collect();
+        let w = Tensor::from_vec(weights, (b, n, 1), &Device::Cpu)?;
+        let sums = hidden.broadcast_mul(&w)?.sum(1)?; // [b, hidden]
+        let pooled = sums.to_vec2::<f32>()?;
+        Ok(pooled
+            .into_iter()
+            .zip(batch)
+            .map(|(row, seq)| {
+                let mean: Vec<f32> = row.iter().map(|v| v / seq.len() as f32).collect();
+                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                mean.into_iter().map(|v| v / norm).collect()
+            })
+            .collect())
+    }
 }

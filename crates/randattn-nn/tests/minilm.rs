@@ -80,3 +80,27 @@ fn exact_attention_reproduces_the_reference_embeddings() {
     assert_eq!(ids.len(), DEFAULT_MAX_LEN);
     assert_eq!((ids[0], ids[ids.len() - 1]), (101, 102));
 }
+
+/// A padded batch (masked attention, pooling over real tokens) gives the per-sentence
+/// embeddings, for sentences of different lengths.
+#[test]
+fn padded_batches_equal_single_sentences() {
+    let r = reference();
+    let e = embedder("exact");
+    let texts: Vec<&str> = r["items"].as_array().unwrap()[..6]
+        .iter()
+        .map(|i| i["text"].as_str().unwrap())
+        .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| e.tokenize(t).unwrap()).collect();
+    assert!(ids.iter().map(Vec::len).min() < ids.iter().map(Vec::len).max());
+    let batched = e.embed_batch(&ids, 0).unwrap();
+    for (seq, got) in ids.iter().zip(&batched) {
+        let want = e.embed_ids(seq, 0).unwrap().embedding;
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "max difference {worst}");
+    }
+}
