@@ -39,15 +39,6 @@ pub struct CompareArgs {
     common: crate::ReportArgs,
 }
 
-fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 pub fn compare(a: CompareArgs) -> Result<()> {
     let ns = if !a.n.is_empty() {
         a.n.clone()
@@ -90,11 +81,11 @@ pub fn compare(a: CompareArgs) -> Result<()> {
             let err = m
                 .info()
                 .approximates_softmax
-                .then(|| rel_error(&out, &reference));
+                .then(|| randattn::linalg::relative_error(&out, &reference));
             let err_vs_expectation = match m {
                 Method::Yoso(y) => {
                     let e = y.expectation().forward(&x, a.common.seed)?.output;
-                    Some(rel_error(&out, &e))
+                    Some(randattn::linalg::relative_error(&out, &e))
                 }
                 _ => None,
             };

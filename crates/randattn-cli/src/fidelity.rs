@@ -54,22 +54,6 @@ fn parse_spec(spec: &str) -> Result<Method> {
     Ok(Method::parse(name, &settings)?)
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb).max(f64::MIN_POSITIVE)
-}
-
-fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 pub fn fidelity(a: FidelityArgs) -> Result<()> {
     if a.seeds == 0 {
         bail!("--seeds must be at least 1");
@@ -157,7 +141,7 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
                 .collect::<Result<_, _>>()?;
             secs += started.elapsed().as_secs_f64() / a.seeds as f64;
             for (o, r) in outs.iter().zip(&reference) {
-                let c = cosine(&o.embedding, &r.embedding);
+                let c = randattn::linalg::cosine(&o.embedding, &r.embedding);
                 cos_sum += c;
                 cos_min = cos_min.min(c);
                 for (l, (t, rt)) in o.traces.iter().zip(&r.traces).enumerate() {
@@ -167,7 +151,8 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
                     }
                     let got = t.heads_output.flatten_all()?.to_vec1::<f32>()?;
                     let want = rt.heads_output.flatten_all()?.to_vec1::<f32>()?;
-                    layer_err[l] += rel_error(&got, &want) / (a.seeds as f64 * inputs.len() as f64);
+                    layer_err[l] += randattn::linalg::relative_error(&got, &want)
+                        / (a.seeds as f64 * inputs.len() as f64);
                 }
             }
         }

@@ -160,15 +160,6 @@ impl Layer {
     }
 }
 
-fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
 pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
     let reuse = alloc::keep_freed_memory();
     let probs = match a.probs.as_str() {
@@ -213,7 +204,7 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
         let mut diag = None;
         for seed in 0..a.seeds {
             let (f, dg) = mca.forward_prepared(&x, &prep, a.common.seed + seed)?;
-            err += rel_error(&f.output, &reference) / a.seeds as f64;
+            err += randattn::linalg::relative_error(&f.output, &reference) / a.seeds as f64;
             diag = Some(dg);
         }
         let diag = diag.expect("at least one seed");

@@ -103,6 +103,24 @@ pub fn gemm(
     }
 }
 
+/// `‖got − want‖_F / ‖want‖_F`, accumulated in f64 (how every report measures an estimate).
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// Cosine similarity of two vectors, in f64 (0 for a zero vector).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(f64::MIN_POSITIVE)
+}
+
 /// Dot product with sixteen partial sums, so that it vectorises.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
