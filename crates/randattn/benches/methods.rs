@@ -3,8 +3,9 @@
 //! the same workloads and writes JSON for reports.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use randattn::methods::mca::{Draws, Mca};
 use randattn::workload::clustered;
-use randattn::{Attention, AttentionInputs, Method};
+use randattn::{Attention, Method};
 
 fn methods(c: &mut Criterion) {
     for info in Method::catalog() {
@@ -16,8 +17,7 @@ fn methods(c: &mut Criterion) {
         group.sample_size(10);
         for n in [512usize, 1024, 4096] {
             let w = clustered(1, 8, n, 64, 0);
-            let shape = [1, 8, n, 64];
-            let x = AttentionInputs::new(&w.q, shape, &w.k, shape, &w.v, shape).unwrap();
+            let x = w.inputs().unwrap(); // with X and W_V attached, for mca
             group.bench_with_input(BenchmarkId::new("forward", n), &x, |b, x| {
                 b.iter(|| m.forward(x, 0).unwrap())
             });
@@ -33,5 +33,30 @@ fn methods(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, methods);
+/// MCA's sampled value projection (given the budgets of α = 0.3) against the exact GEMM
+/// projection, at MiniLM's sizes (n = 512, 12 heads of 32, d_model = 384), per-token and shared
+/// draws; `randattn mca-profile` prints the same comparison with errors.
+fn mca_projection(c: &mut Criterion) {
+    let w = clustered(1, 12, 512, 32, 0);
+    let x = w.inputs().unwrap();
+    let mut group = c.benchmark_group("mca-projection");
+    group.sample_size(20);
+    group.bench_function("exact GEMM", |b| {
+        b.iter(|| Mca::exact_projection(&x).unwrap())
+    });
+    for draws in [Draws::Token, Draws::Shared] {
+        let m = Mca {
+            draws,
+            ..Mca::default()
+        };
+        let prep = m.prepare(&w.wv, w.d_model, 12, 32).unwrap();
+        let (budgets, _) = m.budgets(&x, w.d_model).unwrap();
+        group.bench_function(format!("sampled {draws:?}"), |b| {
+            b.iter(|| m.sample_values(&x, &prep, &budgets, 0).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, methods, mca_projection);
 criterion_main!(benches);
