@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// Method parameter, repeatable: --set key=value.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
+    /// Tensor parameter from a float32 .npy file, repeatable: `--param e=E.npy --param f=F.npy`
+    /// (linformer, [heads, k, n_k]), `proposal_means=M.npy` (lara, [heads, C, d]),
+    /// `conv_weights=W.npy` (yoso, yoso-e, nystrom, [heads, conv]).
+    #[arg(long = "param", value_name = "NAME=FILE")]
+    params: Vec<String>,
     /// Output file, float32 [batch, heads, n_q, d_v].
     #[arg(long)]
     out: PathBuf,
@@ -61,7 +66,17 @@ fn shape4(shape: &[usize]) -> [usize; 4] {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let method = Method::parse(&a.method, &crate::parse_settings(&a.settings)?)?;
+    let mut method = Method::parse(&a.method, &crate::parse_settings(&a.settings)?)?;
+    for p in &a.params {
+        let Some((name, file)) = p.split_once('=') else {
+            bail!("--param expects NAME=FILE.npy, got `{p}`");
+        };
+        let name = name.trim();
+        let rank = method.tensor_rank(name)?;
+        let (data, shape) = npy::read_f32(std::path::Path::new(file.trim()), rank, name)?;
+        method.set_tensor(name, data, &shape)?;
+    }
+    method.validate()?;
     let (q, qs) = npy::read_f32(&a.q, 4, "q")?;
     let (k, ks) = npy::read_f32(&a.k, 4, "k")?;
     let projection = match (&a.x, &a.wv) {

@@ -616,3 +616,65 @@ fn embed_and_fidelity_use_the_pretrained_model() {
         .unwrap();
     assert_fails(o, "randattn model fetch");
 }
+
+/// Tensor parameters from files: Linformer with E = F = I (k = n) is exact attention, its
+/// gradients e.npy/f.npy come back; LARA takes proposal means; unknown names and wrong ranks
+/// exit 2 naming the problem.
+#[test]
+fn tensor_parameters_come_from_npy_files() {
+    let f = Files::new();
+    let [_, h, n, d] = SHAPE;
+    let mut eye = vec![0.0f32; h * n * n];
+    for hh in 0..h {
+        for i in 0..n {
+            eye[(hh * n + i) * n + i] = 1.0;
+        }
+    }
+    f.write("eye.npy", &npy("<f4", false, &[h, n, n], &f32_bytes(&eye)));
+    let o = f.run("exact", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let exact = read_f32(&f.path("out.npy"));
+    let o = f.run(
+        "linformer",
+        &[
+            "--param",
+            &format!("e={}", f.p("eye.npy")),
+            "--param",
+            &format!("f={}", f.p("eye.npy")),
+            "--grad-out",
+            &f.p("g.npy"),
+            "--grads-dir",
+            &f.p("grads"),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (a, b) in read_f32(&f.path("out.npy")).iter().zip(&exact) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    assert_eq!(read_f32(&f.path("grads/e.npy")).len(), h * n * n);
+    let means: Vec<f32> = (0..h * 4 * d).map(|i| (i as f32 * 0.37).cos()).collect();
+    f.write(
+        "means.npy",
+        &npy("<f4", false, &[h, 4, d], &f32_bytes(&means)),
+    );
+    let o = f.run(
+        "lara",
+        &["--param", &format!("proposal_means={}", f.p("means.npy"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_fails(
+        f.run("performer", &["--param", &format!("e={}", f.p("eye.npy"))]),
+        "no tensor parameters",
+    );
+    assert_fails(
+        f.run(
+            "lara",
+            &["--param", &format!("proposal_means={}", f.p("q.npy"))],
+        ),
+        "rank 3",
+    );
+    assert_fails(
+        f.run("linformer", &["--param", &format!("e={}", f.p("eye.npy"))]),
+        "give both",
+    );
+}

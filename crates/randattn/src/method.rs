@@ -330,6 +330,84 @@ methods! {
 }
 
 impl Method {
+    /// The method's tensor parameters (learnable, too large for `--set`) and their ranks:
+    /// YOSO's and Nyströmformer's `conv_weights` `[heads, conv]`, Linformer's `e` and `f`
+    /// `[heads, k, n_k]`, LARA's `proposal_means` `[heads, proposals, d]`.
+    pub fn tensor_params(&self) -> &'static [(&'static str, usize)] {
+        match self {
+            Method::Yoso(_) | Method::YosoE(_) | Method::Nystrom(_) => &[("conv_weights", 2)],
+            Method::Linformer(_) => &[("e", 3), ("f", 3)],
+            Method::Lara(_) => &[("proposal_means", 3)],
+            _ => &[],
+        }
+    }
+
+    /// The rank of tensor parameter `name`, or an error listing the valid names.
+    pub fn tensor_rank(&self, name: &str) -> Result<usize> {
+        match self.tensor_params().iter().find(|(n, _)| *n == name) {
+            Some(&(_, rank)) => Ok(rank),
+            None => {
+                let valid: Vec<&str> = self.tensor_params().iter().map(|(n, _)| *n).collect();
+                Err(Error::UnknownParam {
+                    method: self.info().name,
+                    param: name.to_string(),
+                    valid: if valid.is_empty() {
+                        "none (this method has no tensor parameters)".to_string()
+                    } else {
+                        valid.join(", ")
+                    },
+                })
+            }
+        }
+    }
+
+    /// Sets a tensor parameter (see [`Self::tensor_params`]) from its row-major data and shape.
+    /// Linformer's `e`/`f` also set `k = shape[1]` and LARA's `proposal_means` set
+    /// `proposals = shape[1]`; whether the sizes fit the inputs is checked by the forward.
+    pub fn set_tensor(&mut self, name: &str, data: Vec<f32>, shape: &[usize]) -> Result<()> {
+        let info = self.info();
+        let rank = self.tensor_rank(name)?;
+        let count: usize = shape.iter().product();
+        if shape.len() != rank || count != data.len() || count == 0 {
+            return Err(Error::shape(
+                "param",
+                format!(
+                    "`{name}` of {} must be a non-empty rank-{rank} tensor, got shape {shape:?} with {} values",
+                    info.name,
+                    data.len()
+                ),
+            ));
+        }
+        crate::inputs::check_finite("param", &data)?;
+        match self {
+            Method::Yoso(c) => c.conv_weights = Some(data),
+            Method::YosoE(c) => c.conv_weights = Some(data),
+            Method::Nystrom(c) => c.conv_weights = Some(data),
+            Method::Linformer(c) => {
+                let mut p =
+                    c.projections
+                        .take()
+                        .unwrap_or(crate::methods::linformer::Projections {
+                            e: Vec::new(),
+                            f: Vec::new(),
+                        });
+                if name == "e" {
+                    p.e = data;
+                } else {
+                    p.f = data;
+                }
+                c.k = shape[1];
+                c.projections = Some(p);
+            }
+            Method::Lara(c) => {
+                c.proposals = shape[1];
+                c.proposal_means = Some(data);
+            }
+            _ => unreachable!("tensor_params lists only the methods above"),
+        }
+        Ok(())
+    }
+
     /// The method's name as used with `--method`.
     pub fn name(&self) -> &'static str {
         self.info().name

@@ -36,6 +36,7 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::inputs::check_finite;
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{Mat, gemm};
 use crate::method::{
@@ -127,14 +128,19 @@ impl MethodConfig for Linformer {
         if !(1..=MAX_K).contains(&self.k) {
             return Err(param_error(&Self::INFO, "k", self.k.to_string()));
         }
-        if let Some(p) = &self.projections
-            && (p.e.iter().chain(&p.f).any(|x| !x.is_finite()) || p.e.len() != p.f.len())
-        {
-            return Err(param_error(
-                &Self::INFO,
-                "k",
-                "projections with non-finite values or different sizes".to_string(),
-            ));
+        if let Some(p) = &self.projections {
+            if p.e.is_empty() || p.f.is_empty() || p.e.len() != p.f.len() {
+                return Err(Error::shape(
+                    "projections",
+                    format!(
+                        "E has {} values and F has {}: give both, each [heads, k, n_k]",
+                        p.e.len(),
+                        p.f.len()
+                    ),
+                ));
+            }
+            check_finite("projections", &p.e)?;
+            check_finite("projections", &p.f)?;
         }
         validate_scale(&Self::INFO, self.scale)
     }
