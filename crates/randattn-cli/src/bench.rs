@@ -9,11 +9,11 @@ use randattn::{Attention, AttentionInputs, Method};
 use serde_json::json;
 
 use crate::report::{mib, ms, progress, table};
-use crate::{alloc, parse_methods, write_json};
+use crate::{alloc, parse_methods};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Comma-separated methods, or `all` (every method but the O(n²) f64 reference
+    /// Comma-separated method specs (`performer:features=64,lara`), or `all` (every method but the O(n²) f64 reference
     /// `exact-naive`, which must be named to run).
     #[arg(long, default_value = "all")]
     methods: String,
@@ -127,7 +127,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 mib(t.peak_extra_bytes),
             ]);
             results.push(json!({
-                "method": m.name(), "params": params, "batch": a.batch, "heads": a.heads, "n": n,
+                "method": m.name(), "spec": m.spec(), "params": params, "batch": a.batch, "heads": a.heads, "n": n,
                 "d": a.d, "forward_ms": t.forward_ms, "backward_ms": t.backward_ms,
                 "speedup_vs_exact": speedup, "peak_extra_bytes": t.peak_extra_bytes,
                 "gflops_forward": gflops, "gflops_forward_backward": gflops_bwd,
@@ -136,14 +136,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    println!(
+    crate::say!(
+        a.common.json,
         "batch={} heads={} d={} threads={} (median ms; peak = bytes allocated beyond the inputs)",
         a.batch,
         a.heads,
         a.d,
         rayon::current_num_threads()
     );
-    println!(
+    crate::say!(
+        a.common.json,
         "allocator: {}",
         if reuse {
             "freed memory kept for reuse (glibc mmap/trim thresholds raised), as in a long-running process"
@@ -151,7 +153,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "system default (freed large blocks go back to the OS; every call re-faults its outputs)"
         }
     );
-    print!(
+    crate::say_raw!(
+        a.common.json,
         "{}",
         table(
             &[
@@ -168,11 +171,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             &rows
         )
     );
-    if let Some(path) = &a.common.json {
-        write_json(
-            path,
-            &json!({ "allocator_keeps_freed_memory": reuse, "results": results }),
-        )?;
-    }
+    a.common
+        .json
+        .write(&json!({ "allocator_keeps_freed_memory": reuse, "results": results }))?;
     Ok(())
 }

@@ -9,8 +9,8 @@ use randattn::workload::clustered;
 use randattn::{Attention, Method};
 use serde_json::json;
 
+use crate::parse_methods;
 use crate::report::{median_ms, ms, progress, table};
-use crate::{parse_methods, write_json};
 
 /// Longest sequence at which the O(n²) f64 reference is run.
 const NAIVE_MAX_N: usize = 2048;
@@ -23,7 +23,7 @@ pub struct CompareArgs {
     /// A small, fast run (n=256, 4 heads, d=32) for smoke tests and CI.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated methods, or `all`.
+    /// Comma-separated method specs (`performer:features=64,lara:proposals=16`), or `all`.
     #[arg(long, default_value = "all")]
     methods: String,
     /// Batch size.
@@ -82,12 +82,12 @@ pub fn compare(a: CompareArgs) -> Result<()> {
                 .info()
                 .approximates_softmax
                 .then(|| randattn::linalg::relative_error(&out, &reference));
-            let err_vs_expectation = match m {
-                Method::Yoso(y) => {
-                    let e = y.expectation().forward(&x, a.common.seed)?.output;
+            let err_vs_expectation = match m.expectation() {
+                Some(e) => {
+                    let e = e.forward(&x, a.common.seed)?.output;
                     Some(randattn::linalg::relative_error(&out, &e))
                 }
-                _ => None,
+                None => None,
             };
             let t = median_ms(runs, budget, || m.forward(&x, a.common.seed));
             if m.name() == "exact" {
@@ -110,7 +110,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect();
             results.push(json!({
-                "method": m.name(), "params": params, "n": n, "rel_error": err,
+                "method": m.name(), "spec": m.spec(), "params": params, "n": n, "rel_error": err,
                 "rel_error_vs_expectation": err_vs_expectation,
                 "forward_ms": t, "speedup_vs_exact": speedup,
             }));
@@ -118,17 +118,23 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    println!(
+    crate::say!(
+        a.common.json,
         "workload: clustered (peaked attention), batch={} heads={heads} d={d} seed={} threads={}",
         a.batch,
         a.common.seed,
         rayon::current_num_threads()
     );
-    println!("rel_error = ||O - O_exact||_F / ||O_exact||_F; forward time is the median in ms");
-    println!(
+    crate::say!(
+        a.common.json,
+        "rel_error = ||O - O_exact||_F / ||O_exact||_F; forward time is the median in ms"
+    );
+    crate::say!(
+        a.common.json,
         "vs_expect = error against the method's own expectation (yoso vs yoso-e with the same tau)"
     );
-    print!(
+    crate::say_raw!(
+        a.common.json,
         "{}",
         table(
             &[
@@ -149,17 +155,16 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         .map(|m| m.name())
         .collect();
     if !other_kernels.is_empty() {
-        println!(
+        crate::say!(
+            a.common.json,
             "{}: a different kernel (LSH collision probability, not softmax), used in models \
              trained with it; their distance to softmax is not an approximation error (rel_error -)",
             other_kernels.join(", ")
         );
     }
     for s in &skipped {
-        println!("skipped: {s}");
+        crate::say!(a.common.json, "skipped: {s}");
     }
-    if let Some(path) = &a.common.json {
-        write_json(path, &json!({ "results": results }))?;
-    }
+    a.common.json.write(&json!({ "results": results }))?;
     Ok(())
 }

@@ -38,21 +38,23 @@ pub fn model(cmd: ModelCommand) -> Result<()> {
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// Attention method of every layer (see `randattn methods`).
+    /// Attention method spec of every layer, `NAME[:key=value]...` (see `randattn methods`).
     #[arg(long, default_value = "exact")]
     attention: String,
-    /// Method parameter, repeatable: --set key=value.
+    /// Method parameter, repeatable: `--set key=value` means the same as `:key=value` at the
+    /// end of the spec.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
     /// Sentences, one per line (`-` = standard input, the default).
     #[arg(long, default_value = "-")]
     input: String,
     /// Write the embeddings as float32 [sentences, 384] to FILE.npy.
-    #[arg(long, conflicts_with = "json")]
+    #[arg(long, conflicts_with = "target")]
     out: Option<PathBuf>,
-    /// Print the embeddings as JSON (the default when --out is not given).
-    #[arg(long)]
-    json: bool,
+    /// Write the embeddings as JSON to FILE (`-` or no FILE: standard output, the default when
+    /// --out is not given).
+    #[command(flatten)]
+    json: crate::JsonArg,
     /// Maximum tokens per sentence (the model card's 256; at most 512).
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     max_len: usize,
@@ -118,10 +120,11 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
             .zip(&ids)
             .map(|((s, e), t)| json!({"text": s, "tokens": t.len(), "embedding": e}))
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string(&json!({ "embeddings": items }))?
-        );
+        let target = a.json.target.clone().unwrap_or_else(|| "-".to_string());
+        crate::JsonArg {
+            target: Some(target),
+        }
+        .write_text(serde_json::to_string(&json!({ "embeddings": items }))?)?;
     }
     Ok(())
 }

@@ -11,7 +11,6 @@ use randattn_nn::model::{DEFAULT_MAX_LEN, SentenceEmbedder, cache_dir};
 use serde_json::json;
 
 use crate::report::{progress, table};
-use crate::write_json;
 
 /// The built-in corpus: six paragraphs written for this project (about 200 tokens each, near
 /// the model card's 256-token maximum, so attention is non-trivial).
@@ -32,26 +31,11 @@ pub struct FidelityArgs {
     /// Seeds averaged per method.
     #[arg(long, default_value_t = 3)]
     seeds: u64,
-    /// Write the results as JSON to FILE.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: crate::JsonArg,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-}
-
-/// `name[:key=value]...` → a validated method.
-fn parse_spec(spec: &str) -> Result<Method> {
-    let mut parts = spec.split(':');
-    let name = parts.next().unwrap_or_default().trim();
-    let mut settings = Vec::new();
-    for p in parts {
-        match p.split_once('=') {
-            Some((k, v)) => settings.push((k.trim().to_string(), v.trim().to_string())),
-            None => bail!("`{p}` in `{spec}` is not key=value"),
-        }
-    }
-    Ok(Method::parse(name, &settings)?)
 }
 
 pub fn fidelity(a: FidelityArgs) -> Result<()> {
@@ -87,10 +71,7 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
             })
             .collect::<randattn::Result<_>>()?
     } else {
-        a.methods
-            .split(',')
-            .map(|s| parse_spec(s.trim()))
-            .collect::<Result<_>>()?
+        Method::list_from_specs(&a.methods).context("--methods")?
     };
     for m in &methods {
         if !m.info().approximates_softmax {
@@ -180,14 +161,15 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
         results.push(json!({
-            "method": m.name(), "params": pmap, "cosine_mean": cos_mean, "cosine_min": cos_min,
+            "method": m.name(), "spec": m.spec(), "params": pmap, "cosine_mean": cos_mean, "cosine_min": cos_min,
             "layer_rel_error": layer_err, "seconds": secs, "exact_seconds": exact_s,
             "mca_flop_fraction": flops,
         }));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    println!(
+    crate::say!(
+        a.json,
         "all-MiniLM-L6-v2, every layer's attention swapped; {} inputs of {}–{} tokens (max {}), \
          {} seed(s), threads={}",
         inputs.len(),
@@ -197,12 +179,14 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
         a.seeds,
         rayon::current_num_threads()
     );
-    println!(
+    crate::say!(
+        a.json,
         "cosine of sentence embeddings vs exact (mean, min); per-layer relative error of the \
          attention output (layers 0..{}, errors propagate); seconds to embed the corpus",
         layers - 1
     );
-    print!(
+    crate::say_raw!(
+        a.json,
         "{}",
         table(
             &[
@@ -218,18 +202,16 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
         )
     );
     if !skipped.is_empty() {
-        println!(
+        crate::say!(
+            a.json,
             "not run: {} — a different kernel than softmax (LSH collision probability); a model \
              must be trained with it, so swapping it into this softmax-trained model measures nothing",
             skipped.join(", ")
         );
     }
-    if let Some(path) = &a.json {
-        write_json(
-            path,
-            &json!({ "model": "all-MiniLM-L6-v2", "tokens": tokens, "seeds": a.seeds,
+    a.json.write(
+        &json!({ "model": "all-MiniLM-L6-v2", "tokens": tokens, "seeds": a.seeds,
                      "results": results }),
-        )?;
-    }
+    )?;
     Ok(())
 }

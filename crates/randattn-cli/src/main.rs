@@ -13,7 +13,6 @@ mod npy;
 mod report;
 mod run;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -40,9 +39,8 @@ enum Command {
     Run(run::RunArgs),
     /// List every method with its parameters, defaults and valid ranges.
     Methods {
-        /// Write the list as JSON to stdout.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Median wall time, speed-up over `exact` and peak memory of each method.
     Bench(bench::BenchArgs),
@@ -67,12 +65,67 @@ pub struct ReportArgs {
     /// Seed of the workload and of the methods.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Write results as JSON to FILE.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: JsonArg,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `--json [FILE]`, the same in every command: the results as JSON to FILE, or to standard
+/// output with `-` or no FILE (the human-readable table then goes to standard error, so that
+/// standard output is one JSON document).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct JsonArg {
+    /// Write the results as JSON to FILE (`-` or no FILE: standard output).
+    #[arg(long = "json", value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub target: Option<String>,
+}
+
+impl JsonArg {
+    /// Whether the JSON goes to standard output.
+    pub fn to_stdout(&self) -> bool {
+        self.target.as_deref() == Some("-")
+    }
+
+    /// Writes `value` where `--json` said, if it was given.
+    pub fn write(&self, value: &serde_json::Value) -> Result<()> {
+        if self.target.is_none() {
+            return Ok(());
+        }
+        self.write_text(serde_json::to_string_pretty(value)?)
+    }
+
+    /// Writes JSON text (and a newline) where `--json` said, if it was given.
+    pub fn write_text(&self, mut text: String) -> Result<()> {
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
+        text.push('\n');
+        if target == "-" {
+            print!("{text}");
+            Ok(())
+        } else {
+            std::fs::write(target, text).with_context(|| format!("cannot write {target}"))
+        }
+    }
+}
+
+/// `println!` for human-readable output next to a `--json` [`JsonArg`]: to standard output, or
+/// to standard error when standard output carries the JSON.
+#[macro_export]
+macro_rules! say {
+    ($json:expr, $($arg:tt)*) => {
+        if $json.to_stdout() { eprintln!($($arg)*) } else { println!($($arg)*) }
+    };
+}
+
+/// `print!` counterpart of [`say!`].
+#[macro_export]
+macro_rules! say_raw {
+    ($json:expr, $($arg:tt)*) => {
+        if $json.to_stdout() { eprint!($($arg)*) } else { print!($($arg)*) }
+    };
 }
 
 /// Parses `--set key=value` settings.
@@ -88,56 +141,48 @@ pub fn parse_settings(settings: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// Parses a comma-separated method list (`all` = every method in `default_all`) into methods
-/// with default parameters, `exact` first: it is the yardstick of every speed-up and error.
+/// Parses `--methods`: comma-separated method specs (`performer:features=64,lara`), or `all`
+/// (every method in `default_all` with default parameters). The default `exact` always comes
+/// first: it is the yardstick of every speed-up and error.
 pub fn parse_methods(list: &str, default_all: &[&str]) -> Result<Vec<Method>> {
-    let mut names: Vec<String> = if list.trim() == "all" {
-        default_all.iter().map(|s| s.to_string()).collect()
+    let mut methods = if list.trim() == "all" {
+        default_all
+            .iter()
+            .map(|name| Method::from_spec(name))
+            .collect::<randattn::Result<Vec<_>>>()?
     } else {
-        list.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
+        Method::list_from_specs(list).context("--methods")?
     };
-    if names.is_empty() {
-        bail!("--methods is empty");
-    }
-    names.retain(|n| n != "exact");
-    names.insert(0, "exact".to_string());
-    Ok(names
-        .iter()
-        .map(|n| Method::parse::<&str>(n, &[]))
-        .collect::<Result<_, _>>()?)
+    methods.retain(|m| m.spec() != "exact");
+    methods.insert(0, Method::from_spec("exact")?);
+    Ok(methods)
 }
 
-/// Writes JSON to a file.
-pub fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn methods(json: bool) -> Result<()> {
+fn methods(json: JsonArg) -> Result<()> {
     let catalog = Method::catalog();
-    if json {
+    if json.target.is_some() {
         let list: Vec<_> = catalog
             .iter()
             .map(|m| {
                 serde_json::json!({
                     "name": m.name, "summary": m.summary, "cost": m.cost, "random": m.random,
                     "approximates_softmax": m.approximates_softmax,
+                    "needs_value_projection": m.needs_value_projection,
                     "params": m.params.iter().map(|p| serde_json::json!({
                         "name": p.name, "default": p.default, "range": p.range, "help": p.help,
+                    })).collect::<Vec<_>>(),
+                    "tensor_params": m.tensor_params.iter().map(|t| serde_json::json!({
+                        "name": t.name, "shape": t.shape, "rank": t.rank,
                     })).collect::<Vec<_>>(),
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "methods": list }))?
-        );
-        return Ok(());
+        json.write(&serde_json::json!({ "methods": list }))?;
+        if json.to_stdout() {
+            return Ok(());
+        }
     }
-    for m in catalog {
+    for m in &catalog {
         println!("{}  —  {}", m.name, m.summary);
         println!(
             "    cost: {}; {}{}",
@@ -155,13 +200,24 @@ fn methods(json: bool) -> Result<()> {
         );
         if m.params.is_empty() {
             println!("    parameters: none");
+        } else {
+            println!(
+                "    parameters: `{}:key=value:...` in a method spec, or --set key=value",
+                m.name
+            );
         }
-        for p in m.params {
+        for p in &m.params {
             println!(
                 "    --set {}=…   default {}; valid: {}",
                 p.name, p.default, p.range
             );
             println!("        {}", p.help);
+        }
+        for t in m.tensor_params {
+            println!(
+                "    --param {}=FILE.npy   float32 {} (learnable; its gradient is returned)",
+                t.name, t.shape
+            );
         }
         println!();
     }

@@ -10,11 +10,11 @@ use clap::Args;
 use randattn::methods::exact::Exact;
 use randattn::methods::mca::{Draws, Mca, Probs};
 use randattn::workload::{Workload, clustered};
-use randattn::{Attention, AttentionInputs, Dims};
+use randattn::{Attention, AttentionInputs, Dims, Estimator};
 use serde_json::json;
 
 use crate::report::{median_ms, ms, progress, table};
-use crate::{alloc, npy, write_json};
+use crate::{alloc, npy};
 
 #[derive(Args)]
 pub struct McaProfileArgs {
@@ -23,10 +23,10 @@ pub struct McaProfileArgs {
     alphas: Vec<f32>,
     /// Sampling distribution: `weight` (the paper's) or `input-aware`.
     #[arg(long, default_value = "weight")]
-    probs: String,
+    probs: Probs,
     /// Draws to profile: `token`, `shared` or both (comma-separated; shared needs probs=weight).
-    #[arg(long, value_delimiter = ',', default_values_t = ["token".to_string(), "shared".to_string()])]
-    draws: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values = ["token", "shared"])]
+    draws: Vec<Draws>,
     /// Seeds averaged for the error.
     #[arg(long, default_value_t = 3)]
     seeds: u64,
@@ -162,11 +162,7 @@ impl Layer {
 
 pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
     let reuse = alloc::keep_freed_memory();
-    let probs = match a.probs.as_str() {
-        "weight" => Probs::Weight,
-        "input-aware" => Probs::InputAware,
-        other => bail!("--probs must be `weight` or `input-aware`, got `{other}`"),
-    };
+    let probs = a.probs;
     if a.seeds == 0 {
         bail!("--seeds must be at least 1");
     }
@@ -178,14 +174,7 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
     let exact_ms = median_ms(5, budget, || Mca::exact_projection(&x));
     let mut rows = Vec::new();
     let mut results = Vec::new();
-    let mut modes = Vec::new();
-    for d in &a.draws {
-        modes.push(match d.as_str() {
-            "token" => Draws::Token,
-            "shared" => Draws::Shared,
-            other => bail!("--draws takes `token` and/or `shared`, got `{other}`"),
-        });
-    }
+    let modes = a.draws.clone();
     let bar = progress((a.alphas.len() * modes.len()) as u64, a.common.quiet);
     for (&alpha, &draws) in a
         .alphas
@@ -198,7 +187,7 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             draws,
             ..Mca::default()
         };
-        randattn::MethodConfig::validate(&mca)?;
+        mca.validate()?;
         let prep = mca.prepare(&layer.wv, layer.d_model, dims.heads, dims.d_v)?;
         let mut err = 0.0;
         let mut diag = None;
@@ -220,13 +209,10 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             .filter(|r| **r as usize >= layer.d_model)
             .count() as f64
             / diag.budgets.len() as f64;
-        let draws_name = match draws {
-            Draws::Token => "token",
-            Draws::Shared => "shared",
-        };
+        let draws_name = draws.to_string();
         rows.push(vec![
             format!("{alpha}"),
-            draws_name.to_string(),
+            draws_name.clone(),
             format!("{err:.3}"),
             format!("{frac:.3}"),
             format!("{frac_padded:.3}"),
@@ -246,7 +232,8 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    println!(
+    crate::say!(
+        a.common.json,
         "{}: batch={} heads={} n={} d={} d_model={} probs={} threads={}",
         layer.source,
         dims.batch,
@@ -257,14 +244,16 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
         a.probs,
         rayon::current_num_threads()
     );
-    println!(
+    crate::say!(
+        a.common.json,
         "rel_error of the attention output vs exact (mean of {} seeds); flops = mean r/d_model on \
          real tokens (padded: over all positions, as the paper counts); times are medians in ms: \
          the sampled value projection (given the budgets) vs the exact GEMM X·W_V + b_V, and the \
          extra pass over the attention that finds the budgets",
         a.seeds
     );
-    print!(
+    crate::say_raw!(
+        a.common.json,
         "{}",
         table(
             &[
@@ -283,12 +272,9 @@ pub fn mca_profile(a: McaProfileArgs) -> Result<()> {
             &rows
         )
     );
-    if let Some(path) = &a.common.json {
-        write_json(
-            path,
-            &json!({ "source": layer.source, "allocator_keeps_freed_memory": reuse,
+    a.common.json.write(
+        &json!({ "source": layer.source, "allocator_keeps_freed_memory": reuse,
                      "results": results }),
-        )?;
-    }
+    )?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::npy;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Method name (see `randattn methods`).
+    /// Method spec `NAME[:key=value]...`, e.g. `performer:features=64` (see `randattn methods`).
     #[arg(long)]
     method: String,
     /// Queries, float32 [batch, heads, n_q, d].
@@ -41,7 +41,8 @@ pub struct RunArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Method parameter, repeatable: --set key=value.
+    /// Method parameter, repeatable: `--set key=value` means the same as `:key=value` at the
+    /// end of the spec.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
     /// Tensor parameter from a float32 .npy file, repeatable: `--param e=E.npy --param f=F.npy`
@@ -91,9 +92,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         _ => None,
     };
-    if method.name() == "mca" && projection.is_none() {
+    if method.info().needs_value_projection && projection.is_none() {
         bail!(
-            "method mca samples the value projection: give the layer input --x and --wv (and --bv)"
+            "method {} samples the value projection: give the layer input --x and --wv (and --bv)",
+            method.name()
         );
     }
     let (v, vs) = match (&a.v, &projection) {

@@ -319,6 +319,70 @@ fn methods_lists_parameters() {
 }
 
 #[test]
+fn a_method_spec_means_the_same_as_set() {
+    let f = Files::new();
+    let mut outputs = Vec::new();
+    for (method, extra) in [
+        ("performer:features=64", vec![]),
+        ("performer", vec!["--set", "features=64"]),
+        ("performer:features=8", vec!["--set", "features=64"]),
+    ] {
+        let mut args = vec!["--seed", "3"];
+        args.extend(extra);
+        let o = f.run(method, &args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        outputs.push(std::fs::read(f.path("out.npy")).unwrap());
+    }
+    assert_eq!(outputs[0], outputs[1], "spec vs --set");
+    assert_eq!(outputs[0], outputs[2], "--set comes after the spec");
+    let o = f.run("performer:features=32", &["--seed", "3"]);
+    assert!(o.status.success());
+    assert_ne!(std::fs::read(f.path("out.npy")).unwrap(), outputs[0]);
+    assert_fails(
+        f.run("performer:features", &[]),
+        "`features` is not key=value",
+    );
+    assert_fails(f.run("performer:nope=1", &[]), "has no parameter `nope`");
+}
+
+#[test]
+fn compare_takes_specs_and_json_to_stdout() {
+    let o = bin()
+        .args(["compare", "--quick", "--quiet", "--methods"])
+        .arg("exact,performer:features=64,nystrom:landmarks=16")
+        .args(["--json", "-"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON");
+    let specs: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["spec"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        specs,
+        ["exact", "performer:features=64", "nystrom:landmarks=16"]
+    );
+    assert_eq!(v["results"][1]["params"]["features"], "64");
+    assert!(stderr(&o).contains("rel_error"), "the table goes to stderr");
+    assert_fails(
+        bin()
+            .args([
+                "compare",
+                "--quick",
+                "--quiet",
+                "--methods",
+                "exact,lara:proposals=0",
+            ])
+            .output()
+            .unwrap(),
+        "parameter `proposals` of method `lara`",
+    );
+}
+
+#[test]
 fn compare_and_bench_write_the_documented_json() {
     let (text, v) = run_json(&["compare", "--quick", "--quiet"]);
     assert!(
@@ -382,13 +446,13 @@ fn compare_and_bench_write_the_documented_json() {
     );
 }
 
-/// The real MiniLM layers in `shared/fixtures/minilm` (beside the repository, as on CI).
+/// The real MiniLM layers in `fixtures/minilm` (part of the repository).
 fn fixture(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/minilm");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/minilm");
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "missing fixture {} (shared/ must sit beside the repository)",
+        "missing fixture {} (fixtures/minilm is part of the repository)",
         path.display()
     );
     path

@@ -135,9 +135,10 @@ pub fn attention(
     seed: u64,
     masks: &Masks,
 ) -> Result<Tensor> {
-    if matches!(method, Method::Mca(_)) {
+    if method.info().needs_value_projection {
         bail!(
-            "randattn: mca samples the value projection: use randattn_nn::op::mca with X and W_V"
+            "randattn: {} samples the value projection: use randattn_nn::op::mca with X and W_V",
+            method.name()
         );
     }
     let op = AttentionOp {

@@ -10,10 +10,10 @@ use serde_json::Value;
 
 fn reference() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/minilm/reference-embeddings.json");
+        .join("../../fixtures/minilm/reference-embeddings.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "missing {} ({e}; shared/ must sit beside the repository)",
+            "missing {} ({e}; fixtures/minilm is part of the repository)",
             path.display()
         )
     });

@@ -58,6 +58,14 @@ pub enum Error {
         /// Comma-separated list of valid names.
         valid: String,
     },
+    /// A method spec (`NAME[:key=value]...`) that is not well formed.
+    #[error("method spec `{spec}`: {message}")]
+    Spec {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The `saved` state handed to a backward pass does not come from this method's forward on
     /// these inputs.
     #[error("saved state {message}")]

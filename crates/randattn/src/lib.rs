@@ -4,7 +4,8 @@
 //! Attention, RA/LARA and Skeinformer, with their baselines — behind one API, and the exact
 //! softmax kernel they are measured against.
 //!
-//! Every method is a config struct gathered in [`Method`] and implements [`Attention`]:
+//! Every method is a config struct gathered in [`Method`] and implements [`Attention`] (through
+//! [`Estimator`]); a method spec such as `performer:features=64` names a configured one:
 //!
 //! ```
 //! use randattn::{Attention, AttentionInputs, Method};
@@ -26,15 +27,21 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod estimator;
 pub mod inputs;
 pub mod linalg;
-pub mod method;
 pub mod methods;
+pub mod params;
+pub mod registry;
 pub mod rng;
+pub mod spec;
+pub mod tiles;
 pub mod workload;
 
 pub use error::{Error, Result};
-pub use inputs::{AttentionInputs, Dims, ValueProjection};
-pub use method::{
-    Attention, Forward, Grads, Method, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved,
+pub use estimator::{
+    Attention, Estimator, Forward, Grads, MethodInfo, ParamGrad, Saved, TensorParam,
 };
+pub use inputs::{AttentionInputs, Dims, ValueProjection};
+pub use params::{Auto, ParamInfo};
+pub use registry::{Method, MethodDescription};

@@ -70,7 +70,7 @@ const HEAVY_TOKENS: usize = 4;
 /// MCA's sampling probabilities are not uniform) normalised to unit-variance values, and b_V
 /// small: each value row is marginally close to standard normal.
 ///
-/// Calibrated against the real MiniLM layers in `shared/fixtures/minilm` (n = 512): there the
+/// Calibrated against the real MiniLM layers in `fixtures/minilm` (n = 512): there the
 /// mean largest attention weight of a row is 0.10–0.24 (50–120× uniform) with an effective
 /// support (exp of the row entropy) of 80–270 keys; this workload gives 0.11 and about 60.
 pub fn clustered(batch: usize, heads: usize, n: usize, d: usize, seed: u64) -> Workload {

@@ -159,7 +159,12 @@ fn logits_of_1e4_stay_finite_and_correct() {
         *x = -*x;
     }
     let x = neg.inputs();
-    let o = Exact { scale: Some(1.0) }.forward(&x, 0).unwrap().output;
+    let o = Exact {
+        scale: randattn::Auto::Fixed(1.0),
+    }
+    .forward(&x, 0)
+    .unwrap()
+    .output;
     assert!(o.iter().all(|v| v.is_finite()));
 }
 
@@ -261,7 +266,7 @@ fn bad_backward_calls_are_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("was made for dims"), "{err}");
     let bad = Exact {
-        scale: Some(f32::NAN),
+        scale: randattn::Auto::Fixed(f32::NAN),
     };
     assert!(matches!(
         bad.forward(&x, 0),

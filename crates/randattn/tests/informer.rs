@@ -100,7 +100,7 @@ fn forward_and_backward_match_the_reference_with_the_same_active_set() {
         }
         check(&case, &Informer::default(), 7 + i as u64, 2e-5);
         let few = Informer {
-            u: Some(3),
+            u: randattn::Auto::Fixed(3),
             factor: 2,
             ..Informer::default()
         };
@@ -115,7 +115,7 @@ fn with_every_query_active_it_is_exact_attention() {
     random_masks(&mut case, 5);
     let x = case.inputs();
     let all = Informer {
-        u: Some(70),
+        u: randattn::Auto::Fixed(70),
         ..Informer::default()
     };
     let g = normal(x.dims().out_len(), 1.0, 2, "g");
@@ -193,7 +193,7 @@ fn queries_with_flat_attention_are_never_active_while_peaked_ones_remain() {
         }
     }
     let peaked = Informer {
-        u: Some(n / 4),
+        u: randattn::Auto::Fixed(n / 4),
         ..Informer::default()
     };
     let active = peaked.active_queries(&case.inputs(), 0).unwrap();

@@ -62,7 +62,7 @@ fn backward_matches_finite_differences_through_the_pseudo_inverse_and_conv() {
         landmarks: 4,
         pinv_iters: 6,
         conv: 3,
-        conv_weights: Some(weights.clone()),
+        conv_weights: randattn::Auto::Fixed(weights.clone()),
         ..Nystrom::default()
     };
     let x = case.inputs();
@@ -110,11 +110,11 @@ fn backward_matches_finite_differences_through_the_pseudo_inverse_and_conv() {
         wp[t] += eps;
         wm[t] -= eps;
         let mp = Nystrom {
-            conv_weights: Some(wp),
+            conv_weights: randattn::Auto::Fixed(wp),
             ..method.clone()
         };
         let mm = Nystrom {
-            conv_weights: Some(wm),
+            conv_weights: randattn::Auto::Fixed(wm),
             ..method.clone()
         };
         let fd = (loss(&case, &mp) - loss(&case, &mm)) / (2.0 * eps as f64);

@@ -11,7 +11,7 @@ use randattn::methods::yoso::{
     seeded_conv_weights,
 };
 use randattn::rng::stream;
-use randattn::{Attention, AttentionInputs, Error, Grads, Method, MethodConfig};
+use randattn::{Attention, AttentionInputs, Auto, Error, Estimator, Grads, Method};
 
 // ---------------------------------------------------------------------------------------------
 // Naive reference
@@ -320,7 +320,7 @@ fn sampled_forward_and_lsh_backward_match_the_formulas_with_the_same_codes() {
             random_masks(&mut case, i as u64);
         }
         let yoso = Yoso {
-            tau: Some(tau),
+            tau: Auto::Fixed(tau),
             m,
             hash,
             normalize: i % 3 != 2,
@@ -380,7 +380,7 @@ fn expectation_forward_and_both_backwards_match_the_formulas() {
         }
         for backward in [YosoBackward::SurrogateExactB, YosoBackward::True] {
             let method = YosoE {
-                tau: Some(tau),
+                tau: Auto::Fixed(tau),
                 normalize: i != 2,
                 conv,
                 backward,
@@ -419,9 +419,9 @@ fn true_backward_matches_finite_differences_of_the_expectation() {
     let (tau, conv) = (5, 3);
     let weights = seeded_conv_weights(2, conv, 0);
     let method = YosoE {
-        tau: Some(tau),
+        tau: Auto::Fixed(tau),
         conv,
-        conv_weights: Some(weights.clone()),
+        conv_weights: Auto::Fixed(weights.clone()),
         backward: YosoBackward::True,
         ..YosoE::default()
     };
@@ -568,7 +568,7 @@ fn sampled_estimate_converges_to_the_expectation_at_rate_one_over_sqrt_m() {
     let x = AttentionInputs::new(&w.q, s, &w.k, s, &w.v, s).unwrap();
     let tau = 6;
     let exp = YosoE {
-        tau: Some(tau),
+        tau: Auto::Fixed(tau),
         normalize: false,
         ..YosoE::default()
     }
@@ -582,7 +582,7 @@ fn sampled_estimate_converges_to_the_expectation_at_rate_one_over_sqrt_m() {
             .iter()
             .map(|&m| {
                 let y = Yoso {
-                    tau: Some(tau),
+                    tau: Auto::Fixed(tau),
                     m,
                     hash: family,
                     normalize: false,

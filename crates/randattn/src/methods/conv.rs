@@ -8,67 +8,54 @@ use rand::Rng;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::estimator::ParamGrad;
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::dot;
-use crate::method::{MethodInfo, ParamGrad, ParamInfo, param_error, parse_value};
+use crate::params::{Auto, Rule, auto, param_error};
 use crate::rng::stream;
 
 /// Largest conv window accepted.
 pub const MAX_CONV: usize = 255;
 
-pub(crate) const CONV_PARAM: ParamInfo = ParamInfo {
-    name: "conv",
-    default: "0",
-    range: "0 (off) or an odd integer in 1..=255",
-    help: "depthwise conv window on V along the sequence, added to the output",
-};
-pub(crate) const CONV_WEIGHTS_PARAM: ParamInfo = ParamInfo {
-    name: "conv_weights",
-    default: "auto",
-    range: "`auto` (seeded) or heads*conv comma-separated finite numbers",
-    help: "conv kernels [heads, conv], row-major",
-};
+/// What the given kernels must be.
+const WEIGHTS_TEXT: &str = "heads*conv comma-separated finite numbers";
 
-/// Parses `conv_weights`: `auto` or a comma-separated list.
-pub(crate) fn parse_weights(info: &MethodInfo, value: &str) -> Result<Option<Vec<f32>>> {
-    if value.trim() == "auto" {
-        return Ok(None);
-    }
-    value
-        .split(',')
-        .map(|w| parse_value::<f32>(info, "conv_weights", w))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+/// The valid windows of `conv`.
+pub(crate) fn window_rule() -> Rule<usize> {
+    Rule::new("0 (off) or an odd integer in 1..=255", |c: &usize| {
+        *c == 0 || (*c <= MAX_CONV && c % 2 == 1)
+    })
 }
 
-/// `conv_weights` as text.
-pub(crate) fn weights_text(w: &Option<Vec<f32>>) -> String {
-    w.as_ref().map_or_else(
-        || "auto".to_string(),
-        |w| w.iter().map(f32::to_string).collect::<Vec<_>>().join(","),
+/// The valid values of `conv_weights`.
+pub(crate) fn weights_rule() -> Rule<Auto<Vec<f32>>> {
+    auto(
+        "seeded",
+        Rule::new(WEIGHTS_TEXT, |w: &Vec<f32>| {
+            !w.is_empty() && w.iter().all(|x| x.is_finite())
+        }),
     )
 }
 
-/// Checks the window and the given kernels.
-pub(crate) fn validate(info: &MethodInfo, conv: usize, weights: Option<&[f32]>) -> Result<()> {
-    if conv > MAX_CONV || (conv > 0 && conv.is_multiple_of(2)) {
-        return Err(param_error(info, "conv", conv.to_string()));
-    }
-    if let Some(w) = weights {
+/// Checks that given kernels go with the window.
+pub(crate) fn check(method: &'static str, conv: usize, weights: &Auto<Vec<f32>>) -> Result<()> {
+    if let Auto::Fixed(w) = weights {
         if conv == 0 {
             return Err(param_error(
-                info,
+                method,
                 "conv_weights",
+                WEIGHTS_TEXT,
                 format!(
                     "{} weights with conv=0 (set conv to the window width)",
                     w.len()
                 ),
             ));
         }
-        if w.is_empty() || w.len() % conv != 0 || w.iter().any(|x| !x.is_finite()) {
+        if w.len() % conv != 0 {
             return Err(param_error(
-                info,
+                method,
                 "conv_weights",
+                WEIGHTS_TEXT,
                 format!("{} values (conv={conv})", w.len()),
             ));
         }
@@ -79,9 +66,9 @@ pub(crate) fn validate(info: &MethodInfo, conv: usize, weights: Option<&[f32]>) 
 /// The kernels for these inputs (`None` when the skip is off); checks the self-attention shape
 /// and the number of weights.
 pub(crate) fn kernels(
-    info: &MethodInfo,
+    method: &'static str,
     conv: usize,
-    weights: Option<&[f32]>,
+    weights: &Auto<Vec<f32>>,
     dims: Dims,
     seed: u64,
 ) -> Result<Option<Vec<f32>>> {
@@ -99,9 +86,10 @@ pub(crate) fn kernels(
         ));
     }
     match weights {
-        Some(w) if w.len() != dims.heads * conv => Err(param_error(
-            info,
+        Auto::Fixed(w) if w.len() != dims.heads * conv => Err(param_error(
+            method,
             "conv_weights",
+            WEIGHTS_TEXT,
             format!(
                 "{} values, but heads * conv = {} * {conv} = {} are needed",
                 w.len(),
@@ -109,8 +97,8 @@ pub(crate) fn kernels(
                 dims.heads * conv
             ),
         )),
-        Some(w) => Ok(Some(w.to_vec())),
-        None => Ok(Some(seeded_conv_weights(dims.heads, conv, seed))),
+        Auto::Fixed(w) => Ok(Some(w.clone())),
+        Auto::Auto => Ok(Some(seeded_conv_weights(dims.heads, conv, seed))),
     }
 }
 

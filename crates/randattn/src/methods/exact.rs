@@ -23,124 +23,45 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimator::{Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, parse_value,
-    unknown_param,
-};
+use crate::params::{Auto, resolve_scale, scale_rule};
+pub use crate::tiles::{BACKWARD_KEY_TILE, BACKWARD_QUERY_BLOCK, KEY_TILE, QUERY_BLOCK};
 
-/// Query rows per block (forward task granularity, and the backward's inner tile).
-pub const QUERY_BLOCK: usize = 128;
-/// Keys per tile in the forward pass.
-pub const KEY_TILE: usize = 512;
-/// Keys per tile in the backward pass (smaller: four tiles of scratch are live at once).
-pub const BACKWARD_KEY_TILE: usize = 128;
-/// Query rows per inner tile of the backward pass.
-pub const BACKWARD_QUERY_BLOCK: usize = 128;
 /// The backward splits each head's keys into chunks until there are about this many tasks. A
 /// constant rather than the thread count, so that the summation order (and thus every bit of dQ)
 /// does not depend on the machine.
 const BACKWARD_TASKS: usize = 16;
 
-pub(crate) const SCALE_PARAM: ParamInfo = ParamInfo {
-    name: "scale",
-    default: "auto",
-    range: "`auto` (1/sqrt(d)) or a finite number > 0",
-    help: "softmax temperature s in softmax(s * Q K^T)",
-};
-
-pub(crate) fn parse_scale(info: &MethodInfo, value: &str) -> Result<Option<f32>> {
-    if value.trim() == "auto" {
-        return Ok(None);
-    }
-    Ok(Some(parse_value(info, "scale", value)?))
-}
-
-pub(crate) fn validate_scale(info: &MethodInfo, scale: Option<f32>) -> Result<()> {
-    match scale {
-        Some(s) if !(s.is_finite() && s > 0.0) => Err(Error::Param {
-            method: info.name,
-            param: "scale",
-            expected: SCALE_PARAM.range.to_string(),
-            actual: s.to_string(),
-        }),
-        _ => Ok(()),
+crate::method_params! {
+    /// The obviously correct O(n²) reference: per query row, logits in f64, stable softmax,
+    /// weighted sum of V rows. Forward and backward; O(n_k) scratch per row, O(n_q · n_k) in the
+    /// backward.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct ExactNaive {
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
-pub(crate) fn scale_text(scale: Option<f32>) -> String {
-    scale.map_or_else(|| "auto".to_string(), |s| s.to_string())
-}
-
-/// The softmax scale actually used: the configured one, or `1/√d`.
-pub fn resolve_scale(scale: Option<f32>, d: usize) -> f32 {
-    scale.unwrap_or(1.0 / (d as f32).sqrt())
-}
-
-/// The obviously correct O(n²) reference: per query row, logits in f64, stable softmax, weighted
-/// sum of V rows. Forward and backward; O(n_k) scratch per row, O(n_q · n_k) in the backward.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ExactNaive {
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-/// The fast exact kernel (blocked, streaming online softmax, GEMM tiles, rayon). See the module
-/// documentation for the algorithm and its memory bound.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Exact {
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl MethodConfig for ExactNaive {
-    const INFO: MethodInfo = MethodInfo {
-        name: "exact-naive",
-        summary: "exact softmax attention, obvious O(n^2) reference in f64",
-        cost: "O(n_q n_k d) time, O(n_q n_k) backward memory",
-        random: false,
-        approximates_softmax: true,
-        params: &[SCALE_PARAM],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        match name {
-            "scale" => self.scale = parse_scale(&Self::INFO, value)?,
-            _ => return Err(unknown_param(&Self::INFO, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![("scale", scale_text(self.scale))]
-    }
-    fn validate(&self) -> Result<()> {
-        validate_scale(&Self::INFO, self.scale)
+crate::method_params! {
+    /// The fast exact kernel (blocked, streaming online softmax, GEMM tiles, rayon). See the
+    /// module documentation for the algorithm and its memory bound.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Exact {
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
-impl MethodConfig for Exact {
-    const INFO: MethodInfo = MethodInfo {
-        name: "exact",
-        summary: "exact softmax attention, fast blocked streaming kernel (FlashAttention-2 style)",
-        cost: "O(n_q n_k d) time, O(n d) memory",
-        random: false,
-        approximates_softmax: true,
-        params: &[SCALE_PARAM],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        match name {
-            "scale" => self.scale = parse_scale(&Self::INFO, value)?,
-            _ => return Err(unknown_param(&Self::INFO, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![("scale", scale_text(self.scale))]
-    }
-    fn validate(&self) -> Result<()> {
-        validate_scale(&Self::INFO, self.scale)
-    }
+/// What the exact backward needs: per-row log-sum-exp of the scaled logits (`+∞` for rows with
+/// no attended key or a masked query) and the output, for FlashAttention-2's `D = rowsum(dO∘O)`.
+#[derive(Debug)]
+pub struct ExactSaved {
+    lse: Vec<f32>,
+    output: Vec<f32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,9 +108,15 @@ fn naive_probs(x: &AttentionInputs<'_>, bh: usize, i: usize, scale: f64) -> Vec<
     p
 }
 
-impl Attention for ExactNaive {
-    fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for ExactNaive {
+    const INFO: MethodInfo = MethodInfo::new(
+        "exact-naive",
+        "exact softmax attention, obvious O(n^2) reference in f64",
+        "O(n_q n_k d) time, O(n_q n_k) backward memory",
+    );
+    type Saved = ();
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();
         let Dims { n_q, d, d_v, .. } = dims;
         let scale = resolve_scale(self.scale, d) as f64;
@@ -210,33 +137,22 @@ impl Attention for ExactNaive {
                     }
                 }
             });
-        Ok(Forward {
-            output,
-            saved: Saved::new(Self::INFO.name, dims, SavedState::Nothing),
-        })
+        Ok((output, ()))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         _seed: u64,
-        saved: &Saved,
+        _saved: &(),
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        saved.check(Self::INFO.name, dims)?;
-        x.check_grad_output(grad_output)?;
         let Dims {
             n_q, n_k, d, d_v, ..
         } = dims;
         let scale = resolve_scale(self.scale, d) as f64;
-        let mut grads = Grads {
-            dq: vec![0.0; x.q().len()],
-            dk: vec![0.0; x.k().len()],
-            dv: vec![0.0; x.v().len()],
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         grads
             .dq
             .par_chunks_mut(n_q * d)
@@ -616,37 +532,36 @@ impl HeadBackward<'_> {
     }
 }
 
-impl Attention for Exact {
-    fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
+impl Estimator for Exact {
+    const INFO: MethodInfo = MethodInfo::new(
+        "exact",
+        "exact softmax attention, fast blocked streaming kernel (FlashAttention-2 style)",
+        "O(n_q n_k d) time, O(n d) memory",
+    );
+    type Saved = ExactSaved;
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<(Vec<f32>, ExactSaved)> {
         let (output, lse) = self.forward_with_lse(x)?;
-        Ok(Forward {
-            saved: Saved::new(
-                Self::INFO.name,
-                x.dims(),
-                SavedState::Exact {
-                    lse,
-                    output: output.clone(),
-                },
-            ),
-            output,
-        })
+        let saved = ExactSaved {
+            lse,
+            output: output.clone(),
+        };
+        Ok((output, saved))
     }
 
-    fn backward(
+    fn saved_bytes(saved: &ExactSaved) -> usize {
+        4 * (saved.lse.len() + saved.output.len())
+    }
+
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         _seed: u64,
-        saved: &Saved,
+        saved: &ExactSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
+        let ExactSaved { lse, output } = saved;
         let dims = x.dims();
-        let SavedState::Exact { lse, output } = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not hold the log-sum-exp of an exact forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             heads,
             n_q,
@@ -671,12 +586,7 @@ impl Attention for Exact {
         let chunk_keys = key_tiles.div_ceil(chunks) * BACKWARD_KEY_TILE;
         let chunks = n_k.div_ceil(chunk_keys);
 
-        let mut grads = Grads {
-            dq: zeroed(x.q().len()),
-            dk: zeroed(x.k().len()),
-            dv: zeroed(x.v().len()),
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         // With one chunk per head the chunk accumulates straight into dq.
         let mut dq_partial = if chunks > 1 {
             zeroed(bhs * chunks * n_q * d)

@@ -41,16 +41,12 @@
 use rand::Rng;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimator::{Attention, Estimator, Grads, MethodInfo, Saved};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, row_max, row_sum, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
-    parse_value, unknown_param,
-};
-use crate::methods::exact::{
-    Exact, SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale,
-};
+use crate::linalg::{Mat, gemm, row_max, row_sum};
+use crate::methods::exact::Exact;
+use crate::params::{Auto, at_least, auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
 
 /// Queries sharing one key sample when scoring sparsity.
@@ -59,24 +55,16 @@ const SAMPLE_BLOCK: usize = 64;
 /// Marks an unused slot of the active-query table.
 const NO_QUERY: u32 = u32::MAX;
 
-/// ProbSparse attention `informer`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Informer {
-    /// The factor `c` of `U = c·⌈ln n_k⌉` sampled keys and `u = c·⌈ln n_q⌉` active queries.
-    pub factor: usize,
-    /// Number of active queries; `None` = `c·⌈ln n_q⌉`.
-    pub u: Option<usize>,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Informer {
-    fn default() -> Self {
-        Informer {
-            factor: 5,
-            u: None,
-            scale: None,
-        }
+crate::method_params! {
+    /// ProbSparse attention `informer`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Informer {
+        /// c: U = c*ceil(ln n_k) sampled keys per query, u = c*ceil(ln n_q) active queries
+        pub factor: usize = 5, in_range(1, 1000);
+        /// number of active queries (exact rows) per head
+        pub u: Auto<usize> = Auto::Auto, auto("c*ceil(ln n_q)", at_least(1));
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
@@ -85,81 +73,14 @@ fn ceil_ln(n: usize) -> usize {
     ((n as f64).ln().ceil() as usize).max(1)
 }
 
-impl MethodConfig for Informer {
-    const INFO: MethodInfo = MethodInfo {
-        name: "informer",
-        summary: "Informer ProbSparse: exact rows for the top-u sparse queries, mean of V elsewhere",
-        cost: "O(n c ln(n) d) time, O(n d) memory",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "factor",
-                default: "5",
-                range: "an integer in 1..=1000",
-                help: "c: U = c*ceil(ln n_k) sampled keys per query, u = c*ceil(ln n_q) active queries",
-            },
-            ParamInfo {
-                name: "u",
-                default: "auto",
-                range: "`auto` (c*ceil(ln n_q)) or an integer >= 1",
-                help: "number of active queries (exact rows) per head",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "factor" => self.factor = parse_value(info, "factor", value)?,
-            "u" => {
-                self.u = if value.trim() == "auto" {
-                    None
-                } else {
-                    Some(parse_value(info, "u", value)?)
-                }
-            }
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("factor", self.factor.to_string()),
-            (
-                "u",
-                self.u.map_or_else(|| "auto".to_string(), |u| u.to_string()),
-            ),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        let info = &Self::INFO;
-        if !(1..=1000).contains(&self.factor) {
-            return Err(param_error(info, "factor", self.factor.to_string()));
-        }
-        if self.u == Some(0) {
-            return Err(param_error(info, "u", "0".to_string()));
-        }
-        validate_scale(info, self.scale)
-    }
-}
-
 /// What the backward needs: the active queries of every head and the exact kernel's state on
 /// them.
 #[derive(Debug, Clone)]
-pub(crate) struct InformerSaved {
+pub struct InformerSaved {
     /// `[batch·heads][u_max]` active query indices, [`NO_QUERY`] in unused slots.
     active: Vec<u32>,
     u_max: usize,
     exact: Option<Box<Saved>>,
-}
-
-impl InformerSaved {
-    pub(crate) fn bytes(&self) -> usize {
-        4 * self.active.len() + self.exact.as_ref().map_or(0, |s| s.bytes())
-    }
 }
 
 impl Informer {
@@ -184,7 +105,7 @@ impl Informer {
         }
         let u = self
             .u
-            .unwrap_or(self.factor * ceil_ln(n_q))
+            .or_else(|| self.factor * ceil_ln(n_q))
             .min(eligible.len());
         if u == eligible.len() {
             return eligible;
@@ -279,8 +200,26 @@ fn active_slots(active: &[u32], heads: usize, u_max: usize, batch: usize) -> Vec
         .collect()
 }
 
-impl Attention for Informer {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+impl Estimator for Informer {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        ..MethodInfo::new(
+            "informer",
+            "Informer ProbSparse: exact rows for the top-u sparse queries, mean of V elsewhere",
+            "O(n c ln(n) d) time, O(n d) memory",
+        )
+    };
+    type Saved = InformerSaved;
+
+    fn saved_bytes(s: &InformerSaved) -> usize {
+        4 * s.active.len() + s.exact.as_ref().map_or(0, |e| e.bytes())
+    }
+
+    fn forward_saved(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+    ) -> Result<(Vec<f32>, InformerSaved)> {
         let selected = self.active_queries(x, seed)?;
         let dims = x.dims();
         let Dims {
@@ -343,35 +282,24 @@ impl Attention for Informer {
         } else {
             None
         };
-        Ok(Forward {
+        Ok((
             output,
-            saved: Saved::new(
-                Self::INFO.name,
-                dims,
-                SavedState::Informer(InformerSaved {
-                    active,
-                    u_max,
-                    exact,
-                }),
-            ),
-        })
+            InformerSaved {
+                active,
+                u_max,
+                exact,
+            },
+        ))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        s: &InformerSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Informer(s) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not hold the active queries of an informer forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             batch,
             heads,
@@ -381,12 +309,7 @@ impl Attention for Informer {
             d_v,
         } = dims;
         let u_max = s.u_max;
-        let mut grads = Grads {
-            dq: zeroed(x.q().len()),
-            dk: zeroed(x.k().len()),
-            dv: zeroed(x.v().len()),
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         if let Some(exact_saved) = &s.exact {
             let q_active = gather_active(x, &s.active, u_max, x.q(), d, n_q);
             let g_active = gather_active(x, &s.active, u_max, grad_output, d_v, n_q);

@@ -43,13 +43,10 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
-use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, softmax_row, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
-    param_error, parse_value, unknown_param,
-};
-use crate::methods::exact::{SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale};
+use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, softmax_row};
+use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
 
 /// Largest number of proposals accepted.
@@ -57,116 +54,27 @@ pub const MAX_PROPOSALS: usize = 4096;
 /// Lower clamp of the MIS weights before the log (the released code's).
 pub const ALPHA_MIN: f32 = 1e-8;
 
-/// LARA `lara`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Lara {
-    /// Number of proposals `C`.
-    pub proposals: usize,
-    /// Weight `λ` of the query-softmax correction in the MIS weights.
-    pub lambda: f32,
-    /// Antithetic pairs `μ ± ε`.
-    pub antithetic: bool,
-    /// Evaluation mode: `ω = μ`, deterministic.
-    pub eval: bool,
-    /// Given proposal means `[heads, C, d]` (scaled coordinates); `None` = segment means.
-    pub proposal_means: Option<Vec<f32>>,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Lara {
-    fn default() -> Self {
-        Lara {
-            proposals: 64,
-            lambda: 1.0,
-            antithetic: false,
-            eval: false,
-            proposal_means: None,
-            scale: None,
-        }
+crate::method_params! {
+    /// LARA `lara`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Lara {
+        /// number of proposals C (one sample each)
+        pub proposals: usize = 64,
+            in_range(1, MAX_PROPOSALS as u64).note("capped by the unmasked tokens");
+        /// weight of the query-softmax correction in the MIS weights
+        pub lambda: f32 = 1.0, finite();
+        /// antithetic samples mu +- eps (2C samples)
+        pub antithetic: bool = false;
+        /// evaluation mode: omega = mu (deterministic)
+        pub eval: bool = false;
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
+    }
+    extra {
+        /// Given proposal means `[heads, C, d]` (scaled coordinates); `None` = segment means.
+        pub proposal_means: Option<Vec<f32>> = None;
     }
 }
-
-impl MethodConfig for Lara {
-    const INFO: MethodInfo = MethodInfo {
-        name: "lara",
-        summary: "LARA: shared Gaussian proposals at segment means, multiple importance sampling",
-        cost: "O(C (n_q + n_k) d + C^2 d) time, O(C n) memory",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "proposals",
-                default: "64",
-                range: "an integer in 1..=4096 (capped by the unmasked tokens)",
-                help: "number of proposals C (one sample each)",
-            },
-            ParamInfo {
-                name: "lambda",
-                default: "1",
-                range: "a finite number",
-                help: "weight of the query-softmax correction in the MIS weights",
-            },
-            ParamInfo {
-                name: "antithetic",
-                default: "false",
-                range: "`true` or `false`",
-                help: "antithetic samples mu +- eps (2C samples)",
-            },
-            ParamInfo {
-                name: "eval",
-                default: "false",
-                range: "`true` or `false`",
-                help: "evaluation mode: omega = mu (deterministic)",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "proposals" => self.proposals = parse_value(info, "proposals", value)?,
-            "lambda" => self.lambda = parse_value(info, "lambda", value)?,
-            "antithetic" => self.antithetic = parse_value(info, "antithetic", value)?,
-            "eval" => self.eval = parse_value(info, "eval", value)?,
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("proposals", self.proposals.to_string()),
-            ("lambda", self.lambda.to_string()),
-            ("antithetic", self.antithetic.to_string()),
-            ("eval", self.eval.to_string()),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        let info = &Self::INFO;
-        if !(1..=MAX_PROPOSALS).contains(&self.proposals) {
-            return Err(param_error(info, "proposals", self.proposals.to_string()));
-        }
-        if !self.lambda.is_finite() {
-            return Err(param_error(info, "lambda", self.lambda.to_string()));
-        }
-        if let Some(m) = &self.proposal_means
-            && m.iter().any(|v| !v.is_finite())
-        {
-            return Err(param_error(
-                info,
-                "proposals",
-                "given proposal means with non-finite values".to_string(),
-            ));
-        }
-        validate_scale(info, self.scale)
-    }
-}
-
-/// What the backward needs beyond the inputs and the seed: nothing (everything is recomputed).
-#[derive(Debug, Clone)]
-pub(crate) struct LaraSaved;
 
 /// Segments of `len` tokens into `c` parts as the brief: the first `(s+1)c − len` have
 /// `s = ⌊len/c⌋` tokens, the rest `s + 1`.
@@ -589,9 +497,43 @@ impl Lara {
     }
 }
 
-impl Attention for Lara {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for Lara {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        tensor_params: &[TensorParam {
+            name: "proposal_means",
+            shape: "[heads, C, d]",
+            rank: 3,
+        }],
+        ..MethodInfo::new(
+            "lara",
+            "LARA: shared Gaussian proposals at segment means, multiple importance sampling",
+            "O(C (n_q + n_k) d + C^2 d) time, O(C n) memory",
+        )
+    };
+    type Saved = ();
+
+    fn check(&self) -> Result<()> {
+        if let Some(m) = &self.proposal_means
+            && m.iter().any(|v| !v.is_finite())
+        {
+            return Err(param_error(
+                Self::INFO.name,
+                "proposals",
+                "finite given proposal means",
+                "given proposal means with non-finite values".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn store_tensor(&mut self, _name: &str, data: Vec<f32>, shape: &[usize]) -> Result<()> {
+        self.proposals = shape[1];
+        self.proposal_means = Some(data);
+        Ok(())
+    }
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();
         self.check_means(dims)?;
         let Dims { n_q, d_v, .. } = dims;
@@ -616,27 +558,17 @@ impl Attention for Lara {
                 }
             });
         x.zero_masked_queries(&mut output);
-        Ok(Forward {
-            output,
-            saved: Saved::new(Self::INFO.name, dims, SavedState::Lara(LaraSaved)),
-        })
+        Ok((output, ()))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        _: &(),
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Lara(_) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not come from a lara forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         self.check_means(dims)?;
         let Dims {
             heads,
@@ -650,12 +582,7 @@ impl Attention for Lara {
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
         let bhs = dims.batch_heads();
-        let mut grads = Grads {
-            dq: zeroed(x.q().len()),
-            dk: zeroed(x.k().len()),
-            dv: zeroed(x.v().len()),
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         let c_given = self.proposal_means.as_ref().map(|_| self.proposals);
         let mut dmu_parts = vec![
             0.0f32;

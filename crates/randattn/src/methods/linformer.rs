@@ -36,14 +36,12 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::estimator::{Attention, Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::check_finite;
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{Mat, gemm};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
-    param_error, parse_value, unknown_param,
-};
-use crate::methods::exact::{Exact, SCALE_PARAM, parse_scale, scale_text, validate_scale};
+use crate::methods::exact::Exact;
+use crate::params::{Auto, in_range, scale_rule};
 use crate::rng::stream;
 
 /// Largest projected length accepted.
@@ -65,26 +63,19 @@ struct Cache {
     projections: Option<Arc<Projections>>,
 }
 
-/// Linformer `linformer`. See the module documentation.
-#[derive(Debug, Clone)]
-pub struct Linformer {
-    /// Projected length `k`.
-    pub k: usize,
-    /// Given projections; `None` = seeded `N(0, 1/k)`.
-    pub projections: Option<Projections>,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-    cache: Arc<Mutex<Cache>>,
-}
-
-impl Default for Linformer {
-    fn default() -> Self {
-        Linformer {
-            k: 256,
-            projections: None,
-            scale: None,
-            cache: Arc::default(),
-        }
+crate::method_params! {
+    /// Linformer `linformer`. See the module documentation.
+    #[derive(Debug, Clone)]
+    pub struct Linformer {
+        /// projected length (rows of E and F)
+        pub k: usize = 256, in_range(1, MAX_K as u64);
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
+    }
+    extra {
+        /// Given projections; `None` = seeded `N(0, 1/k)`.
+        pub projections: Option<Projections> = None;
+        cache: Arc<Mutex<Cache>> = Arc::default();
     }
 }
 
@@ -95,67 +86,10 @@ impl PartialEq for Linformer {
     }
 }
 
-impl MethodConfig for Linformer {
-    const INFO: MethodInfo = MethodInfo {
-        name: "linformer",
-        summary: "Linformer: keys and values projected along the sequence to k rows",
-        cost: "O(n k (d + d_v)) time, O(n d + k n) memory",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "k",
-                default: "256",
-                range: "an integer in 1..=65536",
-                help: "projected length (rows of E and F)",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "k" => self.k = parse_value(info, "k", value)?,
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![("k", self.k.to_string()), ("scale", scale_text(self.scale))]
-    }
-    fn validate(&self) -> Result<()> {
-        if !(1..=MAX_K).contains(&self.k) {
-            return Err(param_error(&Self::INFO, "k", self.k.to_string()));
-        }
-        if let Some(p) = &self.projections {
-            if p.e.is_empty() || p.f.is_empty() || p.e.len() != p.f.len() {
-                return Err(Error::shape(
-                    "projections",
-                    format!(
-                        "E has {} values and F has {}: give both, each [heads, k, n_k]",
-                        p.e.len(),
-                        p.f.len()
-                    ),
-                ));
-            }
-            check_finite("projections", &p.e)?;
-            check_finite("projections", &p.f)?;
-        }
-        validate_scale(&Self::INFO, self.scale)
-    }
-}
-
 /// What the backward needs: the projections used (shared, not copied, when seeded).
 #[derive(Debug, Clone)]
-pub(crate) struct LinformerSaved {
+pub struct LinformerSaved {
     projections: Arc<Projections>,
-}
-
-impl LinformerSaved {
-    pub(crate) fn bytes(&self) -> usize {
-        0 // the projections are parameters, not per-call state
-    }
 }
 
 /// Seeded `N(0, 1/k)` projections for `heads` heads of `k × n_k`.
@@ -291,9 +225,67 @@ fn masked<'a>(
     }
 }
 
-impl Attention for Linformer {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for Linformer {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        tensor_params: &[
+            TensorParam {
+                name: "e",
+                shape: "[heads, k, n_k]",
+                rank: 3,
+            },
+            TensorParam {
+                name: "f",
+                shape: "[heads, k, n_k]",
+                rank: 3,
+            },
+        ],
+        ..MethodInfo::new(
+            "linformer",
+            "Linformer: keys and values projected along the sequence to k rows",
+            "O(n k (d + d_v)) time, O(n d + k n) memory",
+        )
+    };
+    type Saved = LinformerSaved;
+
+    fn check(&self) -> Result<()> {
+        if let Some(p) = &self.projections {
+            if p.e.is_empty() || p.f.is_empty() || p.e.len() != p.f.len() {
+                return Err(Error::shape(
+                    "projections",
+                    format!(
+                        "E has {} values and F has {}: give both, each [heads, k, n_k]",
+                        p.e.len(),
+                        p.f.len()
+                    ),
+                ));
+            }
+            check_finite("projections", &p.e)?;
+            check_finite("projections", &p.f)?;
+        }
+        Ok(())
+    }
+
+    fn store_tensor(&mut self, name: &str, data: Vec<f32>, shape: &[usize]) -> Result<()> {
+        let mut p = self.projections.take().unwrap_or(Projections {
+            e: Vec::new(),
+            f: Vec::new(),
+        });
+        if name == "e" {
+            p.e = data;
+        } else {
+            p.f = data;
+        }
+        self.k = shape[1];
+        self.projections = Some(p);
+        Ok(())
+    }
+
+    fn forward_saved(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+    ) -> Result<(Vec<f32>, LinformerSaved)> {
         let dims = x.dims();
         let p = self.projections_for(dims, seed)?;
         let (kp, vp) = self.project(x, &p);
@@ -309,31 +301,17 @@ impl Attention for Linformer {
             sub = sub.with_query_mask(m)?;
         }
         let output = self.exact().forward(&sub, seed)?.output;
-        Ok(Forward {
-            output,
-            saved: Saved::new(
-                Self::INFO.name,
-                dims,
-                SavedState::Linformer(LinformerSaved { projections: p }),
-            ),
-        })
+        Ok((output, LinformerSaved { projections: p }))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        s: &LinformerSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Linformer(s) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not hold the projections of a linformer forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             heads, n_k, d, d_v, ..
         } = dims;

@@ -55,151 +55,50 @@ use rand_core::RngCore;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::estimator::{Attention, Estimator, Forward, Grads, MethodInfo, ParamGrad, Saved};
 use crate::inputs::{AttentionInputs, Dims, ValueProjection};
 use crate::linalg::{Mat, gemm, multiversion, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamGrad, ParamInfo, Saved, SavedState,
-    param_error, parse_value, unknown_param,
-};
-use crate::methods::exact::{
-    Exact, KEY_TILE, QUERY_BLOCK, SCALE_PARAM, parse_scale, resolve_scale, scale_text,
-    validate_scale,
-};
+use crate::methods::exact::Exact;
+use crate::params::{Auto, Rule, param_error, positive, resolve_scale, scale_rule};
 use crate::rng::stream;
+use crate::tiles::{KEY_TILE, QUERY_BLOCK};
 
-/// Sampling distribution over the input features.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Probs {
-    /// `p_h(k) ∝ ‖W_h[k, :]‖²`, one distribution per head (the paper's).
-    Weight,
-    /// `p_h(k) ∝ |x_j[k]|·‖W_h[k, :]‖`, one per token (optimal for a single product).
-    InputAware,
-}
-
-/// Whose draws a token uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Draws {
-    /// Every token draws its own indices (independent errors across tokens).
-    Token,
-    /// One index stream per (batch, head); token `j` uses its first `r_j` draws, as the
-    /// reference CUDA kernel does (each token still unbiased, errors correlated across tokens),
-    /// which turns the sampled projection into blocked GEMMs.
-    Shared,
-}
-
-/// MCA `mca`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mca {
-    /// Error-bound parameter α (> 0): larger means fewer samples.
-    pub alpha: f32,
-    /// Sampling distribution.
-    pub probs: Probs,
-    /// Per-token or shared draws.
-    pub draws: Draws,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Mca {
-    fn default() -> Self {
-        Mca {
-            alpha: 0.3,
-            probs: Probs::Weight,
-            draws: Draws::Token,
-            scale: None,
-        }
+crate::choice! {
+    /// Sampling distribution over the input features.
+    pub enum Probs {
+        /// `p_h(k) ∝ ‖W_h[k, :]‖²`, one distribution per head (the paper's).
+        Weight = "weight",
+        /// `p_h(k) ∝ |x_j[k]|·‖W_h[k, :]‖`, one per token (optimal for a single product).
+        InputAware = "input-aware",
     }
 }
 
-impl MethodConfig for Mca {
-    const INFO: MethodInfo = MethodInfo {
-        name: "mca",
-        summary: "Monte-Carlo Attention: exact softmax, value projection sampled per token \
-                  (needs X and W_V: run --x --wv [--bv])",
-        cost: "O(n^2 d) attention + sum_j r_j d_v sampled projection, no n x n buffer",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "alpha",
-                default: "0.3",
-                range: "a finite number > 0",
-                help: "error bound: r_j = min(floor((n_eff max_i A_ij / alpha)^2), d_model)",
-            },
-            ParamInfo {
-                name: "probs",
-                default: "weight",
-                range: "`weight` or `input-aware`",
-                help: "p(k) ~ |W_h[k]|^2 (paper), or ~ |x_k| |W_h[k]| per token",
-            },
-            ParamInfo {
-                name: "draws",
-                default: "token",
-                range: "`token`, or `shared` (with probs=weight)",
-                help: "independent draws per token, or one stream per head whose prefixes \
-                       the tokens use (the reference's; blocked GEMMs, correlated errors)",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "alpha" => self.alpha = parse_value(info, "alpha", value)?,
-            "probs" => {
-                self.probs = match value.trim() {
-                    "weight" => Probs::Weight,
-                    "input-aware" => Probs::InputAware,
-                    _ => return Err(param_error(info, "probs", format!("`{value}`"))),
-                }
-            }
-            "draws" => {
-                self.draws = match value.trim() {
-                    "token" => Draws::Token,
-                    "shared" => Draws::Shared,
-                    _ => return Err(param_error(info, "draws", format!("`{value}`"))),
-                }
-            }
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
+crate::choice! {
+    /// Whose draws a token uses.
+    pub enum Draws {
+        /// Every token draws its own indices (independent errors across tokens).
+        Token = "token",
+        /// One index stream per (batch, head); token `j` uses its first `r_j` draws, as the
+        /// reference CUDA kernel does (each token still unbiased, errors correlated across
+        /// tokens), which turns the sampled projection into blocked GEMMs.
+        Shared = "shared",
     }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("alpha", self.alpha.to_string()),
-            (
-                "probs",
-                match self.probs {
-                    Probs::Weight => "weight",
-                    Probs::InputAware => "input-aware",
-                }
-                .to_string(),
-            ),
-            (
-                "draws",
-                match self.draws {
-                    Draws::Token => "token",
-                    Draws::Shared => "shared",
-                }
-                .to_string(),
-            ),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(param_error(&Self::INFO, "alpha", self.alpha.to_string()));
-        }
-        if self.draws == Draws::Shared && self.probs == Probs::InputAware {
-            return Err(param_error(
-                &Self::INFO,
-                "draws",
-                "`shared` with probs=input-aware (a per-token distribution cannot share draws)"
-                    .to_string(),
-            ));
-        }
-        validate_scale(&Self::INFO, self.scale)
+}
+
+crate::method_params! {
+    /// MCA `mca`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Mca {
+        /// error bound: r_j = min(floor((n_eff max_i A_ij / alpha)^2), d_model)
+        pub alpha: f32 = 0.3, positive();
+        /// p(k) ~ |W_h[k]|^2 (paper), or ~ |x_k| |W_h[k]| per token
+        pub probs: Probs = Probs::Weight;
+        /// independent draws per token, or one stream per head whose prefixes the tokens use
+        /// (the reference's; blocked GEMMs, correlated errors)
+        pub draws: Draws = Draws::Token,
+            Rule::any().note("`shared` needs probs=weight");
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
@@ -467,15 +366,9 @@ impl HeadSamples {
 
 /// State saved for the backward.
 #[derive(Debug, Clone)]
-pub(crate) struct McaSaved {
+pub struct McaSaved {
     sampled: SampledValues,
     exact: Saved,
-}
-
-impl McaSaved {
-    pub(crate) fn bytes(&self) -> usize {
-        self.sampled.bytes() + self.exact.bytes()
-    }
 }
 
 fn projection<'a>(x: &AttentionInputs<'a>) -> Result<ValueProjection<'a>> {
@@ -812,6 +705,21 @@ impl Mca {
         seed: u64,
     ) -> Result<(Forward, Diagnostics)> {
         self.validate()?;
+        let (output, saved, diagnostics) = self.forward_state(x, prep, seed)?;
+        let forward = Forward {
+            output,
+            saved: Saved::new::<Mca>(x.dims(), saved),
+        };
+        Ok((forward, diagnostics))
+    }
+
+    /// The output, the saved state and the diagnostics (parameters already validated).
+    fn forward_state(
+        &self,
+        x: &AttentionInputs<'_>,
+        prep: &Prepared,
+        seed: u64,
+    ) -> Result<(Vec<f32>, McaSaved, Diagnostics)> {
         let proj = projection(x)?;
         let dims = x.dims();
         let Dims {
@@ -858,16 +766,11 @@ impl Mca {
             bound,
             n_eff,
         };
-        let output = fwd.output.clone();
-        let saved = Saved::new(
-            Self::INFO.name,
-            dims,
-            SavedState::Mca(Box::new(McaSaved {
-                sampled,
-                exact: fwd.saved,
-            })),
-        );
-        Ok((Forward { output, saved }, diagnostics))
+        let saved = McaSaved {
+            sampled,
+            exact: fwd.saved,
+        };
+        Ok((fwd.output, saved, diagnostics))
     }
 
     /// The inputs with V replaced by `values` (same Q, K, masks).
@@ -1138,31 +1041,53 @@ fn column_log_max(x: &AttentionInputs<'_>, bh: usize, scale: f32, lse: &[f32]) -
     out
 }
 
-impl Attention for Mca {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for Mca {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        needs_value_projection: true,
+        ..MethodInfo::new(
+            "mca",
+            "Monte-Carlo Attention: exact softmax, value projection sampled per token \
+                  (needs X and W_V: run --x --wv [--bv])",
+            "O(n^2 d) attention + sum_j r_j d_v sampled projection, no n x n buffer",
+        )
+    };
+    type Saved = McaSaved;
+
+    fn check(&self) -> Result<()> {
+        if self.draws == Draws::Shared && self.probs == Probs::InputAware {
+            return Err(param_error(
+                Self::INFO.name,
+                "draws",
+                "`token`, or `shared` (with probs=weight)",
+                "`shared` with probs=input-aware (a per-token distribution cannot share draws)"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn saved_bytes(s: &McaSaved) -> usize {
+        s.sampled.bytes() + s.exact.bytes()
+    }
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, McaSaved)> {
         let proj = projection(x)?;
         let dims = x.dims();
         let prep = Prepared::new(proj.wv, proj.d_model, dims.heads, dims.d_v)?;
-        Ok(self.forward_prepared(x, &prep, seed)?.0)
+        let (output, saved, _) = self.forward_state(x, &prep, seed)?;
+        Ok((output, saved))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        st: &McaSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let proj = projection(x)?;
         let dims = x.dims();
-        let SavedState::Mca(st) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not come from an mca forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             batch,
             heads,

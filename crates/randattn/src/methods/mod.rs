@@ -10,4 +10,5 @@ pub mod nystrom;
 pub mod performer;
 pub mod ra;
 pub mod skeinformer;
+pub mod vmean;
 pub mod yoso;

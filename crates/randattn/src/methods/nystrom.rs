@@ -38,14 +38,11 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimator::{Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, softmax_row, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
-    parse_value, unknown_param,
-};
-use crate::methods::exact::{SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale};
+use crate::linalg::{Mat, gemm, softmax_row};
+use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 
 use super::conv;
 
@@ -54,102 +51,28 @@ pub const MAX_LANDMARKS: usize = 4096;
 /// Largest number of pseudo-inverse iterations accepted.
 pub const MAX_PINV_ITERS: usize = 100;
 
-/// Nyströmformer `nystrom`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Nystrom {
-    /// Number of landmarks `m` (capped by the unmasked queries and keys).
-    pub landmarks: usize,
-    /// Iterations of the pseudo-inverse.
-    pub pinv_iters: usize,
-    /// Conv skip window (odd), 0 = off.
-    pub conv: usize,
-    /// Conv kernels `[heads, conv]`; `None` = seeded.
-    pub conv_weights: Option<Vec<f32>>,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Nystrom {
-    fn default() -> Self {
-        Nystrom {
-            landmarks: 64,
-            pinv_iters: 6,
-            conv: 0,
-            conv_weights: None,
-            scale: None,
-        }
-    }
-}
-
-impl MethodConfig for Nystrom {
-    const INFO: MethodInfo = MethodInfo {
-        name: "nystrom",
-        summary: "Nystromformer: segment-mean landmarks and an iterative pseudo-inverse",
-        cost: "O(n m (d + d_v) + m^3) time, O(n m) memory",
-        random: false,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "landmarks",
-                default: "64",
-                range: "an integer in 1..=4096 (capped by the unmasked tokens)",
-                help: "number of landmarks m (segment means of queries and keys)",
-            },
-            ParamInfo {
-                name: "pinv_iters",
-                default: "6",
-                range: "an integer in 1..=100",
-                help: "iterations of the Moore-Penrose pseudo-inverse",
-            },
-            conv::CONV_PARAM,
-            conv::CONV_WEIGHTS_PARAM,
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "landmarks" => self.landmarks = parse_value(info, "landmarks", value)?,
-            "pinv_iters" => self.pinv_iters = parse_value(info, "pinv_iters", value)?,
-            "conv" => self.conv = parse_value(info, "conv", value)?,
-            "conv_weights" => self.conv_weights = conv::parse_weights(info, value)?,
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("landmarks", self.landmarks.to_string()),
-            ("pinv_iters", self.pinv_iters.to_string()),
-            ("conv", self.conv.to_string()),
-            ("conv_weights", conv::weights_text(&self.conv_weights)),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        let info = &Self::INFO;
-        if !(1..=MAX_LANDMARKS).contains(&self.landmarks) {
-            return Err(param_error(info, "landmarks", self.landmarks.to_string()));
-        }
-        if !(1..=MAX_PINV_ITERS).contains(&self.pinv_iters) {
-            return Err(param_error(info, "pinv_iters", self.pinv_iters.to_string()));
-        }
-        conv::validate(info, self.conv, self.conv_weights.as_deref())?;
-        validate_scale(info, self.scale)
+crate::method_params! {
+    /// Nyströmformer `nystrom`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Nystrom {
+        /// number of landmarks m (segment means of queries and keys)
+        pub landmarks: usize = 64,
+            in_range(1, MAX_LANDMARKS as u64).note("capped by the unmasked tokens");
+        /// iterations of the Moore-Penrose pseudo-inverse
+        pub pinv_iters: usize = 6, in_range(1, MAX_PINV_ITERS as u64);
+        /// depthwise conv window on V along the sequence, added to the output
+        pub conv: usize = 0, conv::window_rule();
+        /// conv kernels [heads, conv], row-major; `auto` = seeded
+        pub conv_weights: Auto<Vec<f32>> = Auto::Auto, conv::weights_rule();
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
 /// What the backward needs beyond the inputs: the conv kernels used.
 #[derive(Debug, Clone)]
-pub(crate) struct NystromSaved {
+pub struct NystromSaved {
     conv_weights: Option<Vec<f32>>,
-}
-
-impl NystromSaved {
-    pub(crate) fn bytes(&self) -> usize {
-        4 * self.conv_weights.as_ref().map_or(0, Vec::len)
-    }
 }
 
 /// `c ← a · b` for row-major `a` (`m × k`) and `b` (`k × n`), or their transposes.
@@ -545,18 +468,44 @@ impl Nystrom {
     }
 }
 
-impl Attention for Nystrom {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for Nystrom {
+    const INFO: MethodInfo = MethodInfo {
+        random: false,
+        tensor_params: &[TensorParam {
+            name: "conv_weights",
+            shape: "[heads, conv]",
+            rank: 2,
+        }],
+        ..MethodInfo::new(
+            "nystrom",
+            "Nystromformer: segment-mean landmarks and an iterative pseudo-inverse",
+            "O(n m (d + d_v) + m^3) time, O(n m) memory",
+        )
+    };
+    type Saved = NystromSaved;
+
+    fn saved_bytes(s: &NystromSaved) -> usize {
+        4 * s.conv_weights.as_ref().map_or(0, Vec::len)
+    }
+
+    fn check(&self) -> Result<()> {
+        conv::check(Self::INFO.name, self.conv, &self.conv_weights)
+    }
+
+    fn store_tensor(&mut self, _name: &str, data: Vec<f32>, _shape: &[usize]) -> Result<()> {
+        self.conv_weights = Auto::Fixed(data);
+        Ok(())
+    }
+
+    fn forward_saved(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+    ) -> Result<(Vec<f32>, NystromSaved)> {
         let dims = x.dims();
         let Dims { n_q, d_v, .. } = dims;
-        let conv_weights = conv::kernels(
-            &Self::INFO,
-            self.conv,
-            self.conv_weights.as_deref(),
-            dims,
-            seed,
-        )?;
+        let conv_weights =
+            conv::kernels(Self::INFO.name, self.conv, &self.conv_weights, dims, seed)?;
         let mut output = vec![0.0f32; dims.out_len()];
         output
             .par_chunks_mut(n_q * d_v)
@@ -579,43 +528,24 @@ impl Attention for Nystrom {
             conv::add_forward(x, &mut output, w);
         }
         x.zero_masked_queries(&mut output);
-        Ok(Forward {
-            output,
-            saved: Saved::new(
-                Self::INFO.name,
-                dims,
-                SavedState::Nystrom(NystromSaved { conv_weights }),
-            ),
-        })
+        Ok((output, NystromSaved { conv_weights }))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         _seed: u64,
-        saved: &Saved,
+        s: &NystromSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Nystrom(s) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not hold the state of a nystrom forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             n_q, n_k, d, d_v, ..
         } = dims;
         let scale = resolve_scale(self.scale, d);
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
-        let mut grads = Grads {
-            dq: zeroed(x.q().len()),
-            dk: zeroed(x.k().len()),
-            dv: zeroed(x.v().len()),
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         grads
             .dq
             .par_chunks_mut(n_q * d)

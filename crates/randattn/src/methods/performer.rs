@@ -44,128 +44,40 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimator::{Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
-    parse_value, unknown_param,
-};
-use crate::methods::exact::{SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale};
+use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max};
+use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
 
 /// Largest number of features accepted.
 pub const MAX_FEATURES: usize = 1 << 16;
 
-/// The feature map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    /// `exp(ω·x − ‖x‖²/2)`.
-    Positive,
-    /// `exp(±ω·x − ‖x‖²/2)` (two features per direction).
-    Hyperbolic,
-}
-
-/// Performer `performer`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Performer {
-    /// Number of random directions `m`.
-    pub features: usize,
-    /// Orthogonal random features (blocks of `d` orthogonal directions).
-    pub orthogonal: bool,
-    /// Feature map.
-    pub kernel: Kernel,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Performer {
-    fn default() -> Self {
-        Performer {
-            features: 256,
-            orthogonal: true,
-            kernel: Kernel::Positive,
-            scale: None,
-        }
+crate::choice! {
+    /// The feature map.
+    pub enum Kernel {
+        /// `exp(ω·x − ‖x‖²/2)`.
+        Positive = "positive",
+        /// `exp(±ω·x − ‖x‖²/2)` (two features per direction).
+        Hyperbolic = "hyperbolic",
     }
 }
 
-impl MethodConfig for Performer {
-    const INFO: MethodInfo = MethodInfo {
-        name: "performer",
-        summary: "Performer FAVOR+: positive (orthogonal) random features, linear attention",
-        cost: "O(n m (d + d_v)) time, O(n m) memory",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "features",
-                default: "256",
-                range: "an integer in 1..=65536",
-                help: "number of random directions m",
-            },
-            ParamInfo {
-                name: "orthogonal",
-                default: "true",
-                range: "`true` or `false`",
-                help: "orthogonal random features (blocks of d orthogonal directions)",
-            },
-            ParamInfo {
-                name: "kernel",
-                default: "positive",
-                range: "`positive` or `hyperbolic`",
-                help: "feature map exp(w.x - |x|^2/2), or both signs of w",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "features" => self.features = parse_value(info, "features", value)?,
-            "orthogonal" => self.orthogonal = parse_value(info, "orthogonal", value)?,
-            "kernel" => {
-                self.kernel = match value.trim() {
-                    "positive" => Kernel::Positive,
-                    "hyperbolic" => Kernel::Hyperbolic,
-                    _ => return Err(param_error(info, "kernel", format!("`{value}`"))),
-                }
-            }
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("features", self.features.to_string()),
-            ("orthogonal", self.orthogonal.to_string()),
-            (
-                "kernel",
-                match self.kernel {
-                    Kernel::Positive => "positive",
-                    Kernel::Hyperbolic => "hyperbolic",
-                }
-                .to_string(),
-            ),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        if !(1..=MAX_FEATURES).contains(&self.features) {
-            return Err(param_error(
-                &Self::INFO,
-                "features",
-                self.features.to_string(),
-            ));
-        }
-        validate_scale(&Self::INFO, self.scale)
+crate::method_params! {
+    /// Performer `performer`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Performer {
+        /// number of random directions m
+        pub features: usize = 256, in_range(1, MAX_FEATURES as u64);
+        /// orthogonal random features (blocks of d orthogonal directions)
+        pub orthogonal: bool = true;
+        /// feature map exp(w.x - |x|^2/2), or both signs of w
+        pub kernel: Kernel = Kernel::Positive;
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
-
-/// Nothing beyond the inputs: the directions are redrawn from the seed.
-#[derive(Debug, Clone)]
-pub(crate) struct PerformerSaved;
 
 impl Performer {
     /// The `m × d` directions of head `h` for `seed` (what the forward uses).
@@ -649,9 +561,18 @@ fn feature_backward(
     dx
 }
 
-impl Attention for Performer {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for Performer {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        ..MethodInfo::new(
+            "performer",
+            "Performer FAVOR+: positive (orthogonal) random features, linear attention",
+            "O(n m (d + d_v)) time, O(n m) memory",
+        )
+    };
+    type Saved = ();
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();
         let Dims {
             heads, n_q, d_v, ..
@@ -663,27 +584,17 @@ impl Attention for Performer {
             .enumerate()
             .for_each(|(bh, out)| self.head_forward(x, bh, &dirs[bh % heads], out));
         x.zero_masked_queries(&mut output);
-        Ok(Forward {
-            output,
-            saved: Saved::new(Self::INFO.name, dims, SavedState::Performer(PerformerSaved)),
-        })
+        Ok((output, ()))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        _: &(),
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Performer(_) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not come from a performer forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             heads,
             n_q,
@@ -695,12 +606,7 @@ impl Attention for Performer {
         let dirs = self.all_directions(dims, seed);
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
-        let mut grads = Grads {
-            dq: zeroed(x.q().len()),
-            dk: zeroed(x.k().len()),
-            dv: zeroed(x.v().len()),
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         grads
             .dq
             .par_chunks_mut(n_q * d)

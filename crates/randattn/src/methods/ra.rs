@@ -38,15 +38,11 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
-    parse_value, unknown_param,
-};
-use crate::methods::exact::{
-    Exact, SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale,
-};
+use crate::methods::exact::Exact;
+use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
 
 /// Largest number of samples per query accepted.
@@ -57,98 +53,26 @@ const ROW_BLOCK: usize = 128;
 /// Marks a query with no component (masked query, or no unmasked key).
 const NONE: u32 = u32::MAX;
 
-/// The noise-scale convention of the samples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Noise {
-    /// Unit variance in scaled coordinates (the paper; unbiased).
-    Paper,
-    /// Unit variance on the raw vectors (the released code).
-    Code,
-}
-
-/// Randomized Attention `ra`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ra {
-    /// Samples per query `S`.
-    pub samples: usize,
-    /// Noise-scale convention.
-    pub noise: Noise,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Ra {
-    fn default() -> Self {
-        Ra {
-            samples: 1,
-            noise: Noise::Paper,
-            scale: None,
-        }
+crate::choice! {
+    /// The noise-scale convention of the samples.
+    pub enum Noise {
+        /// Unit variance in scaled coordinates (the paper; unbiased).
+        Paper = "paper",
+        /// Unit variance on the raw vectors (the released code).
+        Code = "code",
     }
 }
 
-impl MethodConfig for Ra {
-    const INFO: MethodInfo = MethodInfo {
-        name: "ra",
-        summary: "Randomized Attention: unbiased per-query Gaussian-mixture random features",
-        cost: "O(n_q n_k d S) time (quadratic), O(n d S) memory",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "samples",
-                default: "1",
-                range: "an integer in 1..=1024",
-                help: "samples S per query (error ~ 1/sqrt(S))",
-            },
-            ParamInfo {
-                name: "noise",
-                default: "paper",
-                range: "`paper` or `code`",
-                help: "noise variance: unit in scaled coordinates (unbiased) or on raw vectors",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "samples" => self.samples = parse_value(info, "samples", value)?,
-            "noise" => {
-                self.noise = match value.trim() {
-                    "paper" => Noise::Paper,
-                    "code" => Noise::Code,
-                    _ => return Err(param_error(info, "noise", format!("`{value}`"))),
-                }
-            }
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("samples", self.samples.to_string()),
-            (
-                "noise",
-                match self.noise {
-                    Noise::Paper => "paper",
-                    Noise::Code => "code",
-                }
-                .to_string(),
-            ),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        if !(1..=MAX_SAMPLES).contains(&self.samples) {
-            return Err(param_error(
-                &Self::INFO,
-                "samples",
-                self.samples.to_string(),
-            ));
-        }
-        validate_scale(&Self::INFO, self.scale)
+crate::method_params! {
+    /// Randomized Attention `ra`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Ra {
+        /// samples S per query (error ~ 1/sqrt(S))
+        pub samples: usize = 1, in_range(1, MAX_SAMPLES as u64);
+        /// noise variance: unit in scaled coordinates (unbiased) or on raw vectors
+        pub noise: Noise = Noise::Paper;
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
@@ -164,14 +88,8 @@ pub struct Draws {
 
 /// The draws saved for the backward.
 #[derive(Debug, Clone)]
-pub(crate) struct RaSaved {
+pub struct RaSaved {
     draws: Draws,
-}
-
-impl RaSaved {
-    pub(crate) fn bytes(&self) -> usize {
-        4 * (self.draws.components.len() + self.draws.noise.len())
-    }
 }
 
 impl Ra {
@@ -401,14 +319,32 @@ impl Ra {
     }
 }
 
-impl Attention for Ra {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+impl Estimator for Ra {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        ..MethodInfo::new(
+            "ra",
+            "Randomized Attention: unbiased per-query Gaussian-mixture random features",
+            "O(n_q n_k d S) time (quadratic), O(n d S) memory",
+        )
+    };
+    type Saved = RaSaved;
+
+    fn saved_bytes(s: &RaSaved) -> usize {
+        4 * (s.draws.components.len() + s.draws.noise.len())
+    }
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, RaSaved)> {
         let draws = self.draws(x, seed)?;
         let dims = x.dims();
         let (d_v, s) = (dims.d_v, self.samples);
         let (qa, ka, mask) = self.augmented(x, &draws);
         let sub = self.sub_inputs(x, &qa, &ka, &mask)?;
-        let f = Exact { scale: Some(1.0) }.forward(&sub, seed)?.output;
+        let f = Exact {
+            scale: Auto::Fixed(1.0),
+        }
+        .forward(&sub, seed)?
+        .output;
         let mut output = vec![0.0f32; dims.out_len()];
         let inv = 1.0 / s as f32;
         output
@@ -422,27 +358,17 @@ impl Attention for Ra {
                 }
             });
         x.zero_masked_queries(&mut output);
-        Ok(Forward {
-            output,
-            saved: Saved::new(Self::INFO.name, dims, SavedState::Ra(RaSaved { draws })),
-        })
+        Ok((output, RaSaved { draws }))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        saved_draws: &RaSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Ra(saved_draws) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not hold the draws of an ra forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             n_q, n_k, d, d_v, ..
         } = dims;
@@ -456,7 +382,9 @@ impl Attention for Ra {
         let root = self.root(d);
         let (qa, ka, mask) = self.augmented(x, draws);
         let sub = self.sub_inputs(x, &qa, &ka, &mask)?;
-        let exact = Exact { scale: Some(1.0) };
+        let exact = Exact {
+            scale: Auto::Fixed(1.0),
+        };
         let f = exact.forward(&sub, seed)?;
         // Each sample row carries G / S.
         let mut g = grad_output.to_vec();

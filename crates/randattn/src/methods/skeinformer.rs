@@ -58,16 +58,13 @@
 use rand::Rng;
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, row_sum, zeroed};
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
-    parse_value, unknown_param,
-};
-use crate::methods::exact::{
-    Exact, SCALE_PARAM, parse_scale, resolve_scale, scale_text, validate_scale,
-};
+use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, row_sum};
+use crate::methods::exact::Exact;
+use crate::methods::vmean::mean_backward;
+use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
 
 /// Marks an unused slot in the pilot and column tables.
@@ -77,268 +74,51 @@ const ROW_BLOCK: usize = 128;
 /// Largest budget accepted.
 pub const MAX_BUDGET: usize = 1 << 16;
 
-/// How the column weights are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Columns {
-    /// `p_j ∝ ‖B_J[:, j]‖·‖v_j‖` from the pilot rows (the paper).
-    Importance,
-    /// Uniform over the unmasked columns.
-    Uniform,
-}
-
-/// How the sampled scores are normalised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowNorm {
-    /// Geometric-mean fill of the unselected entries (the paper).
-    Adaptive,
-    /// Softmax over the sampled columns only.
-    Simple,
-    /// Exact row sums (O(n²)).
-    Exact,
-    /// Importance-weighted sketch with exact softmax rows (O(n²)).
-    None,
-}
-
-impl Columns {
-    fn name(self) -> &'static str {
-        match self {
-            Columns::Importance => "importance",
-            Columns::Uniform => "uniform",
-        }
+crate::choice! {
+    /// How the column weights are chosen.
+    pub enum Columns {
+        /// `p_j ∝ ‖B_J[:, j]‖·‖v_j‖` from the pilot rows (the paper).
+        Importance = "importance",
+        /// Uniform over the unmasked columns.
+        Uniform = "uniform",
     }
 }
 
-impl RowNorm {
-    fn name(self) -> &'static str {
-        match self {
-            RowNorm::Adaptive => "adaptive",
-            RowNorm::Simple => "simple",
-            RowNorm::Exact => "exact",
-            RowNorm::None => "none",
-        }
+crate::choice! {
+    /// How the sampled scores are normalised.
+    pub enum RowNorm {
+        /// Geometric-mean fill of the unselected entries (the paper).
+        Adaptive = "adaptive",
+        /// Softmax over the sampled columns only.
+        Simple = "simple",
+        /// Exact row sums (O(n²)).
+        Exact = "exact",
+        /// Importance-weighted sketch with exact softmax rows (O(n²)).
+        None = "none",
     }
 }
 
-/// Skeinformer `skeinformer`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Skeinformer {
-    /// Sub-sample size `d`: pilot rows and sampled columns (each capped by the sequence).
-    pub budget: usize,
-    /// Column weights.
-    pub columns: Columns,
-    /// Row normalisation.
-    pub row_norm: RowNorm,
-    /// Overwrite the pilot rows with their exact outputs.
-    pub pilot_reuse: bool,
-    /// Softmax scale; `None` = `1/√d`.
-    pub scale: Option<f32>,
-}
-
-impl Default for Skeinformer {
-    fn default() -> Self {
-        Skeinformer {
-            budget: 256,
-            columns: Columns::Importance,
-            row_norm: RowNorm::Adaptive,
-            pilot_reuse: true,
-            scale: None,
-        }
-    }
-}
-
-/// V-Mean `vmean`: every query outputs the mean of the unmasked value rows (Skeinformer's
-/// adaptive normalisation with zero samples). Deterministic, `O(n·d_v)`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct VMean;
-
-impl MethodConfig for Skeinformer {
-    const INFO: MethodInfo = MethodInfo {
-        name: "skeinformer",
-        summary: "Skeinformer: pilot rows, importance column sampling, adaptive row norm, pilot reuse",
-        cost: "O(n budget d) time, O(n d + budget n) memory (row_norm=exact|none: O(n^2 d) time)",
-        random: true,
-        approximates_softmax: true,
-        params: &[
-            ParamInfo {
-                name: "budget",
-                default: "256",
-                range: "an integer in 1..=65536 (capped by the sequence)",
-                help: "sub-sample size d: pilot rows and sampled columns",
-            },
-            ParamInfo {
-                name: "columns",
-                default: "importance",
-                range: "`importance` or `uniform`",
-                help: "column weights: pilot column norms times value norms, or uniform",
-            },
-            ParamInfo {
-                name: "row_norm",
-                default: "adaptive",
-                range: "`adaptive`, `simple`, `exact` or `none`",
-                help: "row normalisation (exact and none are O(n^2) ablations)",
-            },
-            ParamInfo {
-                name: "pilot_reuse",
-                default: "true",
-                range: "`true` or `false`",
-                help: "overwrite the pilot rows with their exact outputs",
-            },
-            SCALE_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "budget" => self.budget = parse_value(info, "budget", value)?,
-            "columns" => {
-                self.columns = match value.trim() {
-                    "importance" => Columns::Importance,
-                    "uniform" => Columns::Uniform,
-                    _ => return Err(param_error(info, "columns", format!("`{value}`"))),
-                }
-            }
-            "row_norm" => {
-                self.row_norm = match value.trim() {
-                    "adaptive" => RowNorm::Adaptive,
-                    "simple" => RowNorm::Simple,
-                    "exact" => RowNorm::Exact,
-                    "none" => RowNorm::None,
-                    _ => return Err(param_error(info, "row_norm", format!("`{value}`"))),
-                }
-            }
-            "pilot_reuse" => self.pilot_reuse = parse_value(info, "pilot_reuse", value)?,
-            "scale" => self.scale = parse_scale(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("budget", self.budget.to_string()),
-            ("columns", self.columns.name().to_string()),
-            ("row_norm", self.row_norm.name().to_string()),
-            ("pilot_reuse", self.pilot_reuse.to_string()),
-            ("scale", scale_text(self.scale)),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        if !(1..=MAX_BUDGET).contains(&self.budget) {
-            return Err(param_error(&Self::INFO, "budget", self.budget.to_string()));
-        }
-        validate_scale(&Self::INFO, self.scale)
-    }
-}
-
-impl MethodConfig for VMean {
-    const INFO: MethodInfo = MethodInfo {
-        name: "vmean",
-        summary: "V-Mean: every query outputs the mean of the unmasked values (sketching floor)",
-        cost: "O(n d_v) time and memory",
-        random: false,
-        approximates_softmax: true,
-        params: &[],
-    };
-    fn set(&mut self, name: &str, _value: &str) -> Result<()> {
-        Err(unknown_param(&Self::INFO, name))
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        Vec::new()
-    }
-    fn validate(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// `dV += mask ⊙ (Σ_{i kept} g_i) / m` for every head: the backward of outputting the mean of the
-/// unmasked values on the rows where `row_kept(bh, i)`.
-fn mean_backward(
-    x: &AttentionInputs<'_>,
-    g: &[f32],
-    dv: &mut [f32],
-    row_kept: &(dyn Fn(usize, usize) -> bool + Sync),
-) {
-    let Dims {
-        heads,
-        n_q,
-        n_k,
-        d_v,
-        ..
-    } = x.dims();
-    dv.par_chunks_mut(n_k * d_v)
-        .enumerate()
-        .for_each(|(bh, dv)| {
-            let keep = x.key_mask_row(bh / heads);
-            let count = keep.map_or(n_k, |m| m.iter().filter(|k| **k).count());
-            if count == 0 {
-                return;
-            }
-            let mut g_sum = vec![0.0f32; d_v];
-            for (i, gi) in g[bh * n_q * d_v..(bh + 1) * n_q * d_v]
-                .chunks_exact(d_v)
-                .enumerate()
-            {
-                if row_kept(bh, i) {
-                    for (a, b) in g_sum.iter_mut().zip(gi) {
-                        *a += *b;
-                    }
-                }
-            }
-            let inv = 1.0 / count as f32;
-            for (j, row) in dv.chunks_exact_mut(d_v).enumerate() {
-                if keep.is_none_or(|m| m[j]) {
-                    for (a, b) in row.iter_mut().zip(&g_sum) {
-                        *a += *b * inv;
-                    }
-                }
-            }
-        });
-}
-
-impl Attention for VMean {
-    fn forward(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<Forward> {
-        let dims = x.dims();
-        let Dims { n_q, d_v, .. } = dims;
-        let mut output = vec![0.0f32; dims.out_len()];
-        output
-            .par_chunks_mut(n_q * d_v)
-            .enumerate()
-            .for_each(|(bh, out)| {
-                let (mean, _) = x.unmasked_value_mean(bh);
-                for (i, row) in out.chunks_exact_mut(d_v).enumerate() {
-                    if x.query_kept(bh, i) {
-                        row.copy_from_slice(&mean);
-                    }
-                }
-            });
-        Ok(Forward {
-            output,
-            saved: Saved::new(Self::INFO.name, dims, SavedState::Nothing),
-        })
-    }
-
-    fn backward(
-        &self,
-        x: &AttentionInputs<'_>,
-        _seed: u64,
-        saved: &Saved,
-        grad_output: &[f32],
-    ) -> Result<Grads> {
-        saved.check(Self::INFO.name, x.dims())?;
-        x.check_grad_output(grad_output)?;
-        let mut grads = Grads {
-            dq: zeroed(x.q().len()),
-            dk: zeroed(x.k().len()),
-            dv: zeroed(x.v().len()),
-            params: Vec::new(),
-        };
-        mean_backward(x, grad_output, &mut grads.dv, &|bh, i| x.query_kept(bh, i));
-        Ok(grads)
+crate::method_params! {
+    /// Skeinformer `skeinformer`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Skeinformer {
+        /// sub-sample size d: pilot rows and sampled columns
+        pub budget: usize = 256,
+            in_range(1, MAX_BUDGET as u64).note("capped by the sequence");
+        /// column weights: pilot column norms times value norms, or uniform
+        pub columns: Columns = Columns::Importance;
+        /// row normalisation (exact and none are O(n^2) ablations)
+        pub row_norm: RowNorm = RowNorm::Adaptive;
+        /// overwrite the pilot rows with their exact outputs
+        pub pilot_reuse: bool = true;
+        /// softmax temperature s in softmax(s * Q K^T)
+        pub scale: Auto<f32> = Auto::Auto, scale_rule();
     }
 }
 
 /// The random choices of one forward, held fixed by the backward.
 #[derive(Debug, Clone)]
-pub(crate) struct SkeinSaved {
+pub struct SkeinSaved {
     /// `[batch][p_max]` distinct pilot queries (sorted), [`NONE`] in unused slots.
     pilots: Vec<u32>,
     p_max: usize,
@@ -347,12 +127,6 @@ pub(crate) struct SkeinSaved {
     /// `[batch·heads][c_max]` the weights `1/(d_c·p_j)` of `row_norm=none` (else empty).
     weights: Vec<f32>,
     c_max: usize,
-}
-
-impl SkeinSaved {
-    pub(crate) fn bytes(&self) -> usize {
-        4 * (self.pilots.len() + self.columns.len() + self.weights.len())
-    }
 }
 
 /// The exact pilot rows of one head.
@@ -912,8 +686,22 @@ impl Skeinformer {
     }
 }
 
-impl Attention for Skeinformer {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
+impl Estimator for Skeinformer {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        ..MethodInfo::new(
+            "skeinformer",
+            "Skeinformer: pilot rows, importance column sampling, adaptive row norm, pilot reuse",
+            "O(n budget d) time, O(n d + budget n) memory (row_norm=exact|none: O(n^2 d) time)",
+        )
+    };
+    type Saved = SkeinSaved;
+
+    fn saved_bytes(s: &SkeinSaved) -> usize {
+        4 * (s.pilots.len() + s.columns.len() + s.weights.len())
+    }
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, SkeinSaved)> {
         let (samples, pilot_rows) = self.sample_with_pilots(x, seed)?;
         let dims = x.dims();
         let Dims {
@@ -1012,27 +800,17 @@ impl Attention for Skeinformer {
                 });
         }
         x.zero_masked_queries(&mut output);
-        Ok(Forward {
-            output,
-            saved: Saved::new(Self::INFO.name, dims, SavedState::Skeinformer(saved)),
-        })
+        Ok((output, saved))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-        saved: &Saved,
+        s: &SkeinSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
         let dims = x.dims();
-        let SavedState::Skeinformer(s) = saved.check(Self::INFO.name, dims)? else {
-            return Err(Error::Saved {
-                message: "does not hold the samples of a skeinformer forward".to_string(),
-            });
-        };
-        x.check_grad_output(grad_output)?;
         let Dims {
             batch,
             heads,
@@ -1060,12 +838,7 @@ impl Attention for Skeinformer {
         }
         let mut grads = match self.row_norm {
             RowNorm::Adaptive | RowNorm::Simple => {
-                let mut grads = Grads {
-                    dq: zeroed(x.q().len()),
-                    dk: zeroed(x.k().len()),
-                    dv: zeroed(x.v().len()),
-                    params: Vec::new(),
-                };
+                let mut grads = Grads::zeros(x);
                 let empty: Vec<bool> = (0..dims.batch_heads())
                     .map(|bh| {
                         s.columns[bh * c_max..(bh + 1) * c_max]

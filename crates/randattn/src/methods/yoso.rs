@@ -74,13 +74,11 @@ mod lanes;
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::estimator::{Attention, Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::zeroed;
-use crate::method::{
-    Attention, Forward, Grads, MethodConfig, MethodInfo, ParamInfo, Saved, SavedState, param_error,
-    parse_value, unknown_param,
-};
+use crate::params::{Auto, Rule, auto, in_range, one_of};
 use crate::rng::stream;
 
 use super::conv;
@@ -102,200 +100,104 @@ pub const AUTO_TAU_RANGE: (u32, u32) = (4, 20);
 /// its output (no per-chunk buffers).
 const TASKS: usize = 8;
 
-/// Which backward pass a YOSO method runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum YosoBackward {
-    /// `B' ≈ (τ/2) B̂` with the forward's hash codes; linear time (sampled `yoso` only).
-    SurrogateLsh,
-    /// `B' ≈ (τ/2) B` with the exact `B`; O(n²).
-    SurrogateExactB,
-    /// The exact derivative of `B` (`yoso-e` only); O(n²).
-    True,
-}
-
-impl YosoBackward {
-    /// The name used by `--set backward=...`.
-    pub fn name(self) -> &'static str {
-        match self {
-            YosoBackward::SurrogateLsh => "surrogate-lsh",
-            YosoBackward::SurrogateExactB => "surrogate-exact-b",
-            YosoBackward::True => "true",
-        }
+crate::choice! {
+    /// Which backward pass a YOSO method runs.
+    pub enum YosoBackward {
+        /// `B' ≈ (τ/2) B̂` with the forward's hash codes; linear time (sampled `yoso` only).
+        SurrogateLsh = "surrogate-lsh",
+        /// `B' ≈ (τ/2) B` with the exact `B`; O(n²).
+        SurrogateExactB = "surrogate-exact-b",
+        /// The exact derivative of `B` (`yoso-e` only); O(n²).
+        True = "true",
     }
 }
 
-/// The sampled LSH estimator `yoso`. See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Yoso {
-    /// Code length τ in bits; `None` = `⌈log2 n_k⌉` clamped to [`AUTO_TAU_RANGE`].
-    pub tau: Option<u32>,
-    /// Number of hashes `m`.
-    pub m: usize,
-    /// Hash family.
-    pub hash: HashFamily,
-    /// L2-normalise the output rows (the paper); `false` exposes the raw estimate of `B·V`.
-    pub normalize: bool,
-    /// YOSO-C conv window width (odd), 0 = off.
-    pub conv: usize,
-    /// Conv kernels `[heads, conv]`; `None` = seeded `U(−1/√w, 1/√w)` (PyTorch's default init).
-    pub conv_weights: Option<Vec<f32>>,
-    /// Backward pass.
-    pub backward: YosoBackward,
+/// The valid code lengths.
+fn tau_rule() -> Rule<Auto<u32>> {
+    auto(
+        "ceil(log2 n_k) clamped to 4..=20",
+        in_range(1, MAX_TAU as u64),
+    )
 }
 
-impl Default for Yoso {
-    fn default() -> Self {
-        Yoso {
-            tau: None,
-            m: 32,
-            hash: HashFamily::Fast,
-            normalize: true,
-            conv: 0,
-            conv_weights: None,
-            backward: YosoBackward::SurrogateLsh,
-        }
+/// The backward passes of `yoso`.
+fn yoso_backward_rule() -> Rule<YosoBackward> {
+    one_of(&[YosoBackward::SurrogateLsh, YosoBackward::SurrogateExactB]).hint(|_| {
+        "; the sampled forward is piecewise constant in Q and K, use yoso-e for the exact \
+         derivative of the expectation"
+    })
+}
+
+/// The backward passes of `yoso-e`.
+fn yoso_e_backward_rule() -> Rule<YosoBackward> {
+    one_of(&[YosoBackward::SurrogateExactB, YosoBackward::True])
+        .hint(|_| "; yoso-e has no hash codes, use surrogate-exact-b")
+}
+
+const CONV_WEIGHTS: TensorParam = TensorParam {
+    name: "conv_weights",
+    shape: "[heads, conv]",
+    rank: 2,
+};
+
+crate::method_params! {
+    /// The sampled LSH estimator `yoso`. See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Yoso {
+        /// hash code length tau in bits; larger = sharper attention
+        pub tau: Auto<u32> = Auto::Auto, tau_rule();
+        /// number of independent hashes (samples) m
+        pub m: usize = 32, in_range(1, MAX_HASHES as u64);
+        /// hash family: Hadamard pseudo-rotation or Gaussian hyperplanes
+        pub hash: HashFamily = HashFamily::Fast;
+        /// L2-normalise output rows (false: raw estimate of B V)
+        pub normalize: bool = true;
+        /// YOSO-C: depthwise conv window on V along the sequence, added to the output
+        pub conv: usize = 0, conv::window_rule();
+        /// conv kernels [heads, conv], row-major; `auto` = seeded U(-1/sqrt(w), 1/sqrt(w))
+        pub conv_weights: Auto<Vec<f32>> = Auto::Auto, conv::weights_rule();
+        /// gradient: tau/2 surrogate with the forward's codes (linear) or with exact B (n^2)
+        pub backward: YosoBackward = YosoBackward::SurrogateLsh, yoso_backward_rule();
     }
 }
 
-/// The expectation `yoso-e` (exact `B`, O(n²)). See the module documentation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct YosoE {
-    /// Code length τ; `None` = `⌈log2 n_k⌉` clamped to [`AUTO_TAU_RANGE`].
-    pub tau: Option<u32>,
-    /// L2-normalise the output rows.
-    pub normalize: bool,
-    /// YOSO-C conv window width (odd), 0 = off.
-    pub conv: usize,
-    /// Conv kernels `[heads, conv]`; `None` = seeded.
-    pub conv_weights: Option<Vec<f32>>,
-    /// Backward pass (`surrogate-exact-b`, the paper's, or `true`).
-    pub backward: YosoBackward,
-}
-
-impl Default for YosoE {
-    fn default() -> Self {
-        YosoE {
-            tau: None,
-            normalize: true,
-            conv: 0,
-            conv_weights: None,
-            backward: YosoBackward::SurrogateExactB,
-        }
+crate::method_params! {
+    /// The expectation `yoso-e` (exact `B`, O(n²)). See the module documentation.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct YosoE {
+        /// hash code length tau in bits; larger = sharper attention
+        pub tau: Auto<u32> = Auto::Auto, tau_rule();
+        /// L2-normalise output rows (false: raw estimate of B V)
+        pub normalize: bool = true;
+        /// YOSO-C: depthwise conv window on V along the sequence, added to the output
+        pub conv: usize = 0, conv::window_rule();
+        /// conv kernels [heads, conv], row-major; `auto` = seeded U(-1/sqrt(w), 1/sqrt(w))
+        pub conv_weights: Auto<Vec<f32>> = Auto::Auto, conv::weights_rule();
+        /// gradient: tau/2 surrogate with exact B, or the exact derivative
+        pub backward: YosoBackward = YosoBackward::SurrogateExactB, yoso_e_backward_rule();
     }
 }
 
-const TAU_PARAM: ParamInfo = ParamInfo {
-    name: "tau",
-    default: "auto",
-    range: "`auto` (ceil(log2 n_k) clamped to 4..=20) or an integer in 1..=30",
-    help: "hash code length in bits; larger = sharper attention",
-};
-const M_PARAM: ParamInfo = ParamInfo {
-    name: "m",
-    default: "32",
-    range: "an integer in 1..=4096",
-    help: "number of independent hashes (samples)",
-};
-const HASH_PARAM: ParamInfo = ParamInfo {
-    name: "hash",
-    default: "fast",
-    range: "`fast` or `simhash`",
-    help: "hash family: Hadamard pseudo-rotation or Gaussian hyperplanes",
-};
-const NORMALIZE_PARAM: ParamInfo = ParamInfo {
-    name: "normalize",
-    default: "true",
-    range: "`true` or `false`",
-    help: "L2-normalise output rows (false: raw estimate of B V)",
-};
-const YOSO_BACKWARD_PARAM: ParamInfo = ParamInfo {
-    name: "backward",
-    default: "surrogate-lsh",
-    range: "`surrogate-lsh` or `surrogate-exact-b`",
-    help: "gradient: tau/2 surrogate with the forward's codes (linear) or with exact B (n^2)",
-};
-const YOSO_E_BACKWARD_PARAM: ParamInfo = ParamInfo {
-    name: "backward",
-    default: "surrogate-exact-b",
-    range: "`surrogate-exact-b` or `true`",
-    help: "gradient: tau/2 surrogate with exact B, or the exact derivative",
-};
-
-/// The parameters shared by `yoso` and `yoso-e`, with a method name for error messages.
+/// The parameters shared by `yoso` and `yoso-e`, with the method's name for error messages.
 struct Common<'a> {
-    info: &'static MethodInfo,
-    tau: Option<u32>,
+    method: &'static str,
+    tau: Auto<u32>,
     normalize: bool,
     conv: usize,
-    conv_weights: Option<&'a [f32]>,
+    conv_weights: &'a Auto<Vec<f32>>,
     backward: YosoBackward,
 }
 
-fn parse_tau(info: &MethodInfo, value: &str) -> Result<Option<u32>> {
-    if value.trim() == "auto" {
-        return Ok(None);
-    }
-    Ok(Some(parse_value(info, "tau", value)?))
-}
-
-fn parse_bool(info: &MethodInfo, param: &'static str, value: &str) -> Result<bool> {
-    parse_value(info, param, value)
-}
-
-fn parse_backward(info: &MethodInfo, value: &str) -> Result<YosoBackward> {
-    match value.trim() {
-        "surrogate-lsh" => Ok(YosoBackward::SurrogateLsh),
-        "surrogate-exact-b" => Ok(YosoBackward::SurrogateExactB),
-        "true" => Ok(YosoBackward::True),
-        _ => Err(param_error(info, "backward", format!("`{value}`"))),
-    }
-}
-
-fn text<T: ToString>(x: Option<T>) -> String {
-    x.map_or_else(|| "auto".to_string(), |v| v.to_string())
-}
-
 impl Common<'_> {
-    fn validate(&self) -> Result<()> {
-        if let Some(t) = self.tau
-            && !(1..=MAX_TAU).contains(&t)
-        {
-            return Err(param_error(self.info, "tau", t.to_string()));
-        }
-        conv::validate(self.info, self.conv, self.conv_weights)?;
-        let allowed = self
-            .info
-            .params
-            .iter()
-            .find(|p| p.name == "backward")
-            .expect("both methods list `backward`")
-            .range;
-        if !allowed.contains(&format!("`{}`", self.backward.name())) {
-            let why = match self.backward {
-                YosoBackward::True => {
-                    "; the sampled forward is piecewise constant in Q and K, use yoso-e for the \
-                     exact derivative of the expectation"
-                }
-                _ => "; yoso-e has no hash codes, use surrogate-exact-b",
-            };
-            return Err(param_error(
-                self.info,
-                "backward",
-                format!("`{}`{why}", self.backward.name()),
-            ));
-        }
-        Ok(())
-    }
-
     /// τ for these inputs.
     fn tau(&self, n_k: usize) -> u32 {
-        self.tau.unwrap_or_else(|| auto_tau(n_k))
+        self.tau.or_else(|| auto_tau(n_k))
     }
 
     /// The conv kernels for `heads` heads (`None` when conv is off); checks the self-attention
     /// shape and the weights' count.
     fn conv_kernels(&self, dims: Dims, seed: u64) -> Result<Option<Vec<f32>>> {
-        conv::kernels(self.info, self.conv, self.conv_weights, dims, seed)
+        conv::kernels(self.method, self.conv, self.conv_weights, dims, seed)
     }
 }
 
@@ -305,111 +207,14 @@ pub fn auto_tau(n_k: usize) -> u32 {
     log2.clamp(AUTO_TAU_RANGE.0, AUTO_TAU_RANGE.1)
 }
 
-impl MethodConfig for Yoso {
-    const INFO: MethodInfo = MethodInfo {
-        name: "yoso",
-        summary: "YOSO: LSH Bernoulli-sampled attention with bucket scatter/gather (ICML 2021)",
-        cost: "O(n m d_v + hashing) time, O(n m) memory; linear-time surrogate backward",
-        random: true,
-        approximates_softmax: false,
-        params: &[
-            TAU_PARAM,
-            M_PARAM,
-            HASH_PARAM,
-            NORMALIZE_PARAM,
-            conv::CONV_PARAM,
-            conv::CONV_WEIGHTS_PARAM,
-            YOSO_BACKWARD_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "tau" => self.tau = parse_tau(info, value)?,
-            "m" => self.m = parse_value(info, "m", value)?,
-            "hash" => {
-                self.hash = match value.trim() {
-                    "fast" => HashFamily::Fast,
-                    "simhash" => HashFamily::SimHash,
-                    _ => return Err(param_error(info, "hash", format!("`{value}`"))),
-                }
-            }
-            "normalize" => self.normalize = parse_bool(info, "normalize", value)?,
-            "conv" => self.conv = parse_value(info, "conv", value)?,
-            "conv_weights" => self.conv_weights = conv::parse_weights(info, value)?,
-            "backward" => self.backward = parse_backward(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("tau", text(self.tau)),
-            ("m", self.m.to_string()),
-            ("hash", self.hash.name().to_string()),
-            ("normalize", self.normalize.to_string()),
-            ("conv", self.conv.to_string()),
-            ("conv_weights", conv::weights_text(&self.conv_weights)),
-            ("backward", self.backward.name().to_string()),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        if !(1..=MAX_HASHES).contains(&self.m) {
-            return Err(param_error(&Self::INFO, "m", self.m.to_string()));
-        }
-        self.common().validate()
-    }
-}
-
-impl MethodConfig for YosoE {
-    const INFO: MethodInfo = MethodInfo {
-        name: "yoso-e",
-        summary: "YOSO-E: the expectation of YOSO, B = (1 - arccos(q.k)/pi)^tau, exact and blocked",
-        cost: "O(n_q n_k (d + d_v)) time, O(n d) memory",
-        random: false,
-        approximates_softmax: false,
-        params: &[
-            TAU_PARAM,
-            NORMALIZE_PARAM,
-            conv::CONV_PARAM,
-            conv::CONV_WEIGHTS_PARAM,
-            YOSO_E_BACKWARD_PARAM,
-        ],
-    };
-    fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let info = &Self::INFO;
-        match name {
-            "tau" => self.tau = parse_tau(info, value)?,
-            "normalize" => self.normalize = parse_bool(info, "normalize", value)?,
-            "conv" => self.conv = parse_value(info, "conv", value)?,
-            "conv_weights" => self.conv_weights = conv::parse_weights(info, value)?,
-            "backward" => self.backward = parse_backward(info, value)?,
-            _ => return Err(unknown_param(info, name)),
-        }
-        Ok(())
-    }
-    fn params(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("tau", text(self.tau)),
-            ("normalize", self.normalize.to_string()),
-            ("conv", self.conv.to_string()),
-            ("conv_weights", conv::weights_text(&self.conv_weights)),
-            ("backward", self.backward.name().to_string()),
-        ]
-    }
-    fn validate(&self) -> Result<()> {
-        self.common().validate()
-    }
-}
-
 impl Yoso {
     fn common(&self) -> Common<'_> {
         Common {
-            info: &Self::INFO,
+            method: Self::INFO.name,
             tau: self.tau,
             normalize: self.normalize,
             conv: self.conv,
-            conv_weights: self.conv_weights.as_deref(),
+            conv_weights: &self.conv_weights,
             backward: self.backward,
         }
     }
@@ -443,11 +248,11 @@ impl Yoso {
 impl YosoE {
     fn common(&self) -> Common<'_> {
         Common {
-            info: &Self::INFO,
+            method: Self::INFO.name,
             tau: self.tau,
             normalize: self.normalize,
             conv: self.conv,
-            conv_weights: self.conv_weights.as_deref(),
+            conv_weights: &self.conv_weights,
             backward: self.backward,
         }
     }
@@ -455,7 +260,7 @@ impl YosoE {
 
 /// What the backward of either YOSO method needs.
 #[derive(Debug, Clone)]
-pub(crate) struct YosoSaved {
+pub struct YosoSaved {
     tau: u32,
     /// Hash-major codes per head (`[bh][m][n_q]`, `[bh][m][n_k]`); empty for `yoso-e`.
     q_codes: Vec<u32>,
@@ -470,7 +275,7 @@ pub(crate) struct YosoSaved {
 }
 
 impl YosoSaved {
-    pub(crate) fn bytes(&self) -> usize {
+    fn bytes(&self) -> usize {
         4 * (self.q_codes.len()
             + self.k_codes.len()
             + self.attention.len()
@@ -601,10 +406,8 @@ fn finish_forward(
     conv_weights: Option<Vec<f32>>,
     tau: u32,
     codes: (Vec<u32>, Vec<u32>, usize),
-    name: &'static str,
-) -> Forward {
-    let dims = x.dims();
-    let d_v = dims.d_v;
+) -> (Vec<f32>, YosoSaved) {
+    let d_v = x.dims().d_v;
     let norms = if common.normalize {
         normalize_rows_in_place(&mut raw, d_v)
     } else {
@@ -616,27 +419,49 @@ fn finish_forward(
         conv::add_forward(x, &mut output, w);
     }
     x.zero_masked_queries(&mut output);
-    Forward {
-        output,
-        saved: Saved::new(
-            name,
-            dims,
-            SavedState::Yoso(Box::new(YosoSaved {
-                tau,
-                q_codes: codes.0,
-                k_codes: codes.1,
-                m: codes.2,
-                attention,
-                norms,
-                conv_weights,
-            })),
-        ),
-    }
+    let saved = YosoSaved {
+        tau,
+        q_codes: codes.0,
+        k_codes: codes.1,
+        m: codes.2,
+        attention,
+        norms,
+        conv_weights,
+    };
+    (output, saved)
 }
 
-impl Attention for Yoso {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for Yoso {
+    const INFO: MethodInfo = MethodInfo {
+        random: true,
+        approximates_softmax: false,
+        tensor_params: &[CONV_WEIGHTS],
+        ..MethodInfo::new(
+            "yoso",
+            "YOSO: LSH Bernoulli-sampled attention with bucket scatter/gather (ICML 2021)",
+            "O(n m d_v + hashing) time, O(n m) memory; linear-time surrogate backward",
+        )
+    };
+    type Saved = YosoSaved;
+
+    fn saved_bytes(s: &YosoSaved) -> usize {
+        s.bytes()
+    }
+
+    fn check(&self) -> Result<()> {
+        conv::check(Self::INFO.name, self.conv, &self.conv_weights)
+    }
+
+    fn store_tensor(&mut self, _name: &str, data: Vec<f32>, _shape: &[usize]) -> Result<()> {
+        self.conv_weights = Auto::Fixed(data);
+        Ok(())
+    }
+
+    fn expectation(&self) -> Option<Box<dyn Attention + Send + Sync>> {
+        Some(Box::new(Yoso::expectation(self)))
+    }
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, YosoSaved)> {
         let common = self.common();
         let dims = x.dims();
         let Dims {
@@ -680,25 +505,47 @@ impl Attention for Yoso {
             conv_weights,
             tau,
             (q_codes, k_codes, m),
-            Self::INFO.name,
         ))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         _seed: u64,
-        saved: &Saved,
+        saved: &YosoSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
-        backward(x, &self.common(), saved, grad_output, Self::INFO.name)
+        backward(x, &self.common(), saved, grad_output)
     }
 }
 
-impl Attention for YosoE {
-    fn forward(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<Forward> {
-        self.validate()?;
+impl Estimator for YosoE {
+    const INFO: MethodInfo = MethodInfo {
+        random: false,
+        approximates_softmax: false,
+        tensor_params: &[CONV_WEIGHTS],
+        ..MethodInfo::new(
+            "yoso-e",
+            "YOSO-E: the expectation of YOSO, B = (1 - arccos(q.k)/pi)^tau, exact and blocked",
+            "O(n_q n_k (d + d_v)) time, O(n d) memory",
+        )
+    };
+    type Saved = YosoSaved;
+
+    fn saved_bytes(s: &YosoSaved) -> usize {
+        s.bytes()
+    }
+
+    fn check(&self) -> Result<()> {
+        conv::check(Self::INFO.name, self.conv, &self.conv_weights)
+    }
+
+    fn store_tensor(&mut self, _name: &str, data: Vec<f32>, _shape: &[usize]) -> Result<()> {
+        self.conv_weights = Auto::Fixed(data);
+        Ok(())
+    }
+
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, YosoSaved)> {
         let common = self.common();
         let dims = x.dims();
         let Dims {
@@ -750,19 +597,17 @@ impl Attention for YosoE {
             conv_weights,
             tau,
             (Vec::new(), Vec::new(), 0),
-            Self::INFO.name,
         ))
     }
 
-    fn backward(
+    fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
         _seed: u64,
-        saved: &Saved,
+        saved: &YosoSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
-        self.validate()?;
-        backward(x, &self.common(), saved, grad_output, Self::INFO.name)
+        backward(x, &self.common(), saved, grad_output)
     }
 }
 
@@ -770,17 +615,10 @@ impl Attention for YosoE {
 fn backward(
     x: &AttentionInputs<'_>,
     common: &Common<'_>,
-    saved: &Saved,
+    s: &YosoSaved,
     grad_output: &[f32],
-    name: &'static str,
 ) -> Result<Grads> {
     let dims = x.dims();
-    let SavedState::Yoso(s) = saved.check(name, dims)? else {
-        return Err(Error::Saved {
-            message: "does not hold the state of a YOSO forward".to_string(),
-        });
-    };
-    x.check_grad_output(grad_output)?;
     let Dims {
         n_q, n_k, d, d_v, ..
     } = dims;
@@ -795,12 +633,7 @@ fn backward(
     let sampled = !s.q_codes.is_empty();
     let mut grads = if sampled && common.backward == YosoBackward::SurrogateLsh {
         // Every element is written once by its head (no zero fill needed).
-        let mut grads = Grads {
-            dq: vec![0.0; x.q().len()],
-            dk: vec![0.0; x.k().len()],
-            dv: vec![0.0; x.v().len()],
-            params: Vec::new(),
-        };
+        let mut grads = Grads::zeros(x);
         grads
             .dq
             .par_chunks_mut(n_q * d)
@@ -855,12 +688,7 @@ fn exact_b_backward_all(
     }
     let (qn, q_norms) = normalize_rows(x.q(), d);
     let (kn, k_norms) = normalize_rows(x.k(), d);
-    let mut grads = Grads {
-        dq: zeroed(x.q().len()),
-        dk: zeroed(x.k().len()),
-        dv: zeroed(x.v().len()),
-        params: Vec::new(),
-    };
+    let mut grads = Grads::zeros(x);
     let sampled = !s.q_codes.is_empty();
     grads
         .dq

@@ -68,15 +68,15 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
-/// A float32 C-order `.npy` file of the MiniLM fixtures (`shared/fixtures/minilm`, beside the
+/// A float32 C-order `.npy` file of the MiniLM fixtures (`fixtures/minilm` in the
 /// repository): its data and shape.
 pub fn minilm(name: &str) -> (Vec<f32>, Vec<usize>) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/minilm")
+        .join("../../fixtures/minilm")
         .join(name);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
-            "missing fixture {} ({e}; shared/ must sit beside the repository)",
+            "missing fixture {} ({e}; fixtures/minilm is part of the repository)",
             path.display()
         )
     });

@@ -28,23 +28,13 @@ pub const NO_CODE: u32 = u32::MAX;
 /// Largest supported code length in bits.
 pub const MAX_TAU: u32 = 30;
 
-/// Which hash family draws the codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum HashFamily {
-    /// Fast Hadamard pseudo-rotation hash (the paper's default).
-    #[default]
-    Fast,
-    /// Plain SimHash with Gaussian hyperplanes.
-    SimHash,
-}
-
-impl HashFamily {
-    /// The name used by `--set hash=...`.
-    pub fn name(self) -> &'static str {
-        match self {
-            HashFamily::Fast => "fast",
-            HashFamily::SimHash => "simhash",
-        }
+crate::choice! {
+    /// Which hash family draws the codes.
+    pub enum HashFamily {
+        /// Fast Hadamard pseudo-rotation hash (the paper's default).
+        Fast = "fast",
+        /// Plain SimHash with Gaussian hyperplanes.
+        SimHash = "simhash",
     }
 }
 
