@@ -239,6 +239,13 @@ pub trait Estimator: Params + Clone + fmt::Debug + Send + Sync {
         })
     }
 
+    /// Whether this configuration's output depends on the seed: the method samples
+    /// ([`MethodInfo::random`]), or a parameter left at `auto` is drawn from the seed (the conv
+    /// kernels of `yoso-e` and `nystrom`, initialised as PyTorch would).
+    fn uses_seed(&self) -> bool {
+        Self::INFO.random
+    }
+
     /// The method this one estimates by sampling, if any (`yoso` → `yoso-e` with the same
     /// parameters): what its sampling error is measured against.
     fn expectation(&self) -> Option<Box<dyn Attention + Send + Sync>> {

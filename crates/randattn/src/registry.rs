@@ -111,6 +111,12 @@ macro_rules! methods {
                 match self { $(Method::$variant(c) => Estimator::expectation(c)),+ }
             }
 
+            /// Whether this configuration's output depends on the seed (see
+            /// [`Estimator::uses_seed`]).
+            pub fn uses_seed(&self) -> bool {
+                match self { $(Method::$variant(c) => c.uses_seed()),+ }
+            }
+
             fn store_tensor(&mut self, name: &str, data: Vec<f32>, shape: &[usize]) -> Result<()> {
                 match self { $(Method::$variant(c) => c.store_tensor(name, data, shape)),+ }
             }

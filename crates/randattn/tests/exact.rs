@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Case, assert_close, normal};
+use common::{Case, assert_close, check_qkv_gradients, dot_loss, normal};
 use rand::Rng;
 use randattn::methods::exact::{Exact, ExactNaive, KEY_TILE, QUERY_BLOCK};
 use randattn::rng::stream;
@@ -178,35 +178,9 @@ fn naive_backward_matches_finite_differences() {
         let g = normal(x.dims().out_len(), 1.0, 7, "g");
         let m = ExactNaive::default();
         let (_, grads) = fwd_bwd(&m, &x, &g);
-        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-            let (b, h, nq, nk, d, dv) = case.shape;
-            let mut xi =
-                AttentionInputs::new(q, [b, h, nq, d], k, [b, h, nk, d], v, [b, h, nk, dv])
-                    .unwrap();
-            if let Some(km) = &case.key_mask {
-                xi = xi.with_key_mask(km).unwrap();
-            }
-            let o = m.forward(&xi, 0).unwrap().output;
-            o.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
-        };
-        let h = 1e-2f32;
-        for (which, analytic) in [(0, &grads.dq), (1, &grads.dk), (2, &grads.dv)] {
-            for idx in 0..analytic.len() {
-                let (mut q, mut k, mut v) = (case.q.clone(), case.k.clone(), case.v.clone());
-                let t = [&mut q, &mut k, &mut v][which].as_mut_ptr();
-                // SAFETY: idx < len of the tensor picked by `which` (same length as `analytic`).
-                unsafe { *t.add(idx) += h };
-                let up = loss(&q, &k, &v);
-                unsafe { *t.add(idx) -= 2.0 * h };
-                let down = loss(&q, &k, &v);
-                let fd = (up - down) / (2.0 * h as f64);
-                let an = analytic[idx] as f64;
-                assert!(
-                    (fd - an).abs() < 2e-3 * (1.0 + an.abs()),
-                    "tensor {which}[{idx}]: fd {fd} vs {an}"
-                );
-            }
-        }
+        check_qkv_gradients("exact-naive", &case, &grads, |c| {
+            dot_loss(&m.forward(&c.inputs(), 0).unwrap().output, &g)
+        });
     }
 }
 

@@ -1,11 +1,14 @@
 //! LARA: the forward against an f64 implementation of the formula with the same noise, finite
 //! differences of the backward (sampled, antithetic, eval and given proposal means), the error
-//! falling with the number of proposals on real MiniLM layers, masks, threads and bad input.
+//! falling with the number of proposals on real MiniLM layers, evaluation mode and bad input.
 #![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 
 mod common;
 
-use common::{Case, assert_close, minilm, normal, random_masks, rel_error, run_in_pool};
+use common::{
+    Case, assert_close, assert_derivative, check_qkv_gradients, dot_loss, minilm, normal,
+    random_masks, rel_error,
+};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use randattn::methods::lara::Lara;
@@ -270,42 +273,8 @@ fn backward_matches_finite_differences() {
         let x = case.inputs();
         let f = lara.forward(&x, 3).unwrap();
         let grads = lara.backward(&x, 3, &f.saved, &g).unwrap();
-        let loss = |c: &Case, m: &Lara| -> f64 {
-            let out = m.forward(&c.inputs(), 3).unwrap().output;
-            out.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
-        };
-        fn field(c: &mut Case, which: usize) -> &mut Vec<f32> {
-            match which {
-                0 => &mut c.q,
-                1 => &mut c.k,
-                _ => &mut c.v,
-            }
-        }
-        let eps = 1e-2f32;
-        let close = |an: f32, fd: f64, what: String| {
-            assert!(
-                (an as f64 - fd).abs() <= 1e-2 * (1.0 + fd.abs()),
-                "{lara:?} {what}: analytic {an} vs finite difference {fd}"
-            );
-        };
-        for which in 0..3 {
-            for idx in 0..field(&mut Case::new(case.shape, 6), which).len() {
-                let mut c = Case::new(case.shape, 6);
-                c.key_mask = case.key_mask.clone();
-                c.query_mask = case.query_mask.clone();
-                let base = field(&mut c, which)[idx];
-                field(&mut c, which)[idx] = base + eps;
-                let plus = loss(&c, &lara);
-                field(&mut c, which)[idx] = base - eps;
-                let minus = loss(&c, &lara);
-                let an = [&grads.dq, &grads.dk, &grads.dv][which][idx];
-                close(
-                    an,
-                    (plus - minus) / (2.0 * eps as f64),
-                    format!("tensor {which}[{idx}]"),
-                );
-            }
-        }
+        let loss = |c: &Case, m: &Lara| dot_loss(&m.forward(&c.inputs(), 3).unwrap().output, &g);
+        check_qkv_gradients(&format!("{lara:?}"), &case, &grads, |c| loss(c, &lara));
         if let Some(means) = &lara.proposal_means {
             let pg = &grads.params[0];
             assert_eq!(
@@ -313,16 +282,16 @@ fn backward_matches_finite_differences() {
                 ("proposal_means", vec![2, 3, 4])
             );
             for idx in 0..means.len() {
-                let bump = |delta: f32| {
+                let what = format!("{lara:?} proposal_means[{idx}]");
+                assert_derivative(&what, pg.grad[idx] as f64, means[idx], |v| {
                     let mut m = means.clone();
-                    m[idx] += delta;
-                    Lara {
+                    m[idx] = v;
+                    let bumped = Lara {
                         proposal_means: Some(m),
                         ..lara.clone()
-                    }
-                };
-                let fd = (loss(&case, &bump(eps)) - loss(&case, &bump(-eps))) / (2.0 * eps as f64);
-                close(pg.grad[idx], fd, format!("proposal_means[{idx}]"));
+                    };
+                    loss(&case, &bumped)
+                });
             }
         }
     }
@@ -362,48 +331,11 @@ fn error_falls_as_proposals_grow_on_real_minilm_layers() {
 }
 
 #[test]
-fn masks_threads_and_bad_input() {
+fn evaluation_mode_and_bad_input() {
+    // Masks, garbage under them, threads and seeds: tests/contract.rs.
     let mut case = Case::new((3, 2, 30, 30, 8, 4), 7);
     random_masks(&mut case, 7);
-    let method = Method::parse("lara", &[("proposals", "6")]).unwrap();
     let x = case.inputs();
-    let f = method.forward(&x, 2).unwrap();
-    let (km, qm) = (
-        case.key_mask.clone().unwrap(),
-        case.query_mask.clone().unwrap(),
-    );
-    for (idx, o) in f.output.iter().enumerate() {
-        let (bh, i) = (idx / (30 * 4), (idx / 4) % 30);
-        assert!(o.is_finite());
-        if bh / 2 == 1 || !qm[(bh / 2) * 30 + i] {
-            assert_eq!(*o, 0.0);
-        }
-    }
-    let mut other = Case::new(case.shape, 7);
-    other.key_mask = case.key_mask.clone();
-    other.query_mask = case.query_mask.clone();
-    for bh in 0..6 {
-        for j in 0..30 {
-            if !km[(bh / 2) * 30 + j] {
-                other.k[(bh * 30 + j) * 8..(bh * 30 + j + 1) * 8].fill(20.0);
-                other.v[(bh * 30 + j) * 4..(bh * 30 + j + 1) * 4].fill(-9.0);
-            }
-            if !qm[(bh / 2) * 30 + j] {
-                other.q[(bh * 30 + j) * 8..(bh * 30 + j + 1) * 8].fill(3.0);
-            }
-        }
-    }
-    assert_close(
-        "padding",
-        &method.forward(&other.inputs(), 2).unwrap().output,
-        &f.output,
-        1e-5,
-    );
-    let g = normal(f.output.len(), 1.0, 1, "g");
-    let run = |threads: usize| run_in_pool(&method, &x, 2, &g, threads);
-    let one = run(1);
-    assert_eq!(run(3), one);
-    assert_ne!(method.forward(&x, 3).unwrap().output, f.output);
     let eval = Method::parse("lara", &[("eval", "true")]).unwrap();
     assert_eq!(
         eval.forward(&x, 1).unwrap().output,

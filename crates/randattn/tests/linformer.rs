@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{Case, assert_close, minilm, normal, rel_error};
+use common::{
+    Case, assert_close, assert_derivative, check_qkv_gradients, dot_loss, minilm, normal, rel_error,
+};
 use rand::Rng;
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::linformer::{Linformer, Projections};
@@ -53,54 +55,20 @@ fn every_gradient_matches_finite_differences() {
     let g = normal(x.dims().out_len(), 1.0, 7, "g");
     let f = method.forward(&x, 0).unwrap();
     let grads = method.backward(&x, 0, &f.saved, &g).unwrap();
-    let loss = |c: &Case, m: &Linformer| -> f64 {
-        let out = m.forward(&c.inputs(), 0).unwrap().output;
-        out.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
-    };
-    let eps = 1e-2f32;
-    let close = |an: f32, fd: f64, what: &str| {
-        assert!(
-            (an as f64 - fd).abs() <= 1e-2 * (1.0 + fd.abs()),
-            "{what}: analytic {an} vs finite difference {fd}"
-        );
-    };
-    fn field(c: &mut Case, which: usize) -> &mut Vec<f32> {
-        match which {
-            0 => &mut c.q,
-            1 => &mut c.k,
-            _ => &mut c.v,
-        }
-    }
-    for which in 0..3 {
-        for idx in 0..field(&mut Case::new(case.shape, 4), which).len() {
-            let mut c = Case::new(case.shape, 4);
-            c.key_mask = case.key_mask.clone();
-            c.query_mask = case.query_mask.clone();
-            let base = field(&mut c, which)[idx];
-            field(&mut c, which)[idx] = base + eps;
-            let plus = loss(&c, &method);
-            field(&mut c, which)[idx] = base - eps;
-            let minus = loss(&c, &method);
-            let an = [&grads.dq, &grads.dk, &grads.dv][which][idx];
-            close(
-                an,
-                (plus - minus) / (2.0 * eps as f64),
-                &format!("tensor {which}[{idx}]"),
-            );
-        }
-    }
+    let loss = |c: &Case, m: &Linformer| dot_loss(&m.forward(&c.inputs(), 0).unwrap().output, &g);
+    check_qkv_gradients("linformer", &case, &grads, |c| loss(c, &method));
     for (which, name) in [(0, "e"), (1, "f")] {
         let grad = &grads.params[which];
         assert_eq!((grad.name, grad.shape.clone()), (name, vec![h, k, n]));
+        let given = if which == 0 { &p.e } else { &p.f };
         for idx in 0..h * k * n {
-            let bump = |delta: f32| {
+            let what = format!("{name}[{idx}]");
+            assert_derivative(&what, grad.grad[idx] as f64, given[idx], |v| {
                 let mut q = p.clone();
                 let t = if which == 0 { &mut q.e } else { &mut q.f };
-                t[idx] += delta;
-                Linformer::new(k).with_projections(q)
-            };
-            let fd = (loss(&case, &bump(eps)) - loss(&case, &bump(-eps))) / (2.0 * eps as f64);
-            close(grad.grad[idx], fd, &format!("{name}[{idx}]"));
+                t[idx] = v;
+                loss(&case, &Linformer::new(k).with_projections(q))
+            });
         }
     }
 }

@@ -1,9 +1,12 @@
 //! Nyströmformer: the exact limit (one landmark per token), finite differences of the backward
-//! through the pseudo-inverse iterations and the conv skip, masks, threads and bad input.
+//! through the pseudo-inverse iterations and the conv skip, and bad input.
 
 mod common;
 
-use common::{Case, assert_close, normal, random_masks, rel_error, run_in_pool};
+use common::{
+    Case, assert_close, assert_derivative, check_qkv_gradients, dot_loss, normal, random_masks,
+    rel_error,
+};
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::nystrom::Nystrom;
 use randattn::{Attention, Method};
@@ -69,118 +72,25 @@ fn backward_matches_finite_differences_through_the_pseudo_inverse_and_conv() {
     let g = normal(2 * 11 * 3, 1.0, 6, "g");
     let f = method.forward(&x, 0).unwrap();
     let grads = method.backward(&x, 0, &f.saved, &g).unwrap();
-    let loss = |c: &Case, m: &Nystrom| -> f64 {
-        let out = m.forward(&c.inputs(), 0).unwrap().output;
-        out.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
-    };
-    fn field(c: &mut Case, which: usize) -> &mut Vec<f32> {
-        match which {
-            0 => &mut c.q,
-            1 => &mut c.k,
-            _ => &mut c.v,
-        }
-    }
-    let eps = 1e-2f32;
-    let close = |an: f32, fd: f64, what: &str| {
-        assert!(
-            (an as f64 - fd).abs() <= 1e-2 * (1.0 + fd.abs()),
-            "{what}: analytic {an} vs finite difference {fd}"
-        );
-    };
-    for which in 0..3 {
-        for idx in 0..field(&mut Case::new(case.shape, 8), which).len() {
-            let mut c = Case::new(case.shape, 8);
-            c.key_mask = case.key_mask.clone();
-            c.query_mask = case.query_mask.clone();
-            let base = field(&mut c, which)[idx];
-            field(&mut c, which)[idx] = base + eps;
-            let plus = loss(&c, &method);
-            field(&mut c, which)[idx] = base - eps;
-            let minus = loss(&c, &method);
-            let an = [&grads.dq, &grads.dk, &grads.dv][which][idx];
-            close(
-                an,
-                (plus - minus) / (2.0 * eps as f64),
-                &format!("tensor {which}[{idx}]"),
-            );
-        }
-    }
+    let loss = |c: &Case, m: &Nystrom| dot_loss(&m.forward(&c.inputs(), 0).unwrap().output, &g);
+    check_qkv_gradients("nystrom", &case, &grads, |c| loss(c, &method));
     for t in 0..weights.len() {
-        let (mut wp, mut wm) = (weights.clone(), weights.clone());
-        wp[t] += eps;
-        wm[t] -= eps;
-        let mp = Nystrom {
-            conv_weights: randattn::Auto::Fixed(wp),
-            ..method.clone()
-        };
-        let mm = Nystrom {
-            conv_weights: randattn::Auto::Fixed(wm),
-            ..method.clone()
-        };
-        let fd = (loss(&case, &mp) - loss(&case, &mm)) / (2.0 * eps as f64);
-        close(grads.params[0].grad[t], fd, &format!("conv {t}"));
+        let what = format!("conv {t}");
+        assert_derivative(&what, grads.params[0].grad[t] as f64, weights[t], |v| {
+            let mut w = weights.clone();
+            w[t] = v;
+            let bumped = Nystrom {
+                conv_weights: randattn::Auto::Fixed(w),
+                ..method.clone()
+            };
+            loss(&case, &bumped)
+        });
     }
 }
 
 #[test]
-fn padding_is_excluded_and_masked_rows_are_zero() {
-    let mut case = Case::new((3, 2, 50, 50, 8, 4), 9);
-    random_masks(&mut case, 9);
-    let method = Method::parse::<&str>("nystrom", &[("landmarks", "7")]).unwrap();
-    let x = case.inputs();
-    let f = method.forward(&x, 0).unwrap();
-    let (km, qm) = (
-        case.key_mask.clone().unwrap(),
-        case.query_mask.clone().unwrap(),
-    );
-    for (idx, o) in f.output.iter().enumerate() {
-        let (bh, i) = (idx / (50 * 4), (idx / 4) % 50);
-        assert!(o.is_finite());
-        if bh / 2 == 1 || !qm[(bh / 2) * 50 + i] {
-            assert_eq!(*o, 0.0);
-        }
-    }
-    // Garbage at masked keys and masked queries changes nothing.
-    let mut other = Case::new(case.shape, 9);
-    other.key_mask = case.key_mask.clone();
-    other.query_mask = case.query_mask.clone();
-    for bh in 0..6 {
-        for t in 0..50 {
-            if !km[(bh / 2) * 50 + t] {
-                other.k[(bh * 50 + t) * 8..(bh * 50 + t + 1) * 8].fill(40.0);
-                other.v[(bh * 50 + t) * 4..(bh * 50 + t + 1) * 4].fill(-1e3);
-            }
-            if !qm[(bh / 2) * 50 + t] {
-                other.q[(bh * 50 + t) * 8..(bh * 50 + t + 1) * 8].fill(-7.0);
-            }
-        }
-    }
-    let f2 = method.forward(&other.inputs(), 0).unwrap();
-    assert_close("padding", &f2.output, &f.output, 1e-5);
-    let g = normal(f.output.len(), 1.0, 1, "g");
-    let grads = method.backward(&x, 0, &f.saved, &g).unwrap();
-    assert!(
-        grads
-            .dq
-            .iter()
-            .chain(&grads.dk)
-            .chain(&grads.dv)
-            .all(|v| v.is_finite())
-    );
-    assert!(grads.dk[2 * 50 * 8..4 * 50 * 8].iter().all(|v| *v == 0.0));
-}
-
-#[test]
-fn same_output_at_any_thread_count_and_bad_input() {
-    let w = randattn::workload::clustered(1, 3, 333, 16, 2);
-    let s = w.dims.q_shape();
-    let x = randattn::AttentionInputs::new(&w.q, s, &w.k, s, &w.v, s).unwrap();
-    let g = normal(w.q.len(), 1.0, 2, "g");
-    let method = Method::parse::<&str>("nystrom", &[("conv", "5")]).unwrap();
-    let run = |threads: usize| run_in_pool(&method, &x, 4, &g, threads);
-    let one = run(1);
-    assert_eq!(run(2), one);
-    assert_eq!(run(3), one);
+fn bad_input_is_an_error() {
+    // Masks, garbage under them, threads and seeds: tests/contract.rs.
     for (k, v, needle) in [
         ("landmarks", "0", "parameter `landmarks`"),
         ("pinv_iters", "0", "parameter `pinv_iters`"),

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{Case, assert_close, minilm, normal, random_masks, run_in_pool};
+use common::{
+    Case, assert_close, check_qkv_gradients, dot_loss, log_log_slope, minilm, normal, random_masks,
+};
 use randattn::methods::performer::{Kernel, Performer};
 use randattn::{Attention, Method};
 
@@ -197,7 +199,8 @@ fn features_estimate_the_softmax_kernel_without_bias_at_rate_one_over_sqrt_m() {
             (sq / (est.len() * target.len()) as f64).sqrt()
         })
         .collect();
-    let slope = (rms[2].ln() - rms[0].ln()) / ((ms[2] as f64).ln() - (ms[0] as f64).ln());
+    let points: Vec<(f64, f64)> = ms.iter().map(|m| *m as f64).zip(rms.clone()).collect();
+    let slope = log_log_slope(&points);
     assert!(
         (slope + 0.5).abs() <= 0.1,
         "RMS errors {rms:?}, slope {slope}"
@@ -236,36 +239,9 @@ fn backward_matches_finite_differences() {
         let g = normal(x.dims().out_len(), 1.0, 3, "g");
         let f = p.forward(&x, 5).unwrap();
         let grads = p.backward(&x, 5, &f.saved, &g).unwrap();
-        let loss = |c: &Case| -> f64 {
-            let out = p.forward(&c.inputs(), 5).unwrap().output;
-            out.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
-        };
-        fn field(c: &mut Case, which: usize) -> &mut Vec<f32> {
-            match which {
-                0 => &mut c.q,
-                1 => &mut c.k,
-                _ => &mut c.v,
-            }
-        }
-        let eps = 1e-2f32;
-        for which in 0..3 {
-            for idx in 0..field(&mut Case::new(case.shape, 6), which).len() {
-                let mut c = Case::new(case.shape, 6);
-                c.key_mask = case.key_mask.clone();
-                c.query_mask = case.query_mask.clone();
-                let base = field(&mut c, which)[idx];
-                field(&mut c, which)[idx] = base + eps;
-                let plus = loss(&c);
-                field(&mut c, which)[idx] = base - eps;
-                let minus = loss(&c);
-                let fd = (plus - minus) / (2.0 * eps as f64);
-                let an = [&grads.dq, &grads.dk, &grads.dv][which][idx] as f64;
-                assert!(
-                    (an - fd).abs() <= 1e-2 * (1.0 + fd.abs()),
-                    "{kernel:?} tensor {which}[{idx}]: analytic {an} vs finite difference {fd}"
-                );
-            }
-        }
+        check_qkv_gradients(&format!("{kernel:?}"), &case, &grads, |c| {
+            dot_loss(&p.forward(&c.inputs(), 5).unwrap().output, &g)
+        });
     }
 }
 
@@ -330,53 +306,8 @@ fn streamed_backward_matches_directional_derivatives_across_tiles() {
 }
 
 #[test]
-fn masks_threads_and_bad_input() {
-    let mut case = Case::new((3, 2, 30, 30, 8, 4), 7);
-    random_masks(&mut case, 7);
-    let method = Method::parse::<&str>("performer", &[]).unwrap();
-    let x = case.inputs();
-    let f = method.forward(&x, 2).unwrap();
-    let (km, qm) = (
-        case.key_mask.clone().unwrap(),
-        case.query_mask.clone().unwrap(),
-    );
-    for (idx, o) in f.output.iter().enumerate() {
-        let (bh, i) = (idx / (30 * 4), (idx / 4) % 30);
-        assert!(o.is_finite());
-        if bh / 2 == 1 || !qm[(bh / 2) * 30 + i] {
-            assert_eq!(*o, 0.0);
-        }
-    }
-    let mut other = Case::new(case.shape, 7);
-    other.key_mask = case.key_mask.clone();
-    other.query_mask = case.query_mask.clone();
-    for bh in 0..6 {
-        for j in 0..30 {
-            if !km[(bh / 2) * 30 + j] {
-                other.k[(bh * 30 + j) * 8..(bh * 30 + j + 1) * 8].fill(20.0);
-                other.v[(bh * 30 + j) * 4..(bh * 30 + j + 1) * 4].fill(-9.0);
-            }
-        }
-    }
-    assert_close(
-        "padding",
-        &method.forward(&other.inputs(), 2).unwrap().output,
-        &f.output,
-        1e-6,
-    );
-    let g = normal(f.output.len(), 1.0, 1, "g");
-    let run = |threads: usize| run_in_pool(&method, &x, 2, &g, threads);
-    let one = run(1);
-    assert_eq!(run(3), one);
-    assert!(
-        one.1
-            .dq
-            .iter()
-            .chain(&one.1.dk)
-            .chain(&one.1.dv)
-            .all(|v| v.is_finite())
-    );
-    assert_ne!(method.forward(&x, 3).unwrap().output, f.output);
+fn bad_parameters_name_the_valid_values() {
+    // Masks, garbage under them, threads and seeds: tests/contract.rs.
     for (k, v, needle) in [
         ("features", "0", "parameter `features`"),
         ("kernel", "relu", "`positive` or `hyperbolic`"),

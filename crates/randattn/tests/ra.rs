@@ -1,11 +1,14 @@
 //! Randomized Attention: forward and backward against an f64 implementation with the same draws,
 //! convergence to softmax attention at rate 1/√S with the paper's noise (and the bias of the
-//! code's), component frequencies, masks, threads and bad input.
+//! code's), component frequencies and bad input.
 #![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 
 mod common;
 
-use common::{Case, assert_close, minilm, normal, random_masks, rel_error, run_in_pool};
+use common::{
+    Case, Loss, assert_close, check_qkv_gradients, log_log_slope, minilm, normal, random_masks,
+    rel_error,
+};
 use randattn::methods::exact::ExactNaive;
 use randattn::methods::ra::{Draws, Noise, Ra};
 use randattn::{Attention, AttentionInputs, Method};
@@ -79,35 +82,14 @@ fn forward_and_backward_match_the_formula_with_the_same_draws() {
         // The gradient of the naive function with the draws held fixed, by central differences.
         let g = normal(f.output.len(), 1.0, 4, "g");
         let grads = ra.backward(&x, 11, &f.saved, &g).unwrap();
-        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-            naive(&case, q, k, v, &draws, s)
-                .iter()
-                .zip(&g)
-                .map(|(a, b)| a * *b as f64)
-                .sum()
-        };
-        let eps = 1e-3f32;
-        for which in 0..3 {
-            let base = [&case.q, &case.k, &case.v][which].clone();
-            for idx in 0..base.len() {
-                let (mut plus, mut minus) = (base.clone(), base.clone());
-                plus[idx] += eps;
-                minus[idx] -= eps;
-                let args = |t: &[f32]| -> f64 {
-                    match which {
-                        0 => loss(t, &case.k, &case.v),
-                        1 => loss(&case.q, t, &case.v),
-                        _ => loss(&case.q, &case.k, t),
-                    }
-                };
-                let fd = (args(&plus) - args(&minus)) / (2.0 * eps as f64);
-                let an = [&grads.dq, &grads.dk, &grads.dv][which][idx] as f64;
-                assert!(
-                    (an - fd).abs() <= 2e-3 * (1.0 + fd.abs()),
-                    "S={s} tensor {which}[{idx}]: analytic {an} vs finite difference {fd}"
-                );
+        check_qkv_gradients(&format!("S={s}"), &case, &grads, |c| {
+            let out = naive(&case, &c.q, &c.k, &c.v, &draws, s);
+            let terms: Vec<f64> = out.iter().zip(&g).map(|(a, b)| a * *b as f64).collect();
+            Loss {
+                value: terms.iter().sum(),
+                magnitude: terms.iter().map(|t| t * t).sum::<f64>().sqrt(),
             }
-        }
+        });
     }
 }
 
@@ -135,15 +117,8 @@ fn converges_to_softmax_attention_at_rate_one_over_sqrt_samples_with_the_papers_
     };
     let ss = [1usize, 4, 16, 64];
     let errs: Vec<f64> = ss.iter().map(|&s| err(s, Noise::Paper)).collect();
-    let lx: Vec<f64> = ss.iter().map(|s| (*s as f64).ln()).collect();
-    let ly: Vec<f64> = errs.iter().map(|e| e.ln()).collect();
-    let (mx, my) = (lx.iter().sum::<f64>() / 4.0, ly.iter().sum::<f64>() / 4.0);
-    let slope = lx
-        .iter()
-        .zip(&ly)
-        .map(|(a, b)| (a - mx) * (b - my))
-        .sum::<f64>()
-        / lx.iter().map(|a| (a - mx).powi(2)).sum::<f64>();
+    let points: Vec<(f64, f64)> = ss.iter().map(|s| *s as f64).zip(errs.clone()).collect();
+    let slope = log_log_slope(&points);
     assert!(
         (slope + 0.5).abs() <= 0.12,
         "errors {errs:?}, slope {slope}"
@@ -198,25 +173,8 @@ fn components_follow_the_softmax_and_skip_masked_keys() {
 }
 
 #[test]
-fn masks_threads_and_bad_input() {
-    let mut case = Case::new((3, 2, 20, 20, 8, 4), 7);
-    random_masks(&mut case, 7);
-    let method = Method::parse("ra", &[("samples", "2")]).unwrap();
-    let x = case.inputs();
-    let f = method.forward(&x, 2).unwrap();
-    let qm = case.query_mask.clone().unwrap();
-    for (idx, o) in f.output.iter().enumerate() {
-        let (bh, i) = (idx / (20 * 4), (idx / 4) % 20);
-        assert!(o.is_finite());
-        if bh / 2 == 1 || !qm[(bh / 2) * 20 + i] {
-            assert_eq!(*o, 0.0);
-        }
-    }
-    let g = normal(f.output.len(), 1.0, 1, "g");
-    let run = |threads: usize| run_in_pool(&method, &x, 2, &g, threads);
-    let one = run(1);
-    assert_eq!(run(3), one);
-    assert!(one.1.dq.iter().chain(&one.1.dk).all(|v| v.is_finite()));
+fn bad_parameters_name_the_valid_values() {
+    // Masks, garbage under them, threads and seeds: tests/contract.rs.
     for (k, v, needle) in [
         ("samples", "0", "parameter `samples`"),
         ("samples", "5000", "parameter `samples`"),

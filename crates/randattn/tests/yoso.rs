@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{Case, assert_close, normal, random_masks};
+use common::{
+    Case, Loss, assert_close, assert_derivative, check_qkv_gradients, log_log_slope, normal,
+    random_masks,
+};
 use randattn::methods::yoso::{
     HashFamily, LshHash, NO_CODE, Yoso, YosoBackward, YosoE, expectation::SLOPE_CLAMP,
     seeded_conv_weights,
@@ -429,60 +432,28 @@ fn true_backward_matches_finite_differences_of_the_expectation() {
     let g = normal(x.dims().out_len(), 1.0, 5, "g");
     let fwd = method.forward(&x, 0).unwrap();
     let grads = method.backward(&x, 0, &fwd.saved, &g).unwrap();
-    let loss = |c: &Case, w: &[f32]| -> f64 {
+    let loss = |c: &Case, w: &[f32]| -> Loss {
         let naive = Naive {
             case: c,
             tau,
             normalize: true,
             conv: Some(conv_f64(w)),
         };
-        naive
-            .forward(&Weights::Exact)
-            .iter()
-            .zip(&g)
-            .map(|(a, b)| a * *b as f64)
-            .sum()
-    };
-    let eps = 1e-3f32;
-    let check = |an: f32, plus: f64, minus: f64, what: &str| {
-        let fd = (plus - minus) / (2.0 * eps as f64);
-        assert!(
-            (an as f64 - fd).abs() <= 2e-3 * (1.0 + fd.abs()),
-            "{what}: analytic {an} vs finite difference {fd}"
-        );
-    };
-    for which in 0..3 {
-        let len = [case.q.len(), case.k.len(), case.v.len()][which];
-        for idx in 0..len {
-            let mut c = Case::new(case.shape, 31);
-            c.key_mask = case.key_mask.clone();
-            c.query_mask = case.query_mask.clone();
-            fn field(c: &mut Case, which: usize) -> &mut Vec<f32> {
-                match which {
-                    0 => &mut c.q,
-                    1 => &mut c.k,
-                    _ => &mut c.v,
-                }
-            }
-            let base = field(&mut c, which)[idx];
-            field(&mut c, which)[idx] = base + eps;
-            let plus = loss(&c, &weights);
-            field(&mut c, which)[idx] = base - eps;
-            let minus = loss(&c, &weights);
-            let an = [&grads.dq, &grads.dk, &grads.dv][which][idx];
-            check(an, plus, minus, &format!("tensor {which}[{idx}]"));
+        let out = naive.forward(&Weights::Exact);
+        let terms: Vec<f64> = out.iter().zip(&g).map(|(a, b)| a * *b as f64).collect();
+        Loss {
+            value: terms.iter().sum(),
+            magnitude: terms.iter().map(|t| t * t).sum::<f64>().sqrt(),
         }
-    }
+    };
+    check_qkv_gradients("yoso-e true backward", &case, &grads, |c| loss(c, &weights));
     for t in 0..weights.len() {
-        let (mut wp, mut wm) = (weights.clone(), weights.clone());
-        wp[t] += eps;
-        wm[t] -= eps;
-        check(
-            grads.params[0].grad[t],
-            loss(&case, &wp),
-            loss(&case, &wm),
-            &format!("conv {t}"),
-        );
+        let what = format!("conv {t}");
+        assert_derivative(&what, grads.params[0].grad[t] as f64, weights[t], |v| {
+            let mut w = weights.clone();
+            w[t] = v;
+            loss(&case, &w)
+        });
     }
 }
 
@@ -596,15 +567,8 @@ fn sampled_estimate_converges_to_the_expectation_at_rate_one_over_sqrt_m() {
                 mse.sqrt() / scale
             })
             .collect();
-        let lx: Vec<f64> = ms.iter().map(|m| (*m as f64).ln()).collect();
-        let ly: Vec<f64> = errs.iter().map(|e| e.ln()).collect();
-        let (mx, my) = (lx.iter().sum::<f64>() / 4.0, ly.iter().sum::<f64>() / 4.0);
-        let slope = lx
-            .iter()
-            .zip(&ly)
-            .map(|(a, b)| (a - mx) * (b - my))
-            .sum::<f64>()
-            / lx.iter().map(|a| (a - mx).powi(2)).sum::<f64>();
+        let points: Vec<(f64, f64)> = ms.iter().map(|m| *m as f64).zip(errs.clone()).collect();
+        let slope = log_log_slope(&points);
         assert!(
             (slope + 0.5).abs() <= window,
             "{family:?}: relative RMS errors {errs:?} give slope {slope:.3}, theory -0.5"

@@ -497,6 +497,10 @@ impl Estimator for Nystrom {
         Ok(())
     }
 
+    fn uses_seed(&self) -> bool {
+        self.conv > 0 && self.conv_weights.is_auto()
+    }
+
     fn forward_saved(
         &self,
         x: &AttentionInputs<'_>,

@@ -545,6 +545,10 @@ impl Estimator for YosoE {
         Ok(())
     }
 
+    fn uses_seed(&self) -> bool {
+        self.conv > 0 && self.conv_weights.is_auto()
+    }
+
     fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, YosoSaved)> {
         let common = self.common();
         let dims = x.dims();
