@@ -7,6 +7,7 @@
 //! kernels can index without further checks.
 
 use crate::error::{Error, Result};
+use crate::matrix::{MatMut, MatRef, matmul};
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,16 +115,12 @@ pub fn project_values(
     }
     let d_v = cols / heads;
     let mut flat = vec![0.0f32; batch * n * cols];
-    crate::linalg::gemm(
-        batch * n,
-        cols,
-        d_model,
-        &mut flat,
-        cols,
-        crate::linalg::Mat::rows(x, d_model),
-        crate::linalg::Mat::rows(wv, cols),
-        1.0,
+    matmul(
+        MatMut::new(&mut flat, batch * n, cols),
         false,
+        MatRef::new(x, batch * n, d_model),
+        MatRef::new(wv, d_model, cols),
+        1.0,
     );
     let mut v = vec![0.0f32; batch * n * cols];
     for b in 0..batch {

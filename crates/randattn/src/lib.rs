@@ -30,6 +30,7 @@ pub mod error;
 pub mod estimator;
 pub mod inputs;
 pub mod linalg;
+pub mod matrix;
 pub mod methods;
 pub mod params;
 pub mod registry;

@@ -26,7 +26,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, zeroed};
+use crate::linalg::{exp_shifted_sum, row_max, zeroed};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, resolve_scale, scale_rule};
 pub use crate::tiles::{BACKWARD_KEY_TILE, BACKWARD_QUERY_BLOCK, KEY_TILE, QUERY_BLOCK};
 
@@ -246,16 +247,12 @@ fn logits_tile(
     keep: Option<&[bool]>,
     mask: TileMask,
 ) {
-    gemm(
-        rows,
-        cols,
-        d,
-        s,
-        cols,
-        Mat::rows(q_blk, d),
-        Mat::cols(k_tile, d),
-        scale,
+    matmul(
+        MatMut::new(s, rows, cols),
         false,
+        MatRef::new(q_blk, rows, d),
+        MatRef::new(k_tile, cols, d).t(),
+        scale,
     );
     if mask == TileMask::Mixed {
         let keep = keep.expect("mixed tiles come from a mask");
@@ -358,17 +355,14 @@ impl HeadForward<'_> {
                 }
                 row_max_run[r] = m_new;
             }
-            let v_tile = Mat::rows(&self.v[c0 * d_v..c1 * d_v], d_v);
-            gemm(
-                rows,
-                d_v,
-                cols,
-                out,
-                d_v,
-                Mat::rows(s, cols),
+            let v_tile = MatRef::new(&self.v[c0 * d_v..c1 * d_v], cols, d_v);
+            // out (rows × d_v) += P (rows × cols) · V_tile (cols × d_v)
+            matmul(
+                MatMut::new(out, rows, d_v),
+                true,
+                MatRef::new(s, rows, cols),
                 v_tile,
                 1.0,
-                true,
             );
         }
     }
@@ -472,28 +466,20 @@ impl HeadBackward<'_> {
                     exp_shifted_sum(prow, *l);
                 }
                 // dV_j += Pᵀ dO_i
-                gemm(
-                    cols,
-                    d_v,
-                    rows,
-                    dv_tile,
-                    d_v,
-                    Mat::cols(p, cols),
-                    Mat::rows(g_blk, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(dv_tile, cols, d_v),
                     true,
+                    MatRef::new(p, rows, cols).t(),
+                    MatRef::new(g_blk, rows, d_v),
+                    1.0,
                 );
                 // dP = dO_i V_jᵀ, then dS = P ∘ (dP − D_i) in place of dP.
-                gemm(
-                    rows,
-                    cols,
-                    d_v,
-                    dp,
-                    cols,
-                    Mat::rows(g_blk, d_v),
-                    Mat::cols(v_tile, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(dp, rows, cols),
                     false,
+                    MatRef::new(g_blk, rows, d_v),
+                    MatRef::new(v_tile, cols, d_v).t(),
+                    1.0,
                 );
                 for ((dsrow, prow), delta) in dp
                     .chunks_exact_mut(cols)
@@ -505,27 +491,19 @@ impl HeadBackward<'_> {
                     }
                 }
                 // dK_j += s · dSᵀ Q_i ; dQ_i += s · dS K_j
-                gemm(
-                    cols,
-                    d,
-                    rows,
-                    dk_tile,
-                    d,
-                    Mat::cols(dp, cols),
-                    Mat::rows(q_blk, d),
-                    self.scale,
+                matmul(
+                    MatMut::new(dk_tile, cols, d),
                     true,
+                    MatRef::new(dp, rows, cols).t(),
+                    MatRef::new(q_blk, rows, d),
+                    self.scale,
                 );
-                gemm(
-                    rows,
-                    d,
-                    cols,
-                    &mut dq[r0 * d..r1 * d],
-                    d,
-                    Mat::rows(dp, cols),
-                    Mat::rows(k_tile, d),
-                    self.scale,
+                matmul(
+                    MatMut::new(&mut dq[r0 * d..r1 * d], rows, d),
                     true,
+                    MatRef::new(dp, rows, cols),
+                    MatRef::new(k_tile, cols, d),
+                    self.scale,
                 );
             }
         }

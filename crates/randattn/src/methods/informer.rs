@@ -44,7 +44,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo, Saved};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, row_max, row_sum};
+use crate::linalg::{row_max, row_sum};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, at_least, auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -130,16 +131,12 @@ impl Informer {
                 row.copy_from_slice(&q[i as usize * d..(i as usize + 1) * d]);
             }
             let rows = blk.len();
-            gemm(
-                rows,
-                samples,
-                d,
-                &mut scores,
-                samples,
-                Mat::rows(&q_blk, d),
-                Mat::cols(&sample, d),
-                scale,
+            matmul(
+                MatMut::new(&mut scores, rows, samples),
                 false,
+                MatRef::new(&q_blk, rows, d),
+                MatRef::new(&sample, samples, d).t(),
+                scale,
             );
             for (row, &i) in scores.chunks_exact(samples).zip(blk) {
                 sparsity.push((row_max(row) - row_sum(row) / samples as f32, i));

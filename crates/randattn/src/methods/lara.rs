@@ -45,7 +45,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
-use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, softmax_row};
+use crate::linalg::{exp_shifted_sum, row_max, softmax_row};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
 
@@ -212,16 +213,12 @@ impl Lara {
             .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
             .collect();
         let mut l = vec![0.0f32; j_n * c];
-        gemm(
-            j_n,
-            c,
-            d,
-            &mut l,
-            c,
-            Mat::rows(&omega, d),
-            Mat::cols(&mu, d),
-            1.0,
+        matmul(
+            MatMut::new(&mut l, j_n, c),
             false,
+            MatRef::new(&omega, j_n, d),
+            MatRef::new(&mu, c, d).t(),
+            1.0,
         );
         let mut bh_w = vec![0.0f32; j_n];
         for (j, row) in l.chunks_exact_mut(c).enumerate() {
@@ -234,16 +231,12 @@ impl Lara {
         }
         // r_c· = softmax over kept queries of q̃_c·x.
         let mut r = vec![0.0f32; c * n_q];
-        gemm(
-            c,
-            n_q,
-            d,
-            &mut r,
-            n_q,
-            Mat::rows(&q_land, d),
-            Mat::cols(&xs, d),
-            1.0,
+        matmul(
+            MatMut::new(&mut r, c, n_q),
             false,
+            MatRef::new(&q_land, c, d),
+            MatRef::new(&xs, n_q, d).t(),
+            1.0,
         );
         for row in r.chunks_exact_mut(n_q) {
             let max = row
@@ -270,16 +263,12 @@ impl Lara {
         }
         // ℓ and W = softmax_j(ℓ), one row per query (`n_q × j`).
         let mut w = vec![0.0f32; n_q * j_n];
-        gemm(
-            n_q,
-            j_n,
-            d,
-            &mut w,
-            j_n,
-            Mat::rows(&xs, d),
-            Mat::cols(&omega, d),
-            1.0,
+        matmul(
+            MatMut::new(&mut w, n_q, j_n),
             false,
+            MatRef::new(&xs, n_q, d),
+            MatRef::new(&omega, j_n, d).t(),
+            1.0,
         );
         let mut alpha = vec![0.0f32; n_q * j_n];
         let own: Vec<f32> = (0..j_n).map(|j| l[j * c + j / reps]).collect();
@@ -337,16 +326,12 @@ fn key_side(
         .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
         .collect();
     let mut pk = vec![0.0f32; j_n * n_k];
-    gemm(
-        j_n,
-        n_k,
-        d,
-        &mut pk,
-        n_k,
-        Mat::rows(omega, d),
-        Mat::cols(ys, d),
-        1.0,
+    matmul(
+        MatMut::new(&mut pk, j_n, n_k),
         false,
+        MatRef::new(omega, j_n, d),
+        MatRef::new(ys, n_k, d).t(),
+        1.0,
     );
     let mut z = vec![0.0f32; j_n];
     for (row, zj) in pk.chunks_exact_mut(n_k).zip(z.iter_mut()) {
@@ -366,16 +351,12 @@ fn key_side(
         *zj = max + sum.ln();
     }
     let mut f = vec![0.0f32; j_n * d_v];
-    gemm(
-        j_n,
-        d_v,
-        n_k,
-        &mut f,
-        d_v,
-        Mat::rows(&pk, n_k),
-        Mat::rows(v, d_v),
-        1.0,
+    matmul(
+        MatMut::new(&mut f, j_n, d_v),
         false,
+        MatRef::new(&pk, j_n, n_k),
+        MatRef::new(v, n_k, d_v),
+        1.0,
     );
     (pk, z, f)
 }
@@ -458,16 +439,12 @@ impl Lara {
                 let omega = &samples[bh * j_n * d..(bh + 1) * j_n * d];
                 let (_, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
                 let mut w = vec![0.0f32; n_q * j_n];
-                gemm(
-                    n_q,
-                    j_n,
-                    d,
-                    &mut w,
-                    j_n,
-                    Mat::rows(&xs, d),
-                    Mat::cols(omega, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut w, n_q, j_n),
                     false,
+                    MatRef::new(&xs, n_q, d),
+                    MatRef::new(omega, j_n, d).t(),
+                    1.0,
                 );
                 let a = &log_weights[bh * n_q * j_n..(bh + 1) * n_q * j_n];
                 for (wrow, arow) in w.chunks_exact_mut(j_n).zip(a.chunks_exact(j_n)) {
@@ -480,16 +457,12 @@ impl Lara {
                         softmax_row(wrow);
                     }
                 }
-                gemm(
-                    n_q,
-                    d_v,
-                    j_n,
-                    out,
-                    d_v,
-                    Mat::rows(&w, j_n),
-                    Mat::rows(&f, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(out, n_q, d_v),
                     false,
+                    MatRef::new(&w, n_q, j_n),
+                    MatRef::new(&f, j_n, d_v),
+                    1.0,
                 );
             });
         x.zero_masked_queries(&mut output);
@@ -544,16 +517,12 @@ impl Estimator for Lara {
             .for_each(|(bh, out)| {
                 if let Some(h) = self.head(x, bh, seed) {
                     let j_n = h.c * h.reps;
-                    gemm(
-                        n_q,
-                        d_v,
-                        j_n,
-                        out,
-                        d_v,
-                        Mat::rows(&h.w, j_n),
-                        Mat::rows(&h.f, d_v),
-                        1.0,
+                    matmul(
+                        MatMut::new(out, n_q, d_v),
                         false,
+                        MatRef::new(&h.w, n_q, j_n),
+                        MatRef::new(&h.f, j_n, d_v),
+                        1.0,
                     );
                 }
             });
@@ -618,28 +587,20 @@ impl Estimator for Lara {
                 let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
                 // out = W F (W is n × j): dW = G Fᵀ, dF = Wᵀ G.
                 let mut dw = vec![0.0f32; n_q * j_n];
-                gemm(
-                    n_q,
-                    j_n,
-                    d_v,
-                    &mut dw,
-                    j_n,
-                    Mat::rows(gh, d_v),
-                    Mat::cols(&h.f, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dw, n_q, j_n),
                     false,
+                    MatRef::new(gh, n_q, d_v),
+                    MatRef::new(&h.f, j_n, d_v).t(),
+                    1.0,
                 );
                 let mut df = vec![0.0f32; j_n * d_v];
-                gemm(
-                    j_n,
-                    d_v,
-                    n_q,
-                    &mut df,
-                    d_v,
-                    Mat::cols(&h.w, j_n),
-                    Mat::rows(gh, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut df, j_n, d_v),
                     false,
+                    MatRef::new(&h.w, n_q, j_n).t(),
+                    MatRef::new(gh, n_q, d_v),
+                    1.0,
                 );
                 // W = softmax_j(ℓ), row by row: dℓ = W ⊙ (dW − Σ_j W dW) (in place of dW).
                 for (dr_, wr) in dw.chunks_exact_mut(j_n).zip(h.w.chunks_exact(j_n)) {
@@ -653,27 +614,19 @@ impl Estimator for Lara {
                 let mut dx = vec![0.0f32; n_q * d];
                 let mut dy = vec![0.0f32; n_k * d];
                 // ℓ ⊃ ω·x: dω += dℓᵀ x, dx += dℓ ω.
-                gemm(
-                    j_n,
-                    d,
-                    n_q,
-                    &mut domega,
-                    d,
-                    Mat::cols(&dl_, j_n),
-                    Mat::rows(&h.x, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut domega, j_n, d),
                     true,
+                    MatRef::new(&dl_, n_q, j_n).t(),
+                    MatRef::new(&h.x, n_q, d),
+                    1.0,
                 );
-                gemm(
-                    n_q,
-                    d,
-                    j_n,
-                    &mut dx,
-                    d,
-                    Mat::rows(&dl_, j_n),
-                    Mat::rows(&h.omega, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dx, n_q, d),
                     true,
+                    MatRef::new(&dl_, n_q, j_n),
+                    MatRef::new(&h.omega, j_n, d),
+                    1.0,
                 );
                 // ℓ ⊃ z_j − own_j; log α: dα = dℓ / α where not clamped.
                 let mut dz = vec![0.0f32; j_n];
@@ -719,27 +672,19 @@ impl Estimator for Lara {
                 }
                 // L = ω μᵀ − ½‖μ‖²: dω += dL μ; dμ += dLᵀ ω − (Σ_j dL) μ.
                 let mut dmu = vec![0.0f32; c * d];
-                gemm(
-                    j_n,
-                    d,
-                    c,
-                    &mut domega,
-                    d,
-                    Mat::rows(&dlmat, c),
-                    Mat::rows(&h.mu, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut domega, j_n, d),
                     true,
+                    MatRef::new(&dlmat, j_n, c),
+                    MatRef::new(&h.mu, c, d),
+                    1.0,
                 );
-                gemm(
-                    c,
-                    d,
-                    j_n,
-                    &mut dmu,
-                    d,
-                    Mat::cols(&dlmat, c),
-                    Mat::rows(&h.omega, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dmu, c, d),
                     true,
+                    MatRef::new(&dlmat, j_n, c).t(),
+                    MatRef::new(&h.omega, j_n, d),
+                    1.0,
                 );
                 for cc in 0..c {
                     let col: f32 = (0..j_n).map(|j| dlmat[j * c + cc]).sum();
@@ -760,41 +705,29 @@ impl Estimator for Lara {
                     }
                 }
                 let mut dq_land = vec![0.0f32; c * d];
-                gemm(
-                    c,
-                    d,
-                    n_q,
-                    &mut dq_land,
-                    d,
-                    Mat::rows(&dt, n_q),
-                    Mat::rows(&h.x, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dq_land, c, d),
                     false,
-                );
-                gemm(
-                    n_q,
-                    d,
-                    c,
-                    &mut dx,
-                    d,
-                    Mat::cols(&dt, n_q),
-                    Mat::rows(&h.q_land, d),
+                    MatRef::new(&dt, c, n_q),
+                    MatRef::new(&h.x, n_q, d),
                     1.0,
+                );
+                matmul(
+                    MatMut::new(&mut dx, n_q, d),
                     true,
+                    MatRef::new(&dt, c, n_q).t(),
+                    MatRef::new(&h.q_land, c, d),
+                    1.0,
                 );
                 // F = softmax(A_k) V, z = LSE(A_k): dA_k = P ⊙ (dF Vᵀ − dF·F + dz).
                 let v = x.v_head(bh);
                 let mut dak = vec![0.0f32; j_n * n_k];
-                gemm(
-                    j_n,
-                    n_k,
-                    d_v,
-                    &mut dak,
-                    n_k,
-                    Mat::rows(&df, d_v),
-                    Mat::cols(v, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dak, j_n, n_k),
                     false,
+                    MatRef::new(&df, j_n, d_v),
+                    MatRef::new(v, n_k, d_v).t(),
+                    1.0,
                 );
                 for j in 0..j_n {
                     let dff: f32 = df[j * d_v..(j + 1) * d_v]
@@ -807,39 +740,27 @@ impl Estimator for Lara {
                         dak[j * n_k + m] = p * (dak[j * n_k + m] - dff + dz[j]);
                     }
                 }
-                gemm(
-                    n_k,
-                    d_v,
-                    j_n,
-                    dv,
-                    d_v,
-                    Mat::cols(&h.pk, n_k),
-                    Mat::rows(&df, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(dv, n_k, d_v),
                     true,
+                    MatRef::new(&h.pk, j_n, n_k).t(),
+                    MatRef::new(&df, j_n, d_v),
+                    1.0,
                 );
                 // A_k = ω yᵀ − ½‖y‖²: dω += dA y; dy += dAᵀ ω − (Σ_j dA) y.
-                gemm(
-                    j_n,
-                    d,
-                    n_k,
-                    &mut domega,
-                    d,
-                    Mat::rows(&dak, n_k),
-                    Mat::rows(&h.y, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut domega, j_n, d),
                     true,
+                    MatRef::new(&dak, j_n, n_k),
+                    MatRef::new(&h.y, n_k, d),
+                    1.0,
                 );
-                gemm(
-                    n_k,
-                    d,
-                    j_n,
-                    &mut dy,
-                    d,
-                    Mat::cols(&dak, n_k),
-                    Mat::rows(&h.omega, d),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dy, n_k, d),
                     true,
+                    MatRef::new(&dak, j_n, n_k).t(),
+                    MatRef::new(&h.omega, j_n, d),
+                    1.0,
                 );
                 for m in 0..n_k {
                     let col: f32 = (0..j_n).map(|j| dak[j * n_k + m]).sum();

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::check_finite;
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, in_range, scale_rule};
 use crate::rng::stream;
@@ -175,27 +175,19 @@ impl Linformer {
                 let e = &p.e[h * k * n_k..(h + 1) * k * n_k];
                 let f = &p.f[h * k * n_k..(h + 1) * k * n_k];
                 let (km, vm) = masked(x.k_head(bh), x.v_head(bh), keep, d, d_v);
-                gemm(
-                    k,
-                    d,
-                    n_k,
-                    kp,
-                    d,
-                    Mat::rows(e, n_k),
-                    Mat::rows(&km, d),
-                    1.0,
+                matmul(
+                    MatMut::new(kp, k, d),
                     false,
+                    MatRef::new(e, k, n_k),
+                    MatRef::new(&km, n_k, d),
+                    1.0,
                 );
-                gemm(
-                    k,
-                    d_v,
-                    n_k,
-                    vp,
-                    d_v,
-                    Mat::rows(f, n_k),
-                    Mat::rows(&vm, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(vp, k, d_v),
                     false,
+                    MatRef::new(f, k, n_k),
+                    MatRef::new(&vm, n_k, d_v),
+                    1.0,
                 );
             });
         (kp, vp)
@@ -356,27 +348,19 @@ impl Estimator for Linformer {
                 let dkp = &sub_grads.dk[bh * k * d..(bh + 1) * k * d];
                 let dvp = &sub_grads.dv[bh * k * d_v..(bh + 1) * k * d_v];
                 let (km, vm) = masked(x.k_head(bh), x.v_head(bh), keep, d, d_v);
-                gemm(
-                    n_k,
-                    d,
-                    k,
-                    dk,
-                    d,
-                    Mat::cols(e, n_k),
-                    Mat::rows(dkp, d),
-                    1.0,
+                matmul(
+                    MatMut::new(dk, n_k, d),
                     false,
+                    MatRef::new(e, k, n_k).t(),
+                    MatRef::new(dkp, k, d),
+                    1.0,
                 );
-                gemm(
-                    n_k,
-                    d_v,
-                    k,
-                    dv,
-                    d_v,
-                    Mat::cols(f, n_k),
-                    Mat::rows(dvp, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(dv, n_k, d_v),
                     false,
+                    MatRef::new(f, k, n_k).t(),
+                    MatRef::new(dvp, k, d_v),
+                    1.0,
                 );
                 if let Some(keep) = keep {
                     for (j, kept) in keep.iter().enumerate() {
@@ -386,27 +370,19 @@ impl Estimator for Linformer {
                         }
                     }
                 }
-                gemm(
-                    k,
-                    n_k,
-                    d,
-                    de,
-                    n_k,
-                    Mat::rows(dkp, d),
-                    Mat::cols(&km, d),
-                    1.0,
+                matmul(
+                    MatMut::new(de, k, n_k),
                     false,
+                    MatRef::new(dkp, k, d),
+                    MatRef::new(&km, n_k, d).t(),
+                    1.0,
                 );
-                gemm(
-                    k,
-                    n_k,
-                    d_v,
-                    df,
-                    n_k,
-                    Mat::rows(dvp, d_v),
-                    Mat::cols(&vm, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(df, k, n_k),
                     false,
+                    MatRef::new(dvp, k, d_v),
+                    MatRef::new(&vm, n_k, d_v).t(),
+                    1.0,
                 );
             });
         // Parameters are shared by the batch: sum the batch elements' parts (with one batch

@@ -57,7 +57,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Forward, Grads, MethodInfo, ParamGrad, Saved};
 use crate::inputs::{AttentionInputs, Dims, ValueProjection};
-use crate::linalg::{Mat, gemm, multiversion, zeroed};
+use crate::linalg::{multiversion, zeroed};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, Rule, param_error, positive, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -413,16 +414,12 @@ impl Mca {
             .zip(proj.x.par_chunks(ROWS * d_model))
             .for_each(|(o, xr)| {
                 let rows = xr.len() / d_model;
-                gemm(
-                    rows,
-                    cols,
-                    d_model,
-                    o,
-                    cols,
-                    Mat::rows(xr, d_model),
-                    Mat::rows(proj.wv, cols),
-                    1.0,
+                matmul(
+                    MatMut::new(o, rows, cols),
                     false,
+                    MatRef::new(xr, rows, d_model),
+                    MatRef::new(proj.wv, d_model, cols),
+                    1.0,
                 );
                 if let Some(bv) = proj.bv {
                     for row in o.chunks_exact_mut(cols) {
@@ -671,16 +668,12 @@ impl Mca {
                 row.copy_from_slice(&xb[j as usize * d_model..(j as usize + 1) * d_model]);
             }
             let mut ve = vec![0.0f32; ne * d_v];
-            gemm(
-                ne,
-                d_v,
-                d_model,
-                &mut ve,
-                d_v,
-                Mat::rows(&xe, d_model),
-                Mat::rows(w, d_v),
-                1.0,
+            matmul(
+                MatMut::new(&mut ve, ne, d_v),
                 false,
+                MatRef::new(&xe, ne, d_model),
+                MatRef::new(w, d_model, d_v),
+                1.0,
             );
             for (row, &j) in ve.chunks_exact(d_v).zip(&hs.exact) {
                 vals[j as usize * d_v..(j as usize + 1) * d_v].copy_from_slice(row);
@@ -864,16 +857,12 @@ fn shared_rows(
             }
             row[rj..].fill(0.0);
         }
-        gemm(
-            rows,
-            d_v,
-            width,
-            &mut out,
-            d_v,
-            Mat::rows(&xs, width),
-            Mat::rows(&z, d_v),
-            1.0,
+        matmul(
+            MatMut::new(&mut out, rows, d_v),
             false,
+            MatRef::new(&xs, rows, width),
+            MatRef::new(&z, width, d_v),
+            1.0,
         );
         for (o, &j) in out.chunks_exact(d_v).zip(blk) {
             let inv = 1.0 / r[j as usize] as f32;
@@ -1011,16 +1000,12 @@ fn column_log_max(x: &AttentionInputs<'_>, bh: usize, scale: f32, lse: &[f32]) -
         }
         for k0 in (0..n_k).step_by(KEY_TILE) {
             let cols = KEY_TILE.min(n_k - k0);
-            gemm(
-                rows,
-                cols,
-                d,
-                &mut s,
-                cols,
-                Mat::rows(&q[q0 * d..(q0 + rows) * d], d),
-                Mat::cols(&k[k0 * d..(k0 + cols) * d], d),
-                scale,
+            matmul(
+                MatMut::new(&mut s, rows, cols),
                 false,
+                MatRef::new(&q[q0 * d..(q0 + rows) * d], rows, d),
+                MatRef::new(&k[k0 * d..(k0 + cols) * d], cols, d).t(),
+                scale,
             );
             for &i in &counted {
                 column_max_update(
@@ -1142,16 +1127,12 @@ impl Estimator for Mca {
                             xr.copy_from_slice(&xb[j * d_model..(j + 1) * d_model]);
                             gr.copy_from_slice(&gh[j * d_v..(j + 1) * d_v]);
                         }
-                        gemm(
-                            d_model,
-                            d_v,
-                            ne,
-                            &mut dw,
-                            d_v,
-                            Mat::cols(&xe, d_model),
-                            Mat::rows(&ge, d_v),
-                            1.0,
+                        matmul(
+                            MatMut::new(&mut dw, d_model, d_v),
                             true,
+                            MatRef::new(&xe, ne, d_model).t(),
+                            MatRef::new(&ge, ne, d_v),
+                            1.0,
                         );
                     }
                     for j in 0..n_k {
@@ -1193,16 +1174,12 @@ impl Estimator for Mca {
                             let bh = b * heads + h;
                             let hs = &st.sampled.heads[bh];
                             let gh = &dvt[bh * n_k * d_v..(bh + 1) * n_k * d_v];
-                            gemm(
-                                rows,
-                                d_model,
-                                d_v,
-                                &mut dense,
-                                d_model,
-                                Mat::rows(&gh[t0 * d_v..(t0 + rows) * d_v], d_v),
-                                Mat::cols(w, d_v),
-                                1.0,
+                            matmul(
+                                MatMut::new(&mut dense, rows, d_model),
                                 false,
+                                MatRef::new(&gh[t0 * d_v..(t0 + rows) * d_v], rows, d_v),
+                                MatRef::new(w, d_model, d_v).t(),
+                                1.0,
                             );
                             for (i, (dxr, dr)) in dxb
                                 .chunks_exact_mut(d_model)

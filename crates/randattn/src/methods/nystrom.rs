@@ -41,7 +41,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, gemm, softmax_row};
+use crate::linalg::softmax_row;
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 
 use super::conv;
@@ -73,12 +74,6 @@ crate::method_params! {
 #[derive(Debug, Clone)]
 pub struct NystromSaved {
     conv_weights: Option<Vec<f32>>,
-}
-
-/// `c ← a · b` for row-major `a` (`m × k`) and `b` (`k × n`), or their transposes.
-#[allow(clippy::too_many_arguments)]
-fn mm(c: &mut [f32], m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, alpha: f32, acc: bool) {
-    gemm(m, n, k, c, n, a, b, alpha, acc);
 }
 
 /// Contiguous segments of `len` items into `m` parts whose sizes differ by at most one.
@@ -135,12 +130,30 @@ fn shift_identity(a: &mut [f32], m: usize, c: f32) {
 /// The intermediates of one step from `z`: `az = a z`, `x1 = 7I − az`, `x2 = 15I − az x1`,
 /// `x3 = 13I − az x2` (the next iterate is `¼ z x3`).
 fn pinv_step(a: &[f32], z: &[f32], m: usize, [az, x1, x2, x3]: [&mut Vec<f32>; 4]) {
-    mm(az, m, m, m, Mat::rows(a, m), Mat::rows(z, m), 1.0, false);
+    matmul(
+        MatMut::new(az, m, m),
+        false,
+        MatRef::new(a, m, m),
+        MatRef::new(z, m, m),
+        1.0,
+    );
     x1.copy_from_slice(az);
     shift_identity(x1, m, 7.0);
-    mm(x2, m, m, m, Mat::rows(az, m), Mat::rows(x1, m), 1.0, false);
+    matmul(
+        MatMut::new(x2, m, m),
+        false,
+        MatRef::new(az, m, m),
+        MatRef::new(x1, m, m),
+        1.0,
+    );
     shift_identity(x2, m, 15.0);
-    mm(x3, m, m, m, Mat::rows(az, m), Mat::rows(x2, m), 1.0, false);
+    matmul(
+        MatMut::new(x3, m, m),
+        false,
+        MatRef::new(az, m, m),
+        MatRef::new(x2, m, m),
+        1.0,
+    );
     shift_identity(x3, m, 13.0);
 }
 
@@ -187,15 +200,12 @@ fn pinv(a: &[f32], m: usize, iters: usize) -> Pinv {
         let z = iterates.last().expect("Z₀ is there");
         pinv_step(a, z, m, [&mut az, &mut x1, &mut x2, &mut x3]);
         let mut next = vec![0.0f32; m * m];
-        mm(
-            &mut next,
-            m,
-            m,
-            m,
-            Mat::rows(z, m),
-            Mat::rows(&x3, m),
-            0.25,
+        matmul(
+            MatMut::new(&mut next, m, m),
             false,
+            MatRef::new(z, m, m),
+            MatRef::new(&x3, m, m),
+            0.25,
         );
         iterates.push(next);
     }
@@ -227,92 +237,68 @@ fn pinv_backward(a: &[f32], m: usize, p: &Pinv, dz_last: &[f32]) -> Vec<f32> {
         // Recompute the step's intermediates.
         pinv_step(a, z, m, [&mut az, &mut x1, &mut x2, &mut x3]);
         // z' = ¼ z x3
-        mm(
-            &mut dz_prev,
-            m,
-            m,
-            m,
-            Mat::rows(&dz, m),
-            Mat::cols(&x3, m),
-            0.25,
+        matmul(
+            MatMut::new(&mut dz_prev, m, m),
             false,
+            MatRef::new(&dz, m, m),
+            MatRef::new(&x3, m, m).t(),
+            0.25,
         );
-        mm(
-            &mut dx3,
-            m,
-            m,
-            m,
-            Mat::cols(z, m),
-            Mat::rows(&dz, m),
-            0.25,
+        matmul(
+            MatMut::new(&mut dx3, m, m),
             false,
+            MatRef::new(z, m, m).t(),
+            MatRef::new(&dz, m, m),
+            0.25,
         );
         // x3 = 13I − az x2
-        mm(
-            &mut daz,
-            m,
-            m,
-            m,
-            Mat::rows(&dx3, m),
-            Mat::cols(&x2, m),
-            -1.0,
+        matmul(
+            MatMut::new(&mut daz, m, m),
             false,
+            MatRef::new(&dx3, m, m),
+            MatRef::new(&x2, m, m).t(),
+            -1.0,
         );
-        mm(
-            &mut dx2,
-            m,
-            m,
-            m,
-            Mat::cols(&az, m),
-            Mat::rows(&dx3, m),
-            -1.0,
+        matmul(
+            MatMut::new(&mut dx2, m, m),
             false,
+            MatRef::new(&az, m, m).t(),
+            MatRef::new(&dx3, m, m),
+            -1.0,
         );
         // x2 = 15I − az x1
-        mm(
-            &mut daz,
-            m,
-            m,
-            m,
-            Mat::rows(&dx2, m),
-            Mat::cols(&x1, m),
-            -1.0,
+        matmul(
+            MatMut::new(&mut daz, m, m),
             true,
-        );
-        mm(
-            &mut dx1,
-            m,
-            m,
-            m,
-            Mat::cols(&az, m),
-            Mat::rows(&dx2, m),
+            MatRef::new(&dx2, m, m),
+            MatRef::new(&x1, m, m).t(),
             -1.0,
+        );
+        matmul(
+            MatMut::new(&mut dx1, m, m),
             false,
+            MatRef::new(&az, m, m).t(),
+            MatRef::new(&dx2, m, m),
+            -1.0,
         );
         // x1 = 7I − az
         for (a, b) in daz.iter_mut().zip(&dx1) {
             *a -= *b;
         }
         // az = a z
-        mm(
-            &mut da,
-            m,
-            m,
-            m,
-            Mat::rows(&daz, m),
-            Mat::cols(z, m),
-            1.0,
+        matmul(
+            MatMut::new(&mut da, m, m),
             true,
+            MatRef::new(&daz, m, m),
+            MatRef::new(z, m, m).t(),
+            1.0,
         );
-        mm(
-            &mut dz_prev,
-            m,
-            m,
-            m,
-            Mat::cols(a, m),
-            Mat::rows(&daz, m),
-            1.0,
+        matmul(
+            MatMut::new(&mut dz_prev, m, m),
             true,
+            MatRef::new(a, m, m).t(),
+            MatRef::new(&daz, m, m),
+            1.0,
         );
         std::mem::swap(&mut dz, &mut dz_prev);
     }
@@ -382,39 +368,30 @@ impl Nystrom {
         let q_land = segment_means(q, d, &q_idx, &q_segs);
         let k_land = segment_means(k, d, &k_idx, &k_segs);
         let mut k1 = vec![0.0f32; n_q * m];
-        mm(
-            &mut k1,
-            n_q,
-            m,
-            d,
-            Mat::rows(q, d),
-            Mat::cols(&k_land, d),
-            scale,
+        matmul(
+            MatMut::new(&mut k1, n_q, m),
             false,
+            MatRef::new(q, n_q, d),
+            MatRef::new(&k_land, m, d).t(),
+            scale,
         );
         k1.chunks_exact_mut(m).for_each(softmax_row);
         let mut k2 = vec![0.0f32; m * m];
-        mm(
-            &mut k2,
-            m,
-            m,
-            d,
-            Mat::rows(&q_land, d),
-            Mat::cols(&k_land, d),
-            scale,
+        matmul(
+            MatMut::new(&mut k2, m, m),
             false,
+            MatRef::new(&q_land, m, d),
+            MatRef::new(&k_land, m, d).t(),
+            scale,
         );
         k2.chunks_exact_mut(m).for_each(softmax_row);
         let mut k3 = vec![0.0f32; m * n_k];
-        mm(
-            &mut k3,
-            m,
-            n_k,
-            d,
-            Mat::rows(&q_land, d),
-            Mat::cols(k, d),
-            scale,
+        matmul(
+            MatMut::new(&mut k3, m, n_k),
             false,
+            MatRef::new(&q_land, m, d),
+            MatRef::new(k, n_k, d).t(),
+            scale,
         );
         for row in k3.chunks_exact_mut(n_k) {
             if let Some(keep) = keep {
@@ -428,27 +405,21 @@ impl Nystrom {
         }
         let pinv = pinv(&k2, m, self.pinv_iters);
         let mut w = vec![0.0f32; m * d_v];
-        mm(
-            &mut w,
-            m,
-            d_v,
-            n_k,
-            Mat::rows(&k3, n_k),
-            Mat::rows(v, d_v),
-            1.0,
+        matmul(
+            MatMut::new(&mut w, m, d_v),
             false,
+            MatRef::new(&k3, m, n_k),
+            MatRef::new(v, n_k, d_v),
+            1.0,
         );
         let mut y = vec![0.0f32; m * d_v];
         let z = pinv.iterates.last().expect("Z is there");
-        mm(
-            &mut y,
-            m,
-            d_v,
-            m,
-            Mat::rows(z, m),
-            Mat::rows(&w, d_v),
-            1.0,
+        matmul(
+            MatMut::new(&mut y, m, d_v),
             false,
+            MatRef::new(z, m, m),
+            MatRef::new(&w, m, d_v),
+            1.0,
         );
         Some(Head {
             m,
@@ -516,15 +487,12 @@ impl Estimator for Nystrom {
             .enumerate()
             .for_each(|(bh, out)| {
                 if let Some(h) = self.head(x, bh) {
-                    mm(
-                        out,
-                        n_q,
-                        d_v,
-                        h.m,
-                        Mat::rows(&h.k1, h.m),
-                        Mat::rows(&h.y, d_v),
-                        1.0,
+                    matmul(
+                        MatMut::new(out, n_q, d_v),
                         false,
+                        MatRef::new(&h.k1, n_q, h.m),
+                        MatRef::new(&h.y, h.m, d_v),
+                        1.0,
                     );
                 }
             });
@@ -564,71 +532,53 @@ impl Estimator for Nystrom {
                 let z = h.pinv.iterates.last().expect("Z is there");
                 // out = K1 Y: dK1 = G Yᵀ, dY = K1ᵀ G.
                 let mut dk1 = vec![0.0f32; n_q * m];
-                mm(
-                    &mut dk1,
-                    n_q,
-                    m,
-                    d_v,
-                    Mat::rows(gh, d_v),
-                    Mat::cols(&h.y, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dk1, n_q, m),
                     false,
+                    MatRef::new(gh, n_q, d_v),
+                    MatRef::new(&h.y, m, d_v).t(),
+                    1.0,
                 );
                 let mut dy = vec![0.0f32; m * d_v];
-                mm(
-                    &mut dy,
-                    m,
-                    d_v,
-                    n_q,
-                    Mat::cols(&h.k1, m),
-                    Mat::rows(gh, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dy, m, d_v),
                     false,
+                    MatRef::new(&h.k1, n_q, m).t(),
+                    MatRef::new(gh, n_q, d_v),
+                    1.0,
                 );
                 // Y = Z W: dZ = dY Wᵀ, dW = Zᵀ dY.
                 let mut dz = vec![0.0f32; m * m];
-                mm(
-                    &mut dz,
-                    m,
-                    m,
-                    d_v,
-                    Mat::rows(&dy, d_v),
-                    Mat::cols(&h.w, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dz, m, m),
                     false,
+                    MatRef::new(&dy, m, d_v),
+                    MatRef::new(&h.w, m, d_v).t(),
+                    1.0,
                 );
                 let mut dw = vec![0.0f32; m * d_v];
-                mm(
-                    &mut dw,
-                    m,
-                    d_v,
-                    m,
-                    Mat::cols(z, m),
-                    Mat::rows(&dy, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dw, m, d_v),
                     false,
+                    MatRef::new(z, m, m).t(),
+                    MatRef::new(&dy, m, d_v),
+                    1.0,
                 );
                 // W = K3 V: dK3 = dW Vᵀ, dV += K3ᵀ dW.
                 let mut dk3 = vec![0.0f32; m * n_k];
-                mm(
-                    &mut dk3,
-                    m,
-                    n_k,
-                    d_v,
-                    Mat::rows(&dw, d_v),
-                    Mat::cols(v, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dk3, m, n_k),
                     false,
-                );
-                mm(
-                    dv,
-                    n_k,
-                    d_v,
-                    m,
-                    Mat::cols(&h.k3, n_k),
-                    Mat::rows(&dw, d_v),
+                    MatRef::new(&dw, m, d_v),
+                    MatRef::new(v, n_k, d_v).t(),
                     1.0,
+                );
+                matmul(
+                    MatMut::new(dv, n_k, d_v),
                     true,
+                    MatRef::new(&h.k3, m, n_k).t(),
+                    MatRef::new(&dw, m, d_v),
+                    1.0,
                 );
                 let mut dk2 = pinv_backward(&h.k2, m, &h.pinv, &dz);
                 // Through the three softmaxes.
@@ -638,67 +588,49 @@ impl Estimator for Nystrom {
                 let mut dq_land = vec![0.0f32; m * d];
                 let mut dk_land = vec![0.0f32; m * d];
                 // L1 = s Q K̃ᵀ
-                mm(
-                    dq,
-                    n_q,
-                    d,
-                    m,
-                    Mat::rows(&dk1, m),
-                    Mat::rows(&h.k_land, d),
-                    scale,
+                matmul(
+                    MatMut::new(dq, n_q, d),
                     true,
+                    MatRef::new(&dk1, n_q, m),
+                    MatRef::new(&h.k_land, m, d),
+                    scale,
                 );
-                mm(
-                    &mut dk_land,
-                    m,
-                    d,
-                    n_q,
-                    Mat::cols(&dk1, m),
-                    Mat::rows(q, d),
-                    scale,
+                matmul(
+                    MatMut::new(&mut dk_land, m, d),
                     true,
+                    MatRef::new(&dk1, n_q, m).t(),
+                    MatRef::new(q, n_q, d),
+                    scale,
                 );
                 // L2 = s Q̃ K̃ᵀ
-                mm(
-                    &mut dq_land,
-                    m,
-                    d,
-                    m,
-                    Mat::rows(&dk2, m),
-                    Mat::rows(&h.k_land, d),
-                    scale,
+                matmul(
+                    MatMut::new(&mut dq_land, m, d),
                     true,
+                    MatRef::new(&dk2, m, m),
+                    MatRef::new(&h.k_land, m, d),
+                    scale,
                 );
-                mm(
-                    &mut dk_land,
-                    m,
-                    d,
-                    m,
-                    Mat::cols(&dk2, m),
-                    Mat::rows(&h.q_land, d),
-                    scale,
+                matmul(
+                    MatMut::new(&mut dk_land, m, d),
                     true,
+                    MatRef::new(&dk2, m, m).t(),
+                    MatRef::new(&h.q_land, m, d),
+                    scale,
                 );
                 // L3 = s Q̃ Kᵀ (masked columns have zero probability, hence zero gradient)
-                mm(
-                    &mut dq_land,
-                    m,
-                    d,
-                    n_k,
-                    Mat::rows(&dk3, n_k),
-                    Mat::rows(k, d),
-                    scale,
+                matmul(
+                    MatMut::new(&mut dq_land, m, d),
                     true,
+                    MatRef::new(&dk3, m, n_k),
+                    MatRef::new(k, n_k, d),
+                    scale,
                 );
-                mm(
-                    dk,
-                    n_k,
-                    d,
-                    m,
-                    Mat::cols(&dk3, n_k),
-                    Mat::rows(&h.q_land, d),
-                    scale,
+                matmul(
+                    MatMut::new(dk, n_k, d),
                     true,
+                    MatRef::new(&dk3, m, n_k).t(),
+                    MatRef::new(&h.q_land, m, d),
+                    scale,
                 );
                 // Segment means.
                 for (seg, grad) in h.q_segs.iter().zip(dq_land.chunks_exact(d)) {
@@ -748,15 +680,12 @@ mod tests {
         let p = pinv(&a, m, 20);
         let z = p.iterates.last().unwrap();
         let mut az = vec![0.0f32; m * m];
-        mm(
-            &mut az,
-            m,
-            m,
-            m,
-            Mat::rows(&a, m),
-            Mat::rows(z, m),
-            1.0,
+        matmul(
+            MatMut::new(&mut az, m, m),
             false,
+            MatRef::new(&a, m, m),
+            MatRef::new(z, m, m),
+            1.0,
         );
         for i in 0..m {
             for j in 0..m {

@@ -47,7 +47,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max};
+use crate::linalg::{dot, exp_shifted_sum, row_max};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
 
@@ -158,16 +159,12 @@ impl Performer {
         let (m, width) = (self.features, self.width());
         let rows = x.len() / d;
         // The projections land in the first m columns; the hyperbolic map mirrors them.
-        gemm(
-            rows,
-            m,
-            d,
-            out,
-            width,
-            Mat::rows(x, d),
-            Mat::cols(w, d),
-            1.0,
+        matmul(
+            MatMut::strided(out, rows, m, width),
             false,
+            MatRef::new(x, rows, d),
+            MatRef::new(w, m, d).t(),
+            1.0,
         );
         for (o, xr) in out.chunks_exact_mut(width).zip(x.chunks_exact(d)) {
             let half_sq = 0.5 * dot(xr, xr);
@@ -274,16 +271,12 @@ impl Performer {
                     row.fill(0.0);
                 }
             }
-            gemm(
-                width,
-                d_v,
-                rows,
-                &mut st.kv,
-                d_v,
-                Mat::cols(phi, width),
-                Mat::rows(&vh[start * d_v..(start + rows) * d_v], d_v),
-                1.0,
+            matmul(
+                MatMut::new(&mut st.kv, width, d_v),
                 true,
+                MatRef::new(phi, rows, width).t(),
+                MatRef::new(&vh[start * d_v..(start + rows) * d_v], rows, d_v),
+                1.0,
             );
         }
         st
@@ -294,16 +287,12 @@ impl Performer {
     fn tile_output(&self, phi: &[f32], st: &KeyStats, d_v: usize, out: &mut [f32]) -> Vec<f32> {
         let width = self.width();
         let rows = phi.len() / width;
-        gemm(
-            rows,
-            d_v,
-            width,
-            out,
-            d_v,
-            Mat::rows(phi, width),
-            Mat::rows(&st.kv, d_v),
-            1.0,
+        matmul(
+            MatMut::new(out, rows, d_v),
             false,
+            MatRef::new(phi, rows, width),
+            MatRef::new(&st.kv, width, d_v),
+            1.0,
         );
         let mut dens = Vec::with_capacity(rows);
         for (orow, prow) in out.chunks_exact_mut(d_v).zip(phi.chunks_exact(width)) {
@@ -402,32 +391,24 @@ impl Performer {
                 }
             }
             // num = φ(Q) KV, den = φ(Q) ksum.
-            gemm(
-                rows,
-                width,
-                d_v,
-                dphi,
-                width,
-                Mat::rows(dnum, d_v),
-                Mat::cols(&st.kv, d_v),
-                1.0,
+            matmul(
+                MatMut::new(dphi, rows, width),
                 false,
+                MatRef::new(dnum, rows, d_v),
+                MatRef::new(&st.kv, width, d_v).t(),
+                1.0,
             );
             for (row, dd) in dphi.chunks_exact_mut(width).zip(&dden) {
                 for (a, k) in row.iter_mut().zip(&st.ksum) {
                     *a += dd * k;
                 }
             }
-            gemm(
-                width,
-                d_v,
-                rows,
-                &mut dkv,
-                d_v,
-                Mat::cols(phi, width),
-                Mat::rows(dnum, d_v),
-                1.0,
+            matmul(
+                MatMut::new(&mut dkv, width, d_v),
                 true,
+                MatRef::new(phi, rows, width).t(),
+                MatRef::new(dnum, rows, d_v),
+                1.0,
             );
             for (row, dd) in phi.chunks_exact(width).zip(&dden) {
                 for (a, p) in dksum.iter_mut().zip(row) {
@@ -452,27 +433,19 @@ impl Performer {
             let src = &kh[start * d..(start + rows) * d];
             let kept = |j: usize| keep.is_none_or(|m| m[start + j]);
             self.tile_features(src, root, w, d, xs, phi, Some(st.shift), kept);
-            gemm(
-                rows,
-                d_v,
-                width,
-                &mut dv[start * d_v..(start + rows) * d_v],
-                d_v,
-                Mat::rows(phi, width),
-                Mat::rows(&dkv, d_v),
-                1.0,
+            matmul(
+                MatMut::new(&mut dv[start * d_v..(start + rows) * d_v], rows, d_v),
                 false,
+                MatRef::new(phi, rows, width),
+                MatRef::new(&dkv, width, d_v),
+                1.0,
             );
-            gemm(
-                rows,
-                width,
-                d_v,
-                dphi,
-                width,
-                Mat::rows(&vh[start * d_v..(start + rows) * d_v], d_v),
-                Mat::cols(&dkv, d_v),
-                1.0,
+            matmul(
+                MatMut::new(dphi, rows, width),
                 false,
+                MatRef::new(&vh[start * d_v..(start + rows) * d_v], rows, d_v),
+                MatRef::new(&dkv, width, d_v).t(),
+                1.0,
             );
             for row in dphi.chunks_exact_mut(width) {
                 for (a, s) in row.iter_mut().zip(&dksum) {
@@ -542,16 +515,12 @@ fn feature_backward(
         }
     }
     let mut dx = vec![0.0f32; rows * d];
-    gemm(
-        rows,
-        d,
-        m,
-        &mut dx,
-        d,
-        Mat::rows(&a, m),
-        Mat::rows(w, d),
-        1.0,
+    matmul(
+        MatMut::new(&mut dx, rows, d),
         false,
+        MatRef::new(&a, rows, m),
+        MatRef::new(w, m, d),
+        1.0,
     );
     for ((dr, xr), t) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&total) {
         for (dv, xv) in dr.iter_mut().zip(xr) {

@@ -40,7 +40,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, exp_shifted_sum, gemm, row_max, zeroed};
+use crate::linalg::{exp_shifted_sum, row_max, zeroed};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -153,16 +154,12 @@ impl Ra {
                 for c0 in (0..n_k).step_by(KEY_TILE) {
                     let cols = KEY_TILE.min(n_k - c0);
                     let t = &mut tile[..rows * cols];
-                    gemm(
-                        rows,
-                        cols,
-                        d,
-                        t,
-                        cols,
-                        Mat::rows(&q[r0 * d..(r0 + rows) * d], d),
-                        Mat::cols(&k[c0 * d..(c0 + cols) * d], d),
-                        scale,
+                    matmul(
+                        MatMut::new(t, rows, cols),
                         false,
+                        MatRef::new(&q[r0 * d..(r0 + rows) * d], rows, d),
+                        MatRef::new(&k[c0 * d..(c0 + cols) * d], cols, d).t(),
+                        scale,
                     );
                     for (r, row) in t.chunks_exact_mut(cols).enumerate() {
                         let i = r0 + r;

@@ -61,7 +61,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::{Mat, dot, exp_shifted_sum, gemm, row_max, row_sum};
+use crate::linalg::{dot, exp_shifted_sum, row_max, row_sum};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::methods::exact::Exact;
 use crate::methods::vmean::mean_backward;
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
@@ -317,16 +318,12 @@ impl Skeinformer {
             .flat_map(|&i| q[i as usize * d..(i as usize + 1) * d].iter().copied())
             .collect();
         let mut probs = vec![0.0f32; p * n_k];
-        gemm(
-            p,
-            n_k,
-            d,
-            &mut probs,
-            n_k,
-            Mat::rows(&q_pilot, d),
-            Mat::cols(k, d),
-            scale,
+        matmul(
+            MatMut::new(&mut probs, p, n_k),
             false,
+            MatRef::new(&q_pilot, p, d),
+            MatRef::new(k, n_k, d).t(),
+            scale,
         );
         for (row, &c) in probs.chunks_exact_mut(n_k).zip(draws) {
             if let Some(keep) = keep {
@@ -348,16 +345,12 @@ impl Skeinformer {
                 *acc += c * *b * *b;
             }
         }
-        gemm(
-            p,
-            d_v,
-            n_k,
-            &mut output,
-            d_v,
-            Mat::rows(&probs, n_k),
-            Mat::rows(v, d_v),
-            1.0,
+        matmul(
+            MatMut::new(&mut output, p, d_v),
             false,
+            MatRef::new(&probs, p, n_k),
+            MatRef::new(v, n_k, d_v),
+            1.0,
         );
         PilotHead { output, col_sq }
     }
@@ -388,16 +381,12 @@ impl SketchHead<'_> {
     /// the fill `g` and the row sums `D`; returns nothing, fills `g` and `den`.
     fn scores(&self, r0: usize, rows: usize, s: &mut [f32], g: &mut [f32], den: &mut [f32]) {
         let (d, c) = (self.d, self.columns());
-        gemm(
-            rows,
-            c,
-            d,
-            s,
-            c,
-            Mat::rows(&self.q[r0 * d..(r0 + rows) * d], d),
-            Mat::cols(self.k_cols, d),
-            self.scale,
+        matmul(
+            MatMut::new(s, rows, c),
             false,
+            MatRef::new(&self.q[r0 * d..(r0 + rows) * d], rows, d),
+            MatRef::new(self.k_cols, c, d).t(),
+            self.scale,
         );
         for ((row, g), den) in s.chunks_exact_mut(c).zip(g.iter_mut()).zip(den.iter_mut()) {
             let max = row_max(row);
@@ -420,16 +409,12 @@ impl SketchHead<'_> {
         let (s, rest) = scratch.split_at_mut(rows * c);
         let (g, den) = rest.split_at_mut(rows);
         self.scores(r0, rows, s, g, den);
-        gemm(
-            rows,
-            d_v,
-            c,
-            out,
-            d_v,
-            Mat::rows(s, c),
-            Mat::rows(self.v_cols, d_v),
-            1.0,
+        matmul(
+            MatMut::new(out, rows, d_v),
             false,
+            MatRef::new(s, rows, c),
+            MatRef::new(self.v_cols, c, d_v),
+            1.0,
         );
         for ((o, g), den) in out.chunks_exact_mut(d_v).zip(g.iter()).zip(den.iter()) {
             let inv = 1.0 / den;
@@ -461,16 +446,12 @@ impl SketchHead<'_> {
         let (den, rest) = rest.split_at_mut(rows);
         let (out, dn) = rest.split_at_mut(rows * d_v);
         self.scores(r0, rows, s, g, den);
-        gemm(
-            rows,
-            d_v,
-            c,
-            out,
-            d_v,
-            Mat::rows(s, c),
-            Mat::rows(self.v_cols, d_v),
-            1.0,
+        matmul(
+            MatMut::new(out, rows, d_v),
             false,
+            MatRef::new(s, rows, c),
+            MatRef::new(self.v_cols, c, d_v),
+            1.0,
         );
         // R = N / D with N = a·V_c + g·v_rest: dN = G / D, dD = −(G·R) / D.
         let mut d_den = vec![0.0f32; rows];
@@ -487,16 +468,12 @@ impl SketchHead<'_> {
             }
         }
         // dA = dN V_cᵀ + dD; dL = a ⊙ dA (+ the geometric-mean fill's share, g/c each).
-        gemm(
-            rows,
-            c,
-            d_v,
-            ds,
-            c,
-            Mat::rows(dn, d_v),
-            Mat::cols(self.v_cols, d_v),
-            1.0,
+        matmul(
+            MatMut::new(ds, rows, c),
             false,
+            MatRef::new(dn, rows, d_v),
+            MatRef::new(self.v_cols, c, d_v).t(),
+            1.0,
         );
         for r in 0..rows {
             let fill_share = if self.adaptive {
@@ -518,38 +495,26 @@ impl SketchHead<'_> {
             }
         }
         let q_blk = &self.q[r0 * d..(r0 + rows) * d];
-        gemm(
-            rows,
-            d,
-            c,
-            dq,
-            d,
-            Mat::rows(ds, c),
-            Mat::rows(self.k_cols, d),
-            self.scale,
+        matmul(
+            MatMut::new(dq, rows, d),
             true,
-        );
-        gemm(
-            c,
-            d,
-            rows,
-            dk_cols,
-            d,
-            Mat::cols(ds, c),
-            Mat::rows(q_blk, d),
+            MatRef::new(ds, rows, c),
+            MatRef::new(self.k_cols, c, d),
             self.scale,
-            true,
         );
-        gemm(
-            c,
-            d_v,
-            rows,
-            dv_cols,
-            d_v,
-            Mat::cols(s, c),
-            Mat::rows(dn, d_v),
+        matmul(
+            MatMut::new(dk_cols, c, d),
+            true,
+            MatRef::new(ds, rows, c).t(),
+            MatRef::new(q_blk, rows, d),
+            self.scale,
+        );
+        matmul(
+            MatMut::new(dv_cols, c, d_v),
+            true,
+            MatRef::new(s, rows, c).t(),
+            MatRef::new(dn, rows, d_v),
             1.0,
-            true,
         );
     }
 }

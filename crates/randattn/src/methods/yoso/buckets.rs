@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use crate::linalg::{Mat, gemm};
+use crate::matrix::{MatMut, MatRef, matmul};
 
 use super::hash::NO_CODE;
 
@@ -610,54 +610,38 @@ fn outer_bucket(
     gather(rows.keys, ks, 0, d, keys, kb);
     gather(rows.keys, ks, d, d_v, keys, vb);
     // dQ_a = coef · G_a (V_bᵀ K_b)
-    gemm(
-        d_v,
-        d,
-        b,
-        t,
-        d,
-        Mat::cols(vb, d_v),
-        Mat::rows(kb, d),
+    matmul(
+        MatMut::new(t, d_v, d),
+        false,
+        MatRef::new(vb, b, d_v).t(),
+        MatRef::new(kb, b, d),
         1.0,
-        false,
     );
-    gemm(
-        a,
-        d,
-        d_v,
-        out,
-        d,
-        Mat::rows(ga, d_v),
-        Mat::rows(t, d),
-        coef,
+    matmul(
+        MatMut::new(out, a, d),
         false,
+        MatRef::new(ga, a, d_v),
+        MatRef::new(t, d_v, d),
+        coef,
     );
     for (row, &i) in out.chunks_exact(d).zip(queries) {
         let at = i as usize * qs + d + d_v;
         add_assign(&mut rows.queries[at..at + d], row);
     }
     // dK_b = coef · V_b (G_aᵀ Q_a)
-    gemm(
-        d_v,
-        d,
-        a,
-        t,
-        d,
-        Mat::cols(ga, d_v),
-        Mat::rows(qa, d),
+    matmul(
+        MatMut::new(t, d_v, d),
+        false,
+        MatRef::new(ga, a, d_v).t(),
+        MatRef::new(qa, a, d),
         1.0,
-        false,
     );
-    gemm(
-        b,
-        d,
-        d_v,
-        out,
-        d,
-        Mat::rows(vb, d_v),
-        Mat::rows(t, d),
-        coef,
+    matmul(
+        MatMut::new(out, b, d),
         false,
+        MatRef::new(vb, b, d_v),
+        MatRef::new(t, d_v, d),
+        coef,
     );
     for (row, &j) in out.chunks_exact(d).zip(keys) {
         let at = j as usize * ks + d + d_v;

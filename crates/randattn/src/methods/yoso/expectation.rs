@@ -5,7 +5,7 @@
 
 use std::f32::consts::{FRAC_1_PI, PI};
 
-use crate::linalg::{Mat, gemm};
+use crate::matrix::{MatMut, MatRef, matmul};
 
 /// Query rows per tile.
 pub(crate) const QUERY_BLOCK: usize = 128;
@@ -119,16 +119,12 @@ impl Head<'_> {
     fn probabilities(&self, s: &mut [f32], q_blk: &[f32], c0: usize, cols: usize) {
         let (d, tau) = (self.d, self.tau);
         let rows = q_blk.len() / d;
-        gemm(
-            rows,
-            cols,
-            d,
-            s,
-            cols,
-            Mat::rows(q_blk, d),
-            Mat::cols(&self.k[c0 * d..(c0 + cols) * d], d),
-            1.0,
+        matmul(
+            MatMut::new(s, rows, cols),
             false,
+            MatRef::new(q_blk, rows, d),
+            MatRef::new(&self.k[c0 * d..(c0 + cols) * d], cols, d).t(),
+            1.0,
         );
         let keep = self.keep.map(|m| &m[c0..c0 + cols]);
         tile_weights(s, &mut [], tau, Slope::Surrogate);
@@ -160,16 +156,12 @@ impl Head<'_> {
             }
             let s = &mut scratch[..rows * cols];
             self.probabilities(s, q_blk, c0, cols);
-            gemm(
-                rows,
-                d_v,
-                cols,
-                out,
-                d_v,
-                Mat::rows(s, cols),
-                Mat::rows(&self.v[c0 * d_v..(c0 + cols) * d_v], d_v),
-                1.0,
+            matmul(
+                MatMut::new(out, rows, d_v),
                 true,
+                MatRef::new(s, rows, cols),
+                MatRef::new(&self.v[c0 * d_v..(c0 + cols) * d_v], cols, d_v),
+                1.0,
             );
         }
     }
@@ -226,16 +218,12 @@ pub(crate) fn backward_chunk(
                 &mut s[..rows * cols],
             );
             // p = cosines, then B (and the slope in w).
-            gemm(
-                rows,
-                cols,
-                d,
-                p,
-                cols,
-                Mat::rows(q_blk, d),
-                Mat::cols(k_tile, d),
-                1.0,
+            matmul(
+                MatMut::new(p, rows, cols),
                 false,
+                MatRef::new(q_blk, rows, d),
+                MatRef::new(k_tile, cols, d).t(),
+                1.0,
             );
             tile_weights(p, w, tau, slope);
             for (prow, wrow) in p.chunks_exact_mut(cols).zip(w.chunks_exact_mut(cols)) {
@@ -249,54 +237,38 @@ pub(crate) fn backward_chunk(
                 }
             }
             if let Some(dv) = dv.as_deref_mut() {
-                gemm(
-                    cols,
-                    d_v,
-                    rows,
-                    &mut dv[t0 * d_v..(t0 + cols) * d_v],
-                    d_v,
-                    Mat::cols(p, cols),
-                    Mat::rows(g_blk, d_v),
-                    1.0,
+                matmul(
+                    MatMut::new(&mut dv[t0 * d_v..(t0 + cols) * d_v], cols, d_v),
                     true,
+                    MatRef::new(p, rows, cols).t(),
+                    MatRef::new(g_blk, rows, d_v),
+                    1.0,
                 );
             }
             // s = (G Vᵀ) ⊙ W
-            gemm(
-                rows,
-                cols,
-                d_v,
-                s,
-                cols,
-                Mat::rows(g_blk, d_v),
-                Mat::cols(v_tile, d_v),
-                1.0,
+            matmul(
+                MatMut::new(s, rows, cols),
                 false,
+                MatRef::new(g_blk, rows, d_v),
+                MatRef::new(v_tile, cols, d_v).t(),
+                1.0,
             );
             for (sv, wv) in s.iter_mut().zip(w.iter()) {
                 *sv *= *wv;
             }
-            gemm(
-                rows,
-                d,
-                cols,
-                &mut dq[r0 * d..(r0 + rows) * d],
-                d,
-                Mat::rows(s, cols),
-                Mat::rows(k_tile, d),
-                1.0,
+            matmul(
+                MatMut::new(&mut dq[r0 * d..(r0 + rows) * d], rows, d),
                 true,
+                MatRef::new(s, rows, cols),
+                MatRef::new(k_tile, cols, d),
+                1.0,
             );
-            gemm(
-                cols,
-                d,
-                rows,
-                &mut dk[t0 * d..(t0 + cols) * d],
-                d,
-                Mat::cols(s, cols),
-                Mat::rows(q_blk, d),
-                1.0,
+            matmul(
+                MatMut::new(&mut dk[t0 * d..(t0 + cols) * d], cols, d),
                 true,
+                MatRef::new(s, rows, cols).t(),
+                MatRef::new(q_blk, rows, d),
+                1.0,
             );
         }
     }

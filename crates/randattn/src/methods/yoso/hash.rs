@@ -18,7 +18,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 
 use crate::error::{Error, Result};
-use crate::linalg::{Mat, gemm};
+use crate::matrix::{MatMut, MatRef, matmul};
 use crate::rng::StreamRng;
 
 use super::lanes::{self, LANES, Lanes};
@@ -165,16 +165,12 @@ impl LshHash {
         let mut proj = vec![0.0f32; SIMHASH_BLOCK.min(n) * width];
         for (blk, rows) in rows.chunks(SIMHASH_BLOCK * d).enumerate() {
             let nb = rows.len() / d;
-            gemm(
-                nb,
-                width,
-                d,
-                &mut proj,
-                width,
-                Mat::rows(rows, d),
-                Mat::rows(directions, width),
-                1.0,
+            matmul(
+                MatMut::new(&mut proj, nb, width),
                 false,
+                MatRef::new(rows, nb, d),
+                MatRef::new(directions, d, width),
+                1.0,
             );
             for (l, p) in proj.chunks_exact(width).take(nb).enumerate() {
                 for (h, bits) in p.chunks_exact(tau).enumerate() {
