@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use randattn::Method;
 
-use crate::op::{Masks, attention, mca_with_diagnostics};
+use crate::op::{Masks, ValueLayer, attention, mca_with_diagnostics};
 
 /// Multi-head self-attention whose attention is a randattn [`Method`] (MCA included: it samples
 /// the value projection from the layer input and this module's W_V).
@@ -85,7 +85,12 @@ impl MultiHeadSelfAttention {
                     Some(b) => b.clone(),
                     None => Tensor::zeros(wv.dim(1)?, x.dtype(), x.device())?,
                 };
-                let (out, diag) = mca_with_diagnostics(&q, &k, x, &wv, &bv, m, seed, &masks)?;
+                let layer = ValueLayer {
+                    x,
+                    wv: &wv,
+                    bv: &bv,
+                };
+                let (out, diag) = mca_with_diagnostics(&q, &k, &layer, m, seed, &masks)?;
                 let f = &diag.flop_fraction;
                 Ok((
                     out,

@@ -272,35 +272,41 @@ impl CustomOp3 for McaOp {
     }
 }
 
-/// MCA on Q, K (`[batch, heads, n, d]`), the layer input X (`[batch, n, d_model]`), W_V
-/// (`[d_model, heads·d_v]`, the orientation `V = X·W_V + b_V`) and b_V (`[heads·d_v]`):
-/// differentiable with respect to all five, with the forward's samples held fixed.
-#[allow(clippy::too_many_arguments)]
+/// A layer's value projection as candle tensors: the layer input X (`[batch, n, d_model]`),
+/// W_V (`[d_model, heads·d_v]`, the orientation `V = X·W_V + b_V`) and b_V (`[heads·d_v]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ValueLayer<'a> {
+    /// The layer input X.
+    pub x: &'a Tensor,
+    /// The value weights W_V.
+    pub wv: &'a Tensor,
+    /// The value bias b_V.
+    pub bv: &'a Tensor,
+}
+
+/// MCA on Q, K (`[batch, heads, n, d]`) and the layer's value projection: differentiable with
+/// respect to Q, K, X, W_V and b_V, with the forward's samples held fixed.
 pub fn mca(
     q: &Tensor,
     k: &Tensor,
-    x: &Tensor,
-    wv: &Tensor,
-    bv: &Tensor,
+    layer: &ValueLayer<'_>,
     mca: &Mca,
     seed: u64,
     masks: &Masks,
 ) -> Result<Tensor> {
-    Ok(mca_with_diagnostics(q, k, x, wv, bv, mca, seed, masks)?.0)
+    Ok(mca_with_diagnostics(q, k, layer, mca, seed, masks)?.0)
 }
 
 /// [`mca`], also returning the forward's budgets, FLOP fractions and bounds.
-#[allow(clippy::too_many_arguments)]
 pub fn mca_with_diagnostics(
     q: &Tensor,
     k: &Tensor,
-    x: &Tensor,
-    wv: &Tensor,
-    bv: &Tensor,
+    layer: &ValueLayer<'_>,
     mca: &Mca,
     seed: u64,
     masks: &Masks,
 ) -> Result<(Tensor, Diagnostics)> {
+    let ValueLayer { x, wv, bv } = *layer;
     let (b, h, n, d) = q.dims4()?;
     let (_, _, d_model) = x.dims3()?;
     let (_, cols) = wv.dims2()?;

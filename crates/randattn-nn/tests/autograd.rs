@@ -7,7 +7,7 @@ use rand_distr::StandardNormal;
 use randattn::methods::mca::Mca;
 use randattn::rng::stream;
 use randattn::{Attention, AttentionInputs, Method};
-use randattn_nn::op::{Masks, attention, mca};
+use randattn_nn::op::{Masks, ValueLayer, attention, mca};
 
 fn normal(len: usize, seed: u64, what: &str) -> Vec<f32> {
     let mut r = stream(seed, 0, 0, what);
@@ -121,7 +121,12 @@ fn mca_autograd_reaches_x_and_the_value_weights() {
     let vx = Var::from_vec(xs.clone(), (b, n, d_model), &dev).unwrap();
     let vw = Var::from_vec(wv.clone(), (d_model, h * dv), &dev).unwrap();
     let vb = Var::from_vec(bv.clone(), h * dv, &dev).unwrap();
-    let out = mca(&vq, &vk, &vx, &vw, &vb, &m, 3, &masks).unwrap();
+    let layer = ValueLayer {
+        x: &vx,
+        wv: &vw,
+        bv: &vb,
+    };
+    let out = mca(&vq, &vk, &layer, &m, 3, &masks).unwrap();
     let gt = Tensor::from_vec(g.clone(), (b, h, n, dv), &dev).unwrap();
     let grads = (&out * &gt).unwrap().sum_all().unwrap().backward().unwrap();
 
@@ -179,7 +184,12 @@ fn bad_tensors_are_errors() {
     let x = Tensor::zeros((1, 5, 6), candle_core::DType::F32, &dev).unwrap();
     let wv = Tensor::zeros((6, 5), candle_core::DType::F32, &dev).unwrap();
     let bv = Tensor::zeros(5, candle_core::DType::F32, &dev).unwrap();
-    let e = mca(&q, &q, &x, &wv, &bv, &Mca::default(), 0, &none)
+    let layer = ValueLayer {
+        x: &x,
+        wv: &wv,
+        bv: &bv,
+    };
+    let e = mca(&q, &q, &layer, &Mca::default(), 0, &none)
         .unwrap_err()
         .to_string();
     assert!(e.contains("multiple of 2 heads"), "{e}");

@@ -10,6 +10,8 @@ use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::params::{self, Params};
@@ -47,6 +49,29 @@ impl Grads {
             params: Vec::new(),
         }
     }
+
+    /// The gradients of every (batch, head) in order, for a parallel loop over heads.
+    pub fn par_heads(&mut self, dims: Dims) -> impl IndexedParallelIterator<Item = HeadGrads<'_>> {
+        let Dims {
+            n_q, n_k, d, d_v, ..
+        } = dims;
+        self.dq
+            .par_chunks_mut(n_q * d)
+            .zip(self.dk.par_chunks_mut(n_k * d))
+            .zip(self.dv.par_chunks_mut(n_k * d_v))
+            .map(|((dq, dk), dv)| HeadGrads { dq, dk, dv })
+    }
+}
+
+/// The gradients of one (batch, head): `dq` is `n_q × d`, `dk` is `n_k × d`, `dv` is `n_k × d_v`.
+#[derive(Debug)]
+pub struct HeadGrads<'a> {
+    /// `∂L/∂Q` of the head.
+    pub dq: &'a mut [f32],
+    /// `∂L/∂K` of the head.
+    pub dk: &'a mut [f32],
+    /// `∂L/∂V` of the head.
+    pub dv: &'a mut [f32],
 }
 
 /// The gradient of one learnable parameter of a method.

@@ -41,7 +41,7 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use estimator::{
-    Attention, Estimator, Forward, Grads, MethodInfo, ParamGrad, Saved, TensorParam,
+    Attention, Estimator, Forward, Grads, HeadGrads, MethodInfo, ParamGrad, Saved, TensorParam,
 };
 pub use inputs::{AttentionInputs, Dims, ValueProjection};
 pub use params::{Auto, ParamInfo};

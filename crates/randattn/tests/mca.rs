@@ -32,7 +32,7 @@ impl McaCase {
             row.iter_mut().for_each(|v| *v *= f);
         }
         let bv = normal(h * dv, 0.5, seed, "bv");
-        case.v = project(&x, &wv, &bv, b, h, n, d_model, dv);
+        case.v = project(&x, &wv, &bv, (b, h, n, d_model, dv));
         McaCase {
             case,
             x,
@@ -81,18 +81,14 @@ impl McaCase {
     }
 }
 
-/// `[b, h, n, dv]` values `X·W_h + b_h`, in f64.
-#[allow(clippy::too_many_arguments)]
+/// `[b, h, n, dv]` values `X·W_h + b_h`, in f64; `sizes` is `(b, h, n, d_model, dv)`.
 fn project(
     x: &[f32],
     wv: &[f32],
     bv: &[f32],
-    b: usize,
-    h: usize,
-    n: usize,
-    d_model: usize,
-    dv: usize,
+    sizes: (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
+    let (b, h, n, d_model, dv) = sizes;
     let mut v = vec![0.0f32; b * h * n * dv];
     for bb in 0..b {
         for hh in 0..h {
@@ -524,7 +520,7 @@ fn masks_threads_and_bad_input() {
         }
         row[3..].fill(0.0);
     }
-    zero.case.v = project(&zero.x, &zero.wv, &zero.bv, 1, 2, 30, 16, 3);
+    zero.case.v = project(&zero.x, &zero.wv, &zero.bv, (1, 2, 30, 16, 3));
     let xz = zero.inputs();
     for probs in [Probs::Weight, Probs::InputAware] {
         for seed in 0..20 {

@@ -234,26 +234,18 @@ fn tile_mask(keep: Option<&[bool]>, range: std::ops::Range<usize>) -> TileMask {
     }
 }
 
-/// `s ← scale · Q_blk K_tileᵀ`, then −∞ in masked key columns. `s` is `rows × cols`, contiguous.
-#[allow(clippy::too_many_arguments)]
+/// `s ← scale · Q_blk K_tileᵀ`, then −∞ in masked key columns. `s` is `rows × cols`, contiguous,
+/// for `rows` queries and `cols` keys.
 fn logits_tile(
     s: &mut [f32],
-    q_blk: &[f32],
-    k_tile: &[f32],
-    rows: usize,
-    cols: usize,
-    d: usize,
+    q_blk: MatRef<'_>,
+    k_tile: MatRef<'_>,
     scale: f32,
     keep: Option<&[bool]>,
     mask: TileMask,
 ) {
-    matmul(
-        MatMut::new(s, rows, cols),
-        false,
-        MatRef::new(q_blk, rows, d),
-        MatRef::new(k_tile, cols, d).t(),
-        scale,
-    );
+    let (rows, cols) = (q_blk.rows(), k_tile.rows());
+    matmul(MatMut::new(s, rows, cols), false, q_blk, k_tile.t(), scale);
     if mask == TileMask::Mixed {
         let keep = keep.expect("mixed tiles come from a mask");
         for row in s[..rows * cols].chunks_exact_mut(cols) {
@@ -338,7 +330,8 @@ impl HeadForward<'_> {
             let tile_keep = self.keep.map(|m| &m[c0..c1]);
             let s = &mut s[..rows * cols];
             let k_tile = &self.k[c0 * d..c1 * d];
-            logits_tile(s, q_blk, k_tile, rows, cols, d, self.scale, tile_keep, mask);
+            let (q_blk, k_tile) = (MatRef::new(q_blk, rows, d), MatRef::new(k_tile, cols, d));
+            logits_tile(s, q_blk, k_tile, self.scale, tile_keep, mask);
             for (r, srow) in s.chunks_exact_mut(cols).enumerate() {
                 let m_old = row_max_run[r];
                 let m_new = m_old.max(row_max(srow));
@@ -461,7 +454,8 @@ impl HeadBackward<'_> {
                 let g_blk = &self.grad_out[r0 * d_v..r1 * d_v];
                 let p = &mut p[..rows * cols];
                 let dp = &mut dp[..rows * cols];
-                logits_tile(p, q_blk, k_tile, rows, cols, d, self.scale, tile_keep, mask);
+                let (q_m, k_m) = (MatRef::new(q_blk, rows, d), MatRef::new(k_tile, cols, d));
+                logits_tile(p, q_m, k_m, self.scale, tile_keep, mask);
                 for (prow, l) in p.chunks_exact_mut(cols).zip(lse) {
                     exp_shifted_sum(prow, *l);
                 }

@@ -532,8 +532,7 @@ impl Mca {
                     &proj,
                     prep,
                     &budgets[bh * n_k..(bh + 1) * n_k],
-                    bh / heads,
-                    bh % heads,
+                    bh,
                     seed,
                     vals,
                 )
@@ -546,19 +545,18 @@ impl Mca {
     }
 
     /// One head: exact tokens by one GEMM, sampled tokens by a sparse-times-dense product with
-    /// their distinct sampled features, then the bias.
-    #[allow(clippy::too_many_arguments)]
+    /// their distinct sampled features, then the bias. `bh` is the (batch, head) index.
     fn sample_head(
         &self,
         proj: &ValueProjection<'_>,
         prep: &Prepared,
         budgets: &[u32],
-        b: usize,
-        h: usize,
+        bh: usize,
         seed: u64,
         vals: &mut [f32],
     ) -> HeadSamples {
-        let (d_model, _, d_v) = prep.dims();
+        let (d_model, heads, d_v) = prep.dims();
+        let (b, h) = (bh / heads, bh % heads);
         let n_k = budgets.len();
         let xb = &proj.x[b * n_k * d_model..(b + 1) * n_k * d_model];
         let w = prep.head(h);
@@ -569,12 +567,15 @@ impl Mca {
             exact: Vec::new(),
             shared: None,
         };
-        let mut counts = vec![0u32; d_model];
-        let mut drawn = vec![0u32; d_model + 1];
+        let mut distinct = Distinct {
+            counts: vec![0u32; d_model],
+            drawn: vec![0u32; d_model + 1],
+        };
         let mut raw: Vec<u64> = Vec::with_capacity(d_model);
         let mut cdf = vec![0.0f64; d_model];
         let table = &prep.table[h * d_model..(h + 1) * d_model];
         let inv_p = &prep.inv_p[h * d_model..(h + 1) * d_model];
+        let sampler = HeadSampler { table, inv_p, w };
         let norms = &prep.norms[h * d_model..(h + 1) * d_model];
         let head_key = stream(seed, b, h, "mca/samples").next_u64();
         if self.draws == Draws::Shared {
@@ -610,12 +611,9 @@ impl Mca {
                     weight_token(
                         key,
                         r as usize,
-                        table,
-                        inv_p,
+                        &sampler,
                         xj,
-                        w,
-                        &mut counts,
-                        &mut drawn,
+                        &mut distinct,
                         &mut hs.entries,
                         &mut vals[j * d_v..(j + 1) * d_v],
                     );
@@ -634,6 +632,7 @@ impl Mca {
                             .rev()
                             .find(|&k| xj[k] != 0.0 && norms[k] > 0.0)
                             .unwrap_or(d_model - 1);
+                        let Distinct { counts, drawn } = &mut distinct;
                         let mut unique = 0usize;
                         token_draws(key, r as usize, &mut raw);
                         for &u in &raw {
@@ -881,24 +880,36 @@ fn shared_rows(
     }
 }
 
+/// A head's alias table of `p_h`, its `1/p_h` and its weights `W_h` (`d_model × d_v`).
+#[derive(Clone, Copy)]
+struct HeadSampler<'a> {
+    table: &'a [u64],
+    inv_p: &'a [f32],
+    w: &'a [f32],
+}
+
+/// Scratch for merging repeated draws: a count per feature and the distinct features drawn.
+struct Distinct {
+    counts: Vec<u32>,
+    drawn: Vec<u32>,
+}
+
 multiversion! {
     /// One token with per-token draws from its head's alias table, all in one vectorised body:
     /// `r` draws (SplitMix64 sequence; branch-free select, since the accept test is a coin flip
     /// no predictor can learn), their distinct features and weights `count/(r·p)` appended to
     /// `entries`, and `out += Σ c·x[k]·W[k, :]`.
-    #[allow(clippy::too_many_arguments)]
     fn weight_token(
         key: u64,
         r: usize,
-        table: &[u64],
-        inv_p: &[f32],
+        sampler: &HeadSampler<'_>,
         x: &[f32],
-        w: &[f32],
-        counts: &mut [u32],
-        drawn: &mut [u32],
+        distinct: &mut Distinct,
         entries: &mut Vec<(u32, f32)>,
         out: &mut [f32],
     ) {
+        let HeadSampler { table, inv_p, w } = *sampler;
+        let Distinct { counts, drawn } = distinct;
         let d = table.len() as u64;
         let mut unique = 0usize;
         for t in 1..=r as u64 {

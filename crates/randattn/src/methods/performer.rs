@@ -45,7 +45,7 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::estimator::{Estimator, Grads, MethodInfo};
+use crate::estimator::{Estimator, Grads, HeadGrads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{dot, exp_shifted_sum, row_max};
 use crate::matrix::{MatMut, MatRef, matmul};
@@ -182,20 +182,19 @@ impl Performer {
 
     /// One tile of scaled rows `x` (`rows × d`) into features `φ` (`rows × width`): with
     /// `shift = Some(s)` every kept row is `e^(log φ − s)` and masked rows are 0; with `None`
-    /// each row is shifted by its own maximum (queries).
-    #[allow(clippy::too_many_arguments)]
+    /// each row is shifted by its own maximum (queries). `w` holds the head's directions.
     fn tile_features(
         &self,
         src: &[f32],
-        root: f32,
         w: &[f32],
-        d: usize,
         xs: &mut [f32],
         phi: &mut [f32],
         shift: Option<f32>,
         kept: impl Fn(usize) -> bool,
     ) {
         let width = self.width();
+        let d = src.len() / (phi.len() / width);
+        let root = resolve_scale(self.scale, d).sqrt();
         for (a, b) in xs.iter_mut().zip(src) {
             *a = b * root;
         }
@@ -313,7 +312,6 @@ impl Performer {
     fn head_forward(&self, x: &AttentionInputs<'_>, bh: usize, w: &[f32], out: &mut [f32]) {
         let Dims { n_q, d, d_v, .. } = x.dims();
         let width = self.width();
-        let root = resolve_scale(self.scale, d).sqrt();
         let st = self.key_stats(x, bh, w);
         let qh = x.q_head(bh);
         let mut xs = vec![0.0f32; TILE * d];
@@ -322,7 +320,7 @@ impl Performer {
             let rows = TILE.min(n_q - start);
             let (xs, phi) = (&mut xs[..rows * d], &mut phi[..rows * width]);
             let src = &qh[start * d..(start + rows) * d];
-            self.tile_features(src, root, w, d, xs, phi, None, |_| true);
+            self.tile_features(src, w, xs, phi, None, |_| true);
             self.tile_output(phi, &st, d_v, &mut out[start * d_v..(start + rows) * d_v]);
         }
     }
@@ -330,17 +328,15 @@ impl Performer {
     /// The backward of one head, streamed like the forward: key statistics; query tiles (which
     /// give dQ and accumulate `d(KV)`, `d(ksum)`); key tiles (which give dK and dV). `g` is the
     /// head's output gradient with masked query rows zeroed.
-    #[allow(clippy::too_many_arguments)]
     fn head_backward(
         &self,
         x: &AttentionInputs<'_>,
         bh: usize,
         w: &[f32],
         g: &[f32],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
+        grads: HeadGrads<'_>,
     ) {
+        let HeadGrads { dq, dk, dv } = grads;
         let Dims {
             heads,
             n_q,
@@ -369,7 +365,7 @@ impl Performer {
             );
             let (out, dnum) = (&mut out[..rows * d_v], &mut dnum[..rows * d_v]);
             let src = &qh[start * d..(start + rows) * d];
-            self.tile_features(src, root, w, d, xs, phi, None, |_| true);
+            self.tile_features(src, w, xs, phi, None, |_| true);
             let dens = self.tile_output(phi, &st, d_v, out);
             // out = num / den: dnum = G / den, dden = −(G·out) / den.
             let gt = &g[start * d_v..(start + rows) * d_v];
@@ -432,7 +428,7 @@ impl Performer {
             );
             let src = &kh[start * d..(start + rows) * d];
             let kept = |j: usize| keep.is_none_or(|m| m[start + j]);
-            self.tile_features(src, root, w, d, xs, phi, Some(st.shift), kept);
+            self.tile_features(src, w, xs, phi, Some(st.shift), kept);
             matmul(
                 MatMut::new(&mut dv[start * d_v..(start + rows) * d_v], rows, d_v),
                 false,
@@ -565,27 +561,16 @@ impl Estimator for Performer {
     ) -> Result<Grads> {
         let dims = x.dims();
         let Dims {
-            heads,
-            n_q,
-            n_k,
-            d,
-            d_v,
-            ..
+            heads, n_q, d_v, ..
         } = dims;
         let dirs = self.all_directions(dims, seed);
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
         let mut grads = Grads::zeros(x);
-        grads
-            .dq
-            .par_chunks_mut(n_q * d)
-            .zip(grads.dk.par_chunks_mut(n_k * d))
-            .zip(grads.dv.par_chunks_mut(n_k * d_v))
-            .enumerate()
-            .for_each(|(bh, ((dq, dk), dv))| {
-                let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
-                self.head_backward(x, bh, &dirs[bh % heads], gh, dq, dk, dv);
-            });
+        grads.par_heads(dims).enumerate().for_each(|(bh, hg)| {
+            let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+            self.head_backward(x, bh, &dirs[bh % heads], gh, hg);
+        });
         Ok(grads)
     }
 }

@@ -130,6 +130,15 @@ pub struct SkeinSaved {
     c_max: usize,
 }
 
+/// What the backward of one head's sketched rows accumulates over its row blocks: the gradients
+/// of the sampled key and value rows, of `v_rest`, and reusable scratch.
+struct SketchGrads {
+    dk_cols: Vec<f32>,
+    dv_cols: Vec<f32>,
+    dv_rest: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
 /// The exact pilot rows of one head.
 struct PilotHead {
     /// `p_max × d_v` outputs `B_J V` (zero rows in unused slots).
@@ -425,18 +434,14 @@ impl SketchHead<'_> {
     }
 
     /// Backward of the rows `r0..r0 + rows` given their output gradient `grad`: adds to `dq`
-    /// (those rows), `dk_cols`, `dv_cols` and the gradient `dv_rest` of `v_rest`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_block(
-        &self,
-        r0: usize,
-        grad: &[f32],
-        dq: &mut [f32],
-        dk_cols: &mut [f32],
-        dv_cols: &mut [f32],
-        dv_rest: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
+    /// (those rows) and to the head's accumulators `acc`.
+    fn backward_block(&self, r0: usize, grad: &[f32], dq: &mut [f32], acc: &mut SketchGrads) {
+        let SketchGrads {
+            dk_cols,
+            dv_cols,
+            dv_rest,
+            scratch,
+        } = acc;
         let (c, d, d_v) = (self.columns(), self.d, self.d_v);
         let rows = grad.len() / d_v;
         scratch.resize(rows * (2 * c + 2 + 2 * d_v), 0.0);
@@ -839,26 +844,26 @@ impl Estimator for Skeinformer {
                             scale,
                         };
                         let c = cols.len();
-                        let mut dk_cols = vec![0.0f32; c * d];
-                        let mut dv_cols = vec![0.0f32; c * d_v];
-                        let mut dv_rest = vec![0.0f32; d_v];
-                        let mut scratch = Vec::new();
+                        let mut acc = SketchGrads {
+                            dk_cols: vec![0.0f32; c * d],
+                            dv_cols: vec![0.0f32; c * d_v],
+                            dv_rest: vec![0.0f32; d_v],
+                            scratch: Vec::new(),
+                        };
                         let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
                         for (blk, (gb, dqb)) in gh
                             .chunks(ROW_BLOCK * d_v)
                             .zip(dq.chunks_mut(ROW_BLOCK * d))
                             .enumerate()
                         {
-                            head.backward_block(
-                                blk * ROW_BLOCK,
-                                gb,
-                                dqb,
-                                &mut dk_cols,
-                                &mut dv_cols,
-                                &mut dv_rest,
-                                &mut scratch,
-                            );
+                            head.backward_block(blk * ROW_BLOCK, gb, dqb, &mut acc);
                         }
+                        let SketchGrads {
+                            dk_cols,
+                            dv_cols,
+                            dv_rest,
+                            ..
+                        } = acc;
                         // v_rest = Σ_{unmasked} v_j − Σ_{sampled} v_j.
                         let keep = x.key_mask_row(bh / heads);
                         for (j, row) in dv.chunks_exact_mut(d_v).enumerate() {

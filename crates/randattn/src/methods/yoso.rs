@@ -84,7 +84,7 @@ use crate::rng::stream;
 use super::conv;
 pub use super::conv::{MAX_CONV, seeded_conv_weights};
 
-use buckets::{CumulationScratch, RowLayout, cumulate};
+use buckets::{Codes, Coefs, CumulationScratch, RowLayout, cumulate};
 use expectation::{Head, Slope};
 pub use hash::{HashFamily, LshHash, MAX_TAU, NO_CODE};
 
@@ -362,22 +362,17 @@ fn hash_chunks(m: usize, heads: usize) -> Vec<std::ops::Range<usize>> {
 
 /// `out ← Σ_{h} T_h[c_h(dst)]` over all `m` hashes, split over hash chunks run in parallel and
 /// summed in a fixed order.
-#[allow(clippy::too_many_arguments)]
 fn parallel_cumulate(
-    src_codes: &[u32],
+    codes: Codes<'_>,
     src_vals: &[f32],
-    dst_codes: &[u32],
     out: &mut [f32],
     w: usize,
     m: usize,
     heads: usize,
-    tau: u32,
 ) {
     let chunks = hash_chunks(m, heads);
     if chunks.len() == 1 {
-        SCRATCH.with_borrow_mut(|scratch| {
-            cumulate(src_codes, src_vals, dst_codes, out, w, 0..m, tau, scratch)
-        });
+        SCRATCH.with_borrow_mut(|scratch| cumulate(codes, src_vals, out, w, 0..m, scratch));
         return;
     }
     let partials: Vec<Vec<f32>> = chunks
@@ -385,9 +380,7 @@ fn parallel_cumulate(
         .map(|hashes| {
             let mut part = vec![0.0f32; out.len()];
             SCRATCH.with_borrow_mut(|scratch| {
-                cumulate(
-                    src_codes, src_vals, dst_codes, &mut part, w, hashes, tau, scratch,
-                )
+                cumulate(codes, src_vals, &mut part, w, hashes, scratch)
             });
             part
         })
@@ -491,7 +484,12 @@ impl Estimator for Yoso {
                     || hasher.codes(x.q_head(bh), x.query_mask_row(b), qc),
                     || hasher.codes(x.k_head(bh), x.key_mask_row(b), kc),
                 );
-                parallel_cumulate(kc, x.v_head(bh), qc, out, d_v, m, bhs, tau);
+                let codes = Codes {
+                    src: kc,
+                    dst: qc,
+                    tau,
+                };
+                parallel_cumulate(codes, x.v_head(bh), out, d_v, m, bhs);
                 let inv = 1.0 / m as f32;
                 for o in out.iter_mut() {
                     *o *= inv;
@@ -716,7 +714,12 @@ fn exact_b_backward_all(
                 let qc = &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q];
                 let kc = &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k];
                 // dV = B̂ᵀ G: the cumulation with the roles of queries and keys swapped.
-                parallel_cumulate(qc, g, kc, dv, d_v, m, bhs, tau);
+                let codes = Codes {
+                    src: qc,
+                    dst: kc,
+                    tau,
+                };
+                parallel_cumulate(codes, g, dv, d_v, m, bhs);
                 let inv = 1.0 / m as f32;
                 for v in dv.iter_mut() {
                     *v *= inv;
@@ -833,16 +836,16 @@ impl LshHead<'_> {
         }
         let m = s.m;
         let inv = 1.0 / m as f32;
-        buckets::walk_prepared(
-            scratch,
-            layout,
-            &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q],
-            &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k],
-            s.tau,
-            hashes,
-            0.5 * s.tau as f32 * inv,
-            inv,
-        );
+        let codes = Codes {
+            src: &s.k_codes[bh * m * n_k..(bh + 1) * m * n_k],
+            dst: &s.q_codes[bh * m * n_q..(bh + 1) * m * n_q],
+            tau: s.tau,
+        };
+        let coefs = Coefs {
+            coef: 0.5 * s.tau as f32 * inv,
+            dv_coef: inv,
+        };
+        buckets::walk_prepared(scratch, layout, codes, hashes, coefs);
     }
 
     /// Copies the accumulated `dq̂`, `dk̂` and `dV` out of the rows (overwriting the slices).

@@ -156,17 +156,19 @@ pub(crate) struct CumulationScratch {
 /// resolved first; then, hash by hash, the source rows are scatter-added into compact bucket sums
 /// and each destination row adds its bucket's sum. Cost `O(|hashes| · (n_src + n_dst) · w)`,
 /// scratch `O(|hashes| · (n_src + n_dst) + n_src · w)`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn cumulate(
-    src_codes: &[u32],
+    codes: Codes<'_>,
     src_vals: &[f32],
-    dst_codes: &[u32],
     out: &mut [f32],
     w: usize,
     hashes: Range<usize>,
-    tau: u32,
     scratch: &mut CumulationScratch,
 ) {
+    let Codes {
+        src: src_codes,
+        dst: dst_codes,
+        tau,
+    } = codes;
     let n_src = src_vals.len() / w;
     let n_dst = out.len() / w;
     let slots = 1usize << tau;
@@ -308,6 +310,24 @@ fn add_row(a: &mut [f32], b: &[f32]) {
     }
 }
 
+/// Hash codes of the two sides of a cumulation or pair walk, hash-major (`[m][n]` each), and
+/// their length τ: `src` is the side put into buckets (whose values are summed), `dst` the side
+/// that reads its buckets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Codes<'a> {
+    pub src: &'a [u32],
+    pub dst: &'a [u32],
+    pub tau: u32,
+}
+
+/// The weights of the surrogate backward's pair walk: `s = coef·(g_i·v_j)` moves dq and dk,
+/// `dv_coef` scales `g_i` into `dv_j`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Coefs {
+    pub coef: f32,
+    pub dv_coef: f32,
+}
+
 /// Inputs of the pairwise walk for one head (tests drive the walk through these).
 #[cfg(test)]
 pub(crate) struct PairInputs<'a> {
@@ -340,12 +360,10 @@ pub(crate) struct PairInputs<'a> {
 /// proportional to the number of collisions when buckets are small and never exceeds
 /// `O(|hashes| · (n_q + n_k) · d · d_v)` when they are large (e.g. many identical tokens).
 #[cfg(test)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn colliding_pairs(
     x: &PairInputs<'_>,
     hashes: Range<usize>,
-    coef: f32,
-    dv_coef: f32,
+    coefs: Coefs,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -372,9 +390,12 @@ pub(crate) fn colliding_pairs(
         row[..d].copy_from_slice(k);
         row[d..d + d_v].copy_from_slice(v);
     }
-    walk_prepared(
-        scratch, layout, x.q_codes, x.k_codes, x.tau, hashes, coef, dv_coef,
-    );
+    let codes = Codes {
+        src: x.k_codes,
+        dst: x.q_codes,
+        tau: x.tau,
+    };
+    walk_prepared(scratch, layout, codes, hashes, coefs);
     let (query_rows, key_rows) = (&scratch.query_rows, &scratch.key_rows);
     for (out, row) in dq
         .chunks_exact_mut(d)
@@ -446,17 +467,18 @@ impl CumulationScratch {
 
 /// The walk of [`colliding_pairs`] over rows already in `scratch` (see
 /// [`CumulationScratch::pair_rows`]): accumulates into their `dq`, `dk` and `dv` parts.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn walk_prepared(
     scratch: &mut CumulationScratch,
     layout: RowLayout,
-    q_codes: &[u32],
-    k_codes: &[u32],
-    tau: u32,
+    codes: Codes<'_>,
     hashes: Range<usize>,
-    coef: f32,
-    dv_coef: f32,
+    coefs: Coefs,
 ) {
+    let Codes {
+        src: k_codes,
+        dst: q_codes,
+        tau,
+    } = codes;
     let n_q = scratch.query_rows.len() / layout.query_stride();
     let n_k = scratch.key_rows.len() / layout.key_stride();
     let mut query_rows = std::mem::take(&mut scratch.query_rows);
@@ -510,8 +532,7 @@ pub(crate) fn walk_prepared(
             index,
             &grouped,
             &group_bounds,
-            coef,
-            dv_coef,
+            coefs,
             &mut scratch.gathered,
         );
         index.group_bounds = group_bounds;
@@ -534,16 +555,15 @@ struct PairRows<'a> {
 
 crate::linalg::multiversion! {
     /// The pairs of every bucket of one hash (queries grouped by bucket in `grouped`).
-    #[allow(clippy::too_many_arguments)]
     fn walk_buckets(
         rows: &mut PairRows<'_>,
         index: &BucketIndex,
         grouped: &[u32],
         group_bounds: &[u32],
-        coef: f32,
-        dv_coef: f32,
+        coefs: Coefs,
         gathered: &mut Vec<f32>,
     ) {
+        let Coefs { coef, dv_coef } = coefs;
         let (d, d_v, qs, ks) = (rows.d, rows.d_v, rows.q_stride, rows.k_stride);
         for b in 0..index.buckets() {
             let queries = &grouped[group_bounds[b] as usize..group_bounds[b + 1] as usize];
@@ -569,7 +589,7 @@ crate::linalg::multiversion! {
                     }
                 }
             } else {
-                outer_bucket(rows, queries, keys, coef, dv_coef, gathered);
+                outer_bucket(rows, queries, keys, coefs, gathered);
             }
         }
     }
@@ -584,10 +604,10 @@ fn outer_bucket(
     rows: &mut PairRows<'_>,
     queries: &[u32],
     keys: &[u32],
-    coef: f32,
-    dv_coef: f32,
+    coefs: Coefs,
     buf: &mut Vec<f32>,
 ) {
+    let Coefs { coef, dv_coef } = coefs;
     let (d, d_v, qs, ks) = (rows.d, rows.d_v, rows.q_stride, rows.k_stride);
     let (a, b) = (queries.len(), keys.len());
     // Copies columns `from..from + w` of the listed rows (`stride` apart) into a dense matrix.
@@ -746,7 +766,11 @@ mod tests {
             };
             let (mut dq, mut dk, mut dv) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n * d_v]);
             let mut scratch = CumulationScratch::default();
-            colliding_pairs(&x, 0..1, 0.5, 0.25, &mut dq, &mut dk, &mut dv, &mut scratch);
+            let coefs = Coefs {
+                coef: 0.5,
+                dv_coef: 0.25,
+            };
+            colliding_pairs(&x, 0..1, coefs, &mut dq, &mut dk, &mut dv, &mut scratch);
             let together = |i: usize, j: usize| codes[i] == codes[j];
             let s = |i: usize, j: usize| {
                 0.5 * (0..d_v)
