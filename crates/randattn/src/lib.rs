@@ -35,6 +35,8 @@ pub mod methods;
 pub mod params;
 pub mod registry;
 pub mod rng;
+pub mod sampling;
+pub mod segments;
 pub mod spec;
 pub mod tiles;
 pub mod workload;

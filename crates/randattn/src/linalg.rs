@@ -241,6 +241,15 @@ pub fn softmax_row(row: &mut [f32]) {
     }
 }
 
+/// Backward of a softmax row in place: given `p = softmax(x)` and `dp = ∂L/∂p`, leaves
+/// `∂L/∂x = p ⊙ (dp − ⟨p, dp⟩)` in `dp`. Entries where `p` is 0 (masked) get 0.
+pub fn softmax_row_backward(dp: &mut [f32], p: &[f32]) {
+    let inner: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+    for (d, pv) in dp.iter_mut().zip(p) {
+        *d = pv * (*d - inner);
+    }
+}
+
 /// Unnormalised fast Walsh–Hadamard transform in place: `x ← H x` with `H` the Sylvester
 /// Hadamard matrix of size `x.len()` (entries ±1, `H_ij = (−1)^popcount(i & j)`), in
 /// `O(n log n)`. Divide by `√n` for the orthonormal transform.
@@ -353,5 +362,25 @@ mod tests {
         }
         let err = fwht(&mut [0.0; 6]).unwrap_err().to_string();
         assert!(err.contains("length 6"), "{err}");
+    }
+
+    #[test]
+    fn softmax_row_backward_is_the_jacobian_transpose() {
+        let x = [0.3f32, -1.2, 2.0, 0.0];
+        let mut p = x;
+        softmax_row(&mut p);
+        let dp = [0.5f32, -0.25, 1.0, 2.0];
+        let mut dx = dp;
+        softmax_row_backward(&mut dx, &p);
+        for (i, got) in dx.iter().enumerate() {
+            // ∂p_j/∂x_i = p_j (δ_ij − p_i)
+            let want: f64 = (0..4)
+                .map(|j| {
+                    let delta = if i == j { 1.0 } else { 0.0 };
+                    dp[j] as f64 * p[j] as f64 * (delta - p[i] as f64)
+                })
+                .sum();
+            assert!((*got as f64 - want).abs() < 1e-6, "{i}: {got} vs {want}");
+        }
     }
 }

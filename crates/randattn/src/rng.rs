@@ -9,14 +9,23 @@
 use rand_core::SeedableRng;
 pub use rand_xoshiro::Xoshiro256PlusPlus as StreamRng;
 
-/// One step of SplitMix64: a bijective mixer with good avalanche, used to spread the stream key
-/// over the generator's 256-bit state.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
+/// SplitMix64's increment (2⁶⁴/φ).
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: a bijective mixer with good avalanche. `mix64(key + i·GOLDEN)`
+/// for `i = 1, 2, …` is the SplitMix64 sequence started at `key` — counter-based, so a loop
+/// over `i` vectorises (MCA's per-token draws).
+#[inline(always)]
+pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// One step of SplitMix64, used to spread the stream key over the generator's 256-bit state.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(GOLDEN);
+    mix64(*state)
 }
 
 /// FNV-1a hash of a purpose label.

@@ -45,10 +45,11 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
-use crate::linalg::{exp_shifted_sum, row_max, softmax_row};
+use crate::linalg::{exp_shifted_sum, row_max, softmax_row, softmax_row_backward};
 use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
+use crate::segments::{Larger, segments};
 
 /// Largest number of proposals accepted.
 pub const MAX_PROPOSALS: usize = 4096;
@@ -75,22 +76,6 @@ crate::method_params! {
         /// Given proposal means `[heads, C, d]` (scaled coordinates); `None` = segment means.
         pub proposal_means: Option<Vec<f32>> = None;
     }
-}
-
-/// Segments of `len` tokens into `c` parts as the brief: the first `(s+1)c − len` have
-/// `s = ⌊len/c⌋` tokens, the rest `s + 1`.
-fn segments(len: usize, c: usize) -> Vec<std::ops::Range<usize>> {
-    let s = len / c;
-    let short = (s + 1) * c - len;
-    let mut start = 0;
-    (0..c)
-        .map(|i| {
-            let size = if i < short { s } else { s + 1 };
-            let r = start..start + size;
-            start += size;
-            r
-        })
-        .collect()
 }
 
 /// One head's forward, everything kept for the backward.
@@ -160,8 +145,8 @@ impl Lara {
             }
             None => {
                 let c = self.proposals.min(q_idx.len()).min(k_idx.len());
-                let q_segs = segments(q_idx.len(), c);
-                let k_segs = segments(k_idx.len(), c);
+                let q_segs = segments(q_idx.len(), c, Larger::Last);
+                let k_segs = segments(k_idx.len(), c, Larger::Last);
                 let mean = |rows: &[f32], idx: &[u32], segs: &[std::ops::Range<usize>]| {
                     let mut out = vec![0.0f32; segs.len() * d];
                     for (o, seg) in out.chunks_exact_mut(d).zip(segs) {
@@ -604,10 +589,7 @@ impl Estimator for Lara {
                 );
                 // W = softmax_j(ℓ), row by row: dℓ = W ⊙ (dW − Σ_j W dW) (in place of dW).
                 for (dr_, wr) in dw.chunks_exact_mut(j_n).zip(h.w.chunks_exact(j_n)) {
-                    let inner: f32 = dr_.iter().zip(wr).map(|(a, b)| a * b).sum();
-                    for (a, b) in dr_.iter_mut().zip(wr) {
-                        *a = b * (*a - inner);
-                    }
+                    softmax_row_backward(dr_, wr);
                 }
                 let dl_ = dw;
                 let mut domega = vec![0.0f32; j_n * d];
@@ -695,12 +677,12 @@ impl Estimator for Lara {
                 // r = softmax over kept queries of q̃ xᵀ.
                 let mut dt = vec![0.0f32; c * n_q];
                 for cc in 0..c {
-                    let rr = &h.r[cc * n_q..(cc + 1) * n_q];
-                    let drr = &dr[cc * n_q..(cc + 1) * n_q];
-                    let inner: f32 = rr.iter().zip(drr).map(|(a, b)| a * b).sum();
-                    for n in 0..n_q {
-                        if h.query_kept[n] {
-                            dt[cc * n_q + n] = rr[n] * (drr[n] - inner);
+                    let dt_c = &mut dt[cc * n_q..(cc + 1) * n_q];
+                    dt_c.copy_from_slice(&dr[cc * n_q..(cc + 1) * n_q]);
+                    softmax_row_backward(dt_c, &h.r[cc * n_q..(cc + 1) * n_q]);
+                    for (t, kept) in dt_c.iter_mut().zip(&h.query_kept) {
+                        if !kept {
+                            *t = 0.0;
                         }
                     }
                 }

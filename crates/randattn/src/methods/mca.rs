@@ -61,7 +61,8 @@ use crate::linalg::{multiversion, zeroed};
 use crate::matrix::{MatMut, MatRef, matmul};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, Rule, param_error, positive, resolve_scale, scale_rule};
-use crate::rng::stream;
+use crate::rng::{GOLDEN, mix64, stream};
+use crate::sampling::build_alias;
 use crate::tiles::{KEY_TILE, QUERY_BLOCK};
 
 crate::choice! {
@@ -209,48 +210,6 @@ impl Prepared {
     fn head(&self, h: usize) -> &[f32] {
         &self.packed[h * self.d_model * self.d_v..(h + 1) * self.d_model * self.d_v]
     }
-}
-
-/// Vose's alias method: `threshold[i]/2³²` is the chance of keeping `i` once drawn uniformly,
-/// else `alias[i]` is taken.
-fn build_alias(p: &[f64], threshold: &mut [u32], alias: &mut [u32]) {
-    let n = p.len();
-    let mut scaled: Vec<f64> = p.iter().map(|v| v * n as f64).collect();
-    let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
-    for (i, a) in alias.iter_mut().enumerate() {
-        *a = i as u32;
-    }
-    while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
-        small.pop();
-        threshold[s] = to_threshold(scaled[s]);
-        alias[s] = l as u32;
-        scaled[l] -= 1.0 - scaled[s];
-        if scaled[l] < 1.0 {
-            large.pop();
-            small.push(l);
-        }
-    }
-    // Leftovers hold (up to rounding) probability one.
-    for i in small.into_iter().chain(large) {
-        threshold[i] = u32::MAX;
-        alias[i] = i as u32;
-    }
-    // A feature of probability zero must never be drawn (its weight 1/p would be infinite),
-    // whatever the rounding above did.
-    let top = (0..n).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
-    for i in 0..n {
-        if p[i] == 0.0 {
-            threshold[i] = 0;
-            alias[i] = top as u32;
-        }
-        if p[alias[i] as usize] == 0.0 {
-            alias[i] = top as u32;
-        }
-    }
-}
-
-fn to_threshold(x: f64) -> u32 {
-    (x.clamp(0.0, 1.0) * 4294967296.0).min(u32::MAX as f64) as u32
 }
 
 /// Budgets, FLOP fractions and bounds of one forward.
@@ -782,16 +741,6 @@ impl Mca {
         }
         Ok(inner)
     }
-}
-
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's output function.
-#[inline(always)]
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// The key of token `j`'s draws within a head.

@@ -41,9 +41,10 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
-use crate::linalg::softmax_row;
+use crate::linalg::{softmax_row, softmax_row_backward};
 use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
+use crate::segments::{Larger, segments};
 
 use super::conv;
 
@@ -76,20 +77,6 @@ pub struct NystromSaved {
     conv_weights: Option<Vec<f32>>,
 }
 
-/// Contiguous segments of `len` items into `m` parts whose sizes differ by at most one.
-fn segments(len: usize, m: usize) -> Vec<std::ops::Range<usize>> {
-    let (base, extra) = (len / m, len % m);
-    let mut start = 0;
-    (0..m)
-        .map(|s| {
-            let size = base + usize::from(s < extra);
-            let r = start..start + size;
-            start += size;
-            r
-        })
-        .collect()
-}
-
 /// Means of the rows `idx[seg]` of `rows` (`w` wide), one per segment.
 fn segment_means(rows: &[f32], w: usize, idx: &[u32], segs: &[std::ops::Range<usize>]) -> Vec<f32> {
     let mut out = vec![0.0f32; segs.len() * w];
@@ -107,13 +94,10 @@ fn segment_means(rows: &[f32], w: usize, idx: &[u32], segs: &[std::ops::Range<us
     out
 }
 
-/// Softmax backward in place: `dp ← p ⊙ (dp − rowsum(dp ⊙ p))`, rows `cols` wide.
+/// Softmax backward in place, row by row (`cols` wide): see [`softmax_row_backward`].
 fn softmax_backward(dp: &mut [f32], p: &[f32], cols: usize) {
     for (d, p) in dp.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
-        let inner: f32 = d.iter().zip(p).map(|(a, b)| a * b).sum();
-        for (dv, pv) in d.iter_mut().zip(p) {
-            *dv = pv * (*dv - inner);
-        }
+        softmax_row_backward(d, p);
     }
 }
 
@@ -363,8 +347,8 @@ impl Nystrom {
             return None;
         }
         let (q, k, v) = (x.q_head(bh), x.k_head(bh), x.v_head(bh));
-        let q_segs = segments(q_idx.len(), m);
-        let k_segs = segments(k_idx.len(), m);
+        let q_segs = segments(q_idx.len(), m, Larger::First);
+        let k_segs = segments(k_idx.len(), m, Larger::First);
         let q_land = segment_means(q, d, &q_idx, &q_segs);
         let k_land = segment_means(k, d, &k_idx, &k_segs);
         let mut k1 = vec![0.0f32; n_q * m];

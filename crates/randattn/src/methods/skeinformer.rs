@@ -67,6 +67,7 @@ use crate::methods::exact::Exact;
 use crate::methods::vmean::mean_backward;
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
+use crate::sampling::gumbel_top_k;
 
 /// Marks an unused slot in the pilot and column tables.
 const NONE: u32 = u32::MAX;
@@ -278,23 +279,8 @@ impl Skeinformer {
                 *p = (*p as f64 / total) as f32;
             }
         }
-        // Gumbel-top-k: the d largest log p_j + Gumbel noise are a sample without replacement.
         let mut rng = stream(seed, b, h, "skeinformer/columns");
-        let mut keyed: Vec<(f64, u32)> = prob
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| **p > 0.0)
-            .map(|(j, p)| {
-                let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-                ((*p as f64).ln() - (-u.ln()).ln(), j as u32)
-            })
-            .collect();
-        let take = self.budget.min(keyed.len());
-        if take > 0 && take < keyed.len() {
-            keyed.select_nth_unstable_by(take - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        }
-        let mut chosen: Vec<u32> = keyed[..take].iter().map(|(_, j)| *j).collect();
-        chosen.sort_unstable();
+        let chosen = gumbel_top_k(&prob, self.budget, &mut rng);
         (chosen, prob)
     }
 
