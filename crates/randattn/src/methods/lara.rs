@@ -45,11 +45,13 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
-use crate::linalg::{exp_shifted_sum, row_max, softmax_row, softmax_row_backward};
+use crate::linalg::{exp_shifted_sum, row_max, softmax_row};
 use crate::matrix::{MatMut, MatRef, matmul};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
 use crate::segments::{Larger, segments};
+
+mod backward;
 
 /// Largest number of proposals accepted.
 pub const MAX_PROPOSALS: usize = 4096;
@@ -525,12 +527,7 @@ impl Estimator for Lara {
         let dims = x.dims();
         self.check_means(dims)?;
         let Dims {
-            heads,
-            n_q,
-            n_k,
-            d,
-            d_v,
-            ..
+            heads, n_q, d, d_v, ..
         } = dims;
         let root = resolve_scale(self.scale, d).sqrt();
         let mut g = grad_output.to_vec();
@@ -557,236 +554,13 @@ impl Estimator for Lara {
             (0..bhs).map(|_| &mut [][..]).collect()
         };
         grads
-            .dq
-            .par_chunks_mut(n_q * d)
-            .zip(grads.dk.par_chunks_mut(n_k * d))
-            .zip(grads.dv.par_chunks_mut(n_k * d_v))
+            .par_heads(dims)
             .zip(dmu_iter.into_par_iter())
             .enumerate()
-            .for_each(|(bh, (((dq, dk), dv), dmu_out))| {
-                let Some(h) = self.head(x, bh, seed) else {
-                    return;
-                };
-                let (c, reps) = (h.c, h.reps);
-                let j_n = c * reps;
-                let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
-                // out = W F (W is n × j): dW = G Fᵀ, dF = Wᵀ G.
-                let mut dw = vec![0.0f32; n_q * j_n];
-                matmul(
-                    MatMut::new(&mut dw, n_q, j_n),
-                    false,
-                    MatRef::new(gh, n_q, d_v),
-                    MatRef::new(&h.f, j_n, d_v).t(),
-                    1.0,
-                );
-                let mut df = vec![0.0f32; j_n * d_v];
-                matmul(
-                    MatMut::new(&mut df, j_n, d_v),
-                    false,
-                    MatRef::new(&h.w, n_q, j_n).t(),
-                    MatRef::new(gh, n_q, d_v),
-                    1.0,
-                );
-                // W = softmax_j(ℓ), row by row: dℓ = W ⊙ (dW − Σ_j W dW) (in place of dW).
-                for (dr_, wr) in dw.chunks_exact_mut(j_n).zip(h.w.chunks_exact(j_n)) {
-                    softmax_row_backward(dr_, wr);
-                }
-                let dl_ = dw;
-                let mut domega = vec![0.0f32; j_n * d];
-                let mut dx = vec![0.0f32; n_q * d];
-                let mut dy = vec![0.0f32; n_k * d];
-                // ℓ ⊃ ω·x: dω += dℓᵀ x, dx += dℓ ω.
-                matmul(
-                    MatMut::new(&mut domega, j_n, d),
-                    true,
-                    MatRef::new(&dl_, n_q, j_n).t(),
-                    MatRef::new(&h.x, n_q, d),
-                    1.0,
-                );
-                matmul(
-                    MatMut::new(&mut dx, n_q, d),
-                    true,
-                    MatRef::new(&dl_, n_q, j_n),
-                    MatRef::new(&h.omega, j_n, d),
-                    1.0,
-                );
-                // ℓ ⊃ z_j − own_j; log α: dα = dℓ / α where not clamped.
-                let mut dz = vec![0.0f32; j_n];
-                let mut dlmat = vec![0.0f32; j_n * c];
-                let mut dbh = vec![0.0f32; j_n];
-                let mut dr = vec![0.0f32; c * n_q];
-                for (n, (drow, arow)) in dl_
-                    .chunks_exact(j_n)
-                    .zip(h.alpha.chunks_exact(j_n))
-                    .enumerate()
-                {
-                    // The mean over proposals in α takes λ/C of every sample's dα.
-                    let mut mean_share = 0.0f32;
-                    for j in 0..j_n {
-                        dz[j] += drow[j];
-                        let a = arow[j];
-                        if a <= ALPHA_MIN {
-                            continue;
-                        }
-                        let da = drow[j] / a / reps as f32;
-                        dbh[j] += da;
-                        dr[(j / reps) * n_q + n] += self.lambda * da;
-                        mean_share += self.lambda * da / c as f32;
-                    }
-                    for cc in 0..c {
-                        dr[cc * n_q + n] -= mean_share;
-                    }
-                }
-                for j in 0..j_n {
-                    dlmat[j * c + j / reps] -= dz[j];
-                }
-                // BH_j = softmax_c(L_j)[c(j)].
-                for j in 0..j_n {
-                    let cj = j / reps;
-                    let row = &h.l[j * c..(j + 1) * c];
-                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|a| (a - max).exp()).sum();
-                    for cc in 0..c {
-                        let p = (row[cc] - max).exp() / sum;
-                        let ind = if cc == cj { 1.0 } else { 0.0 };
-                        dlmat[j * c + cc] += dbh[j] * h.bh[j] * (ind - p);
-                    }
-                }
-                // L = ω μᵀ − ½‖μ‖²: dω += dL μ; dμ += dLᵀ ω − (Σ_j dL) μ.
-                let mut dmu = vec![0.0f32; c * d];
-                matmul(
-                    MatMut::new(&mut domega, j_n, d),
-                    true,
-                    MatRef::new(&dlmat, j_n, c),
-                    MatRef::new(&h.mu, c, d),
-                    1.0,
-                );
-                matmul(
-                    MatMut::new(&mut dmu, c, d),
-                    true,
-                    MatRef::new(&dlmat, j_n, c).t(),
-                    MatRef::new(&h.omega, j_n, d),
-                    1.0,
-                );
-                for cc in 0..c {
-                    let col: f32 = (0..j_n).map(|j| dlmat[j * c + cc]).sum();
-                    for t in 0..d {
-                        dmu[cc * d + t] -= col * h.mu[cc * d + t];
-                    }
-                }
-                // r = softmax over kept queries of q̃ xᵀ.
-                let mut dt = vec![0.0f32; c * n_q];
-                for cc in 0..c {
-                    let dt_c = &mut dt[cc * n_q..(cc + 1) * n_q];
-                    dt_c.copy_from_slice(&dr[cc * n_q..(cc + 1) * n_q]);
-                    softmax_row_backward(dt_c, &h.r[cc * n_q..(cc + 1) * n_q]);
-                    for (t, kept) in dt_c.iter_mut().zip(&h.query_kept) {
-                        if !kept {
-                            *t = 0.0;
-                        }
-                    }
-                }
-                let mut dq_land = vec![0.0f32; c * d];
-                matmul(
-                    MatMut::new(&mut dq_land, c, d),
-                    false,
-                    MatRef::new(&dt, c, n_q),
-                    MatRef::new(&h.x, n_q, d),
-                    1.0,
-                );
-                matmul(
-                    MatMut::new(&mut dx, n_q, d),
-                    true,
-                    MatRef::new(&dt, c, n_q).t(),
-                    MatRef::new(&h.q_land, c, d),
-                    1.0,
-                );
-                // F = softmax(A_k) V, z = LSE(A_k): dA_k = P ⊙ (dF Vᵀ − dF·F + dz).
-                let v = x.v_head(bh);
-                let mut dak = vec![0.0f32; j_n * n_k];
-                matmul(
-                    MatMut::new(&mut dak, j_n, n_k),
-                    false,
-                    MatRef::new(&df, j_n, d_v),
-                    MatRef::new(v, n_k, d_v).t(),
-                    1.0,
-                );
-                for j in 0..j_n {
-                    let dff: f32 = df[j * d_v..(j + 1) * d_v]
-                        .iter()
-                        .zip(&h.f[j * d_v..(j + 1) * d_v])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    for m in 0..n_k {
-                        let p = h.pk[j * n_k + m];
-                        dak[j * n_k + m] = p * (dak[j * n_k + m] - dff + dz[j]);
-                    }
-                }
-                matmul(
-                    MatMut::new(dv, n_k, d_v),
-                    true,
-                    MatRef::new(&h.pk, j_n, n_k).t(),
-                    MatRef::new(&df, j_n, d_v),
-                    1.0,
-                );
-                // A_k = ω yᵀ − ½‖y‖²: dω += dA y; dy += dAᵀ ω − (Σ_j dA) y.
-                matmul(
-                    MatMut::new(&mut domega, j_n, d),
-                    true,
-                    MatRef::new(&dak, j_n, n_k),
-                    MatRef::new(&h.y, n_k, d),
-                    1.0,
-                );
-                matmul(
-                    MatMut::new(&mut dy, n_k, d),
-                    true,
-                    MatRef::new(&dak, j_n, n_k).t(),
-                    MatRef::new(&h.omega, j_n, d),
-                    1.0,
-                );
-                for m in 0..n_k {
-                    let col: f32 = (0..j_n).map(|j| dak[j * n_k + m]).sum();
-                    for t in 0..d {
-                        dy[m * d + t] -= col * h.y[m * d + t];
-                    }
-                }
-                // ω_j = μ_{c(j)} ± ε.
-                for j in 0..j_n {
-                    let cj = j / reps;
-                    for t in 0..d {
-                        dmu[cj * d + t] += domega[j * d + t];
-                    }
-                }
-                if dmu_out.is_empty() {
-                    // μ = q̃ + k̃, segment means of the kept tokens.
-                    for (cc, seg) in h.q_segs.iter().enumerate() {
-                        let inv = 1.0 / seg.len() as f32;
-                        for &i in &h.q_idx[seg.clone()] {
-                            for t in 0..d {
-                                dx[i as usize * d + t] +=
-                                    (dmu[cc * d + t] + dq_land[cc * d + t]) * inv;
-                            }
-                        }
-                    }
-                    for (cc, seg) in h.k_segs.iter().enumerate() {
-                        let inv = 1.0 / seg.len() as f32;
-                        for &m in &h.k_idx[seg.clone()] {
-                            for t in 0..d {
-                                dy[m as usize * d + t] += dmu[cc * d + t] * inv;
-                            }
-                        }
-                    }
-                } else {
-                    // Given means stand for μ and for q̃ in r.
-                    for ((o, a), b) in dmu_out.iter_mut().zip(&dmu).zip(&dq_land) {
-                        *o = a + b;
-                    }
-                }
-                for (o, v) in dq.iter_mut().zip(&dx) {
-                    *o = root * v;
-                }
-                for (o, v) in dk.iter_mut().zip(&dy) {
-                    *o = root * v;
+            .for_each(|(bh, (hg, dmu_out))| {
+                if let Some(h) = self.head(x, bh, seed) {
+                    let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
+                    backward::head(&h, self.lambda, x.v_head(bh), gh, root, hg, dmu_out);
                 }
             });
         if let Some(c) = c_given {
