@@ -33,6 +33,7 @@ pub mod linalg;
 pub mod matrix;
 pub mod methods;
 pub mod params;
+pub mod pinv;
 pub mod registry;
 pub mod rng;
 pub mod sampling;

@@ -1,0 +1,188 @@
+//! Nyströmformer's backward for one head, stage by stage in reverse order of the forward
+//! `out = K1 · Z · (K3 · V)` with `K1 = softmax(s Q K̃ᵀ)`, `K2 = softmax(s Q̃ K̃ᵀ)`,
+//! `Z = pinv(K2)`, `K3 = softmax(s Q̃ Kᵀ + M)` and landmarks `Q̃`, `K̃` (segment means):
+//!
+//! 1. [`products`]: the three products, to `dK1`, `dK2` (through the pseudo-inverse), `dK3`, `dV`;
+//! 2. [`logits`]: the three softmaxes and the logits, to `dQ`, `dK` and the landmarks' gradients;
+//! 3. [`landmarks`]: the segment means, to the queries and keys they average.
+
+use super::{Head, softmax_backward};
+use crate::estimator::HeadGrads;
+use crate::inputs::AttentionInputs;
+use crate::matrix::{MatMut, MatRef, matmul};
+use crate::pinv::pinv_backward;
+
+/// The gradients of the three kernels: `dK1` (`n_q × m`), `dK2` (`m × m`), `dK3` (`m × n_k`).
+struct KernelGrads {
+    dk1: Vec<f32>,
+    dk2: Vec<f32>,
+    dk3: Vec<f32>,
+}
+
+/// The backward of head `bh` given its output gradient `g` (masked query rows zeroed): adds to
+/// its `dq`, `dk`, `dv`.
+pub(super) fn head(
+    h: &Head,
+    x: &AttentionInputs<'_>,
+    bh: usize,
+    g: &[f32],
+    scale: f32,
+    grads: HeadGrads<'_>,
+) {
+    let HeadGrads { dq, dk, dv } = grads;
+    let mut kg = products(h, x.v_head(bh), g, dv);
+    softmax_backward(&mut kg.dk1, &h.k1, h.m);
+    softmax_backward(&mut kg.dk2, &h.k2, h.m);
+    softmax_backward(&mut kg.dk3, &h.k3, x.dims().n_k);
+    let (dq_land, dk_land) = logits(h, x, bh, &kg, scale, dq, dk);
+    landmarks(h, &dq_land, &dk_land, dq, dk);
+}
+
+/// `out = K1 Y`: `dK1 = G Yᵀ`, `dY = K1ᵀ G`; `Y = Z W`: `dZ = dY Wᵀ`, `dW = Zᵀ dY`;
+/// `W = K3 V`: `dK3 = dW Vᵀ`, `dV += K3ᵀ dW`; `Z = pinv(K2)`.
+fn products(h: &Head, v: &[f32], g: &[f32], dv: &mut [f32]) -> KernelGrads {
+    let m = h.m;
+    let d_v = h.w.len() / m;
+    let (n_q, n_k) = (h.k1.len() / m, h.k3.len() / m);
+    let z = h.pinv.iterates.last().expect("Z is there");
+    let mut dk1 = vec![0.0f32; n_q * m];
+    matmul(
+        MatMut::new(&mut dk1, n_q, m),
+        false,
+        MatRef::new(g, n_q, d_v),
+        MatRef::new(&h.y, m, d_v).t(),
+        1.0,
+    );
+    let mut dy = vec![0.0f32; m * d_v];
+    matmul(
+        MatMut::new(&mut dy, m, d_v),
+        false,
+        MatRef::new(&h.k1, n_q, m).t(),
+        MatRef::new(g, n_q, d_v),
+        1.0,
+    );
+    let mut dz = vec![0.0f32; m * m];
+    matmul(
+        MatMut::new(&mut dz, m, m),
+        false,
+        MatRef::new(&dy, m, d_v),
+        MatRef::new(&h.w, m, d_v).t(),
+        1.0,
+    );
+    let mut dw = vec![0.0f32; m * d_v];
+    matmul(
+        MatMut::new(&mut dw, m, d_v),
+        false,
+        MatRef::new(z, m, m).t(),
+        MatRef::new(&dy, m, d_v),
+        1.0,
+    );
+    let mut dk3 = vec![0.0f32; m * n_k];
+    matmul(
+        MatMut::new(&mut dk3, m, n_k),
+        false,
+        MatRef::new(&dw, m, d_v),
+        MatRef::new(v, n_k, d_v).t(),
+        1.0,
+    );
+    matmul(
+        MatMut::new(dv, n_k, d_v),
+        true,
+        MatRef::new(&h.k3, m, n_k).t(),
+        MatRef::new(&dw, m, d_v),
+        1.0,
+    );
+    let dk2 = pinv_backward(&h.k2, m, &h.pinv, &dz);
+    KernelGrads { dk1, dk2, dk3 }
+}
+
+/// The logits `L1 = s Q K̃ᵀ`, `L2 = s Q̃ K̃ᵀ`, `L3 = s Q̃ Kᵀ` (masked columns have zero
+/// probability, hence zero gradient): adds to `dq`, `dk`; returns `(dQ̃, dK̃)`.
+fn logits(
+    h: &Head,
+    x: &AttentionInputs<'_>,
+    bh: usize,
+    kg: &KernelGrads,
+    scale: f32,
+    dq: &mut [f32],
+    dk: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let m = h.m;
+    let (q, k) = (x.q_head(bh), x.k_head(bh));
+    let d = h.q_land.len() / m;
+    let (n_q, n_k) = (q.len() / d, k.len() / d);
+    let KernelGrads { dk1, dk2, dk3 } = kg;
+    let mut dq_land = vec![0.0f32; m * d];
+    let mut dk_land = vec![0.0f32; m * d];
+    matmul(
+        MatMut::new(dq, n_q, d),
+        true,
+        MatRef::new(dk1, n_q, m),
+        MatRef::new(&h.k_land, m, d),
+        scale,
+    );
+    matmul(
+        MatMut::new(&mut dk_land, m, d),
+        true,
+        MatRef::new(dk1, n_q, m).t(),
+        MatRef::new(q, n_q, d),
+        scale,
+    );
+    matmul(
+        MatMut::new(&mut dq_land, m, d),
+        true,
+        MatRef::new(dk2, m, m),
+        MatRef::new(&h.k_land, m, d),
+        scale,
+    );
+    matmul(
+        MatMut::new(&mut dk_land, m, d),
+        true,
+        MatRef::new(dk2, m, m).t(),
+        MatRef::new(&h.q_land, m, d),
+        scale,
+    );
+    matmul(
+        MatMut::new(&mut dq_land, m, d),
+        true,
+        MatRef::new(dk3, m, n_k),
+        MatRef::new(k, n_k, d),
+        scale,
+    );
+    matmul(
+        MatMut::new(dk, n_k, d),
+        true,
+        MatRef::new(dk3, m, n_k).t(),
+        MatRef::new(&h.q_land, m, d),
+        scale,
+    );
+    (dq_land, dk_land)
+}
+
+/// The landmarks are segment means of the kept queries and keys: each landmark's gradient is
+/// shared out over its segment.
+fn landmarks(h: &Head, dq_land: &[f32], dk_land: &[f32], dq: &mut [f32], dk: &mut [f32]) {
+    let d = h.q_land.len() / h.m;
+    for (seg, grad) in h.q_segs.iter().zip(dq_land.chunks_exact(d)) {
+        let inv = 1.0 / seg.len() as f32;
+        for &i in &h.q_idx[seg.clone()] {
+            for (a, b) in dq[i as usize * d..(i as usize + 1) * d]
+                .iter_mut()
+                .zip(grad)
+            {
+                *a += *b * inv;
+            }
+        }
+    }
+    for (seg, grad) in h.k_segs.iter().zip(dk_land.chunks_exact(d)) {
+        let inv = 1.0 / seg.len() as f32;
+        for &j in &h.k_idx[seg.clone()] {
+            for (a, b) in dk[j as usize * d..(j as usize + 1) * d]
+                .iter_mut()
+                .zip(grad)
+            {
+                *a += *b * inv;
+            }
+        }
+    }
+}
