@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use randattn::Method;
 
-use crate::op::{Masks, ValueLayer, attention, mca_with_diagnostics};
+use crate::op::{Masks, ValueLayer, attention, value_projection_attention};
 
 /// Multi-head self-attention whose attention is a randattn [`Method`] (MCA included: it samples
 /// the value projection from the layer input and this module's W_V).
@@ -77,30 +77,22 @@ impl MultiHeadSelfAttention {
         };
         let q = self.split(&self.query.forward(x)?)?;
         let k = self.split(&self.key.forward(x)?)?;
-        match &self.method {
-            Method::Mca(m) => {
-                // V = X·W_V + b_V with W_V = weightᵀ (candle stores [out, in]).
-                let wv = self.value.weight().t()?.contiguous()?;
-                let bv = match self.value.bias() {
-                    Some(b) => b.clone(),
-                    None => Tensor::zeros(wv.dim(1)?, x.dtype(), x.device())?,
-                };
-                let layer = ValueLayer {
-                    x,
-                    wv: &wv,
-                    bv: &bv,
-                };
-                let (out, diag) = mca_with_diagnostics(&q, &k, &layer, m, seed, &masks)?;
-                let f = &diag.flop_fraction;
-                Ok((
-                    out,
-                    Some(f.iter().map(|v| *v as f64).sum::<f64>() / f.len() as f64),
-                ))
-            }
-            method => {
-                let v = self.split(&self.value.forward(x)?)?;
-                Ok((attention(&q, &k, &v, method, seed, &masks)?, None))
-            }
+        if self.method.info().needs_value_projection {
+            // V = X·W_V + b_V with W_V = weightᵀ (candle stores [out, in]).
+            let wv = self.value.weight().t()?.contiguous()?;
+            let bv = match self.value.bias() {
+                Some(b) => b.clone(),
+                None => Tensor::zeros(wv.dim(1)?, x.dtype(), x.device())?,
+            };
+            let layer = ValueLayer {
+                x,
+                wv: &wv,
+                bv: &bv,
+            };
+            value_projection_attention(&q, &k, &layer, &self.method, seed, &masks)
+        } else {
+            let v = self.split(&self.value.forward(x)?)?;
+            Ok((attention(&q, &k, &v, &self.method, seed, &masks)?, None))
         }
     }
 

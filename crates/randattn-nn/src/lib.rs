@@ -1,7 +1,8 @@
 //! randattn inside candle models.
 //!
 //! - [`op`]: custom ops that run any randattn method forward and backward, so `loss.backward()`
-//!   works through it with the forward's samples ([`op::attention`], [`op::mca`]).
+//!   works through it with the forward's samples ([`op::attention`]; for methods that sample
+//!   the value projection, [`op::value_projection_attention`] and [`op::mca`]).
 //! - [`attention::MultiHeadSelfAttention`]: Q/K/V/O projections around a method (MCA included).
 //! - [`bert::BertModel`]: a compact BERT-family encoder loading Hugging Face safetensors.
 //! - [`model`]: all-MiniLM-L6-v2 offline (fetch with pip, verify, embed sentences).

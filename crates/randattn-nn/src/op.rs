@@ -1,7 +1,8 @@
 //! candle custom ops that run a randattn estimator forward and backward.
 //!
-//! [`attention`] applies any [`Method`] to Q, K, V tensors `[batch, heads, n, d]`; [`mca`]
-//! applies MCA to Q, K and the layer input X with W_V and b_V. Each call builds one op that keeps
+//! [`attention`] applies any [`Method`] that reads V to Q, K, V tensors `[batch, heads, n, d]`;
+//! [`value_projection_attention`] applies a method that samples the value projection (MCA) to
+//! Q, K and the layer input X with W_V and b_V ([`mca`] for MCA itself). Each call builds one op that keeps
 //! the forward's saved state (sampled indices, hash codes, softmax statistics), so candle's
 //! `backward()` calls the core backward with the same samples. The method's own parameters
 //! (YOSO-C kernels, LARA proposal means, Linformer projections) are configuration here, not
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
-use randattn::methods::mca::{Diagnostics, Mca};
+use randattn::methods::mca::Mca;
 use randattn::{Attention, AttentionInputs, Method, Saved};
 
 /// The contiguous f32 data of a storage with its layout.
@@ -137,7 +138,8 @@ pub fn attention(
 ) -> Result<Tensor> {
     if method.info().needs_value_projection {
         bail!(
-            "randattn: {} samples the value projection: use randattn_nn::op::mca with X and W_V",
+            "randattn: {} samples the value projection: use randattn_nn::op::mca (or \
+             value_projection_attention) with X and W_V",
             method.name()
         );
     }
@@ -151,17 +153,20 @@ pub fn attention(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-struct McaOp {
-    mca: Mca,
+/// A method that samples the value projection ([`randattn::MethodInfo::needs_value_projection`]),
+/// on Q, K and the layer's X, W_V, b_V.
+struct ProjectionOp {
+    method: Method,
     seed: u64,
     masks: Masks,
     /// `(batch, heads, n, d_h, d_model, d_v)`.
     sizes: (usize, usize, usize, usize, usize, usize),
     saved: Mutex<Option<Saved>>,
-    diagnostics: Arc<Mutex<Option<Diagnostics>>>,
+    /// The forward's share of the exact projection's FLOPs, for the caller.
+    flop_fraction: Arc<Mutex<Option<f64>>>,
 }
 
-impl McaOp {
+impl ProjectionOp {
     /// Q, K (packed `[2, b, h, n, d]`), X `[b, n, d_model]`, W_V with b_V as its last row
     /// `[d_model + 1, heads·d_v]`, viewed as core inputs (V is zeros: MCA never reads it).
     fn with_inputs<T>(
@@ -196,9 +201,9 @@ impl McaOp {
     }
 }
 
-impl CustomOp3 for McaOp {
+impl CustomOp3 for ProjectionOp {
     fn name(&self) -> &'static str {
-        "randattn-mca"
+        "randattn-value-projection"
     }
 
     fn cpu_fwd(
@@ -217,18 +222,11 @@ impl CustomOp3 for McaOp {
         );
         let (b, h, n, _, _, d_v) = self.sizes;
         let zeros = vec![0.0f32; b * h * n * d_v];
-        let (f, diag) = self.with_inputs(qk, x, wvb, &zeros, |inp| {
-            let (_, h, _, _, d_model, d_v) = self.sizes;
-            let prep = self
-                .mca
-                .prepare(&wvb[..d_model * h * d_v], d_model, h, d_v)
-                .map_err(core_err)?;
-            self.mca
-                .forward_prepared(&inp, &prep, self.seed)
-                .map_err(core_err)
+        let f = self.with_inputs(qk, x, wvb, &zeros, |inp| {
+            self.method.forward(&inp, self.seed).map_err(core_err)
         })?;
+        *self.flop_fraction.lock().expect("op lock") = f.saved.value_flop_fraction();
         *self.saved.lock().expect("op lock") = Some(f.saved);
-        *self.diagnostics.lock().expect("op lock") = Some(diag);
         Ok((CpuStorage::F32(f.output), Shape::from(vec![b, h, n, d_v])))
     }
 
@@ -249,14 +247,17 @@ impl CustomOp3 for McaOp {
         let (b, h, n, _, _, d_v) = self.sizes;
         let zeros = vec![0.0f32; b * h * n * d_v];
         let g = self.with_inputs(&qkd, &xd, &wd, &zeros, |inp| {
-            self.mca
+            self.method
                 .backward(&inp, self.seed, saved, &gd)
                 .map_err(core_err)
         })?;
         let param = |name: &str| -> Result<Vec<f32>> {
             match g.params.iter().find(|p| p.name == name) {
                 Some(p) => Ok(p.grad.clone()),
-                None => bail!("randattn: mca backward returned no `{name}` gradient"),
+                None => bail!(
+                    "randattn: the {} backward returned no `{name}` gradient",
+                    self.method.name()
+                ),
             }
         };
         let mut dqk = g.dq.clone();
@@ -294,18 +295,27 @@ pub fn mca(
     seed: u64,
     masks: &Masks,
 ) -> Result<Tensor> {
-    Ok(mca_with_diagnostics(q, k, layer, mca, seed, masks)?.0)
+    Ok(value_projection_attention(q, k, layer, &Method::from(mca.clone()), seed, masks)?.0)
 }
 
-/// [`mca`], also returning the forward's budgets, FLOP fractions and bounds.
-pub fn mca_with_diagnostics(
+/// Any method that samples the value projection (`method.info().needs_value_projection`, e.g.
+/// MCA) on Q, K (`[batch, heads, n, d]`) and the layer's value projection: differentiable with
+/// respect to Q, K, X, W_V and b_V, with the forward's samples held fixed. Also returns the
+/// forward's share of the exact projection's FLOPs.
+pub fn value_projection_attention(
     q: &Tensor,
     k: &Tensor,
     layer: &ValueLayer<'_>,
-    mca: &Mca,
+    method: &Method,
     seed: u64,
     masks: &Masks,
-) -> Result<(Tensor, Diagnostics)> {
+) -> Result<(Tensor, Option<f64>)> {
+    if !method.info().needs_value_projection {
+        bail!(
+            "randattn: {} reads V, not the value projection: use randattn_nn::op::attention",
+            method.name()
+        );
+    }
     let ValueLayer { x, wv, bv } = *layer;
     let (b, h, n, d) = q.dims4()?;
     let (_, _, d_model) = x.dims3()?;
@@ -315,19 +325,16 @@ pub fn mca_with_diagnostics(
     }
     let qk = Tensor::stack(&[q, k], 0)?.contiguous()?;
     let wvb = Tensor::cat(&[wv, &bv.unsqueeze(0)?], 0)?.contiguous()?;
-    let op = McaOp {
-        mca: mca.clone(),
+    let op = ProjectionOp {
+        method: method.clone(),
         seed,
         masks: masks.clone(),
         sizes: (b, h, n, d, d_model, cols / h),
         saved: Mutex::new(None),
-        diagnostics: Arc::new(Mutex::new(None)),
+        flop_fraction: Arc::new(Mutex::new(None)),
     };
-    let sink = op.diagnostics.clone();
+    let sink = op.flop_fraction.clone();
     let out = qk.apply_op3(&x.contiguous()?, &wvb, op)?;
-    let diag = sink.lock().expect("op lock").take();
-    match diag {
-        Some(d) => Ok((out, d)),
-        None => bail!("randattn: the mca forward left no diagnostics"),
-    }
+    let flop_fraction = sink.lock().expect("op lock").take();
+    Ok((out, flop_fraction))
 }

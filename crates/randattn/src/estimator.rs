@@ -93,6 +93,7 @@ pub struct Saved {
     method: &'static str,
     dims: Dims,
     bytes: usize,
+    value_flop_fraction: Option<f64>,
     state: Arc<dyn Any + Send + Sync>,
 }
 
@@ -112,6 +113,7 @@ impl Saved {
             method: E::INFO.name,
             dims,
             bytes: E::saved_bytes(&state),
+            value_flop_fraction: E::value_flop_fraction(&state),
             state: Arc::new(state),
         }
     }
@@ -124,6 +126,12 @@ impl Saved {
     /// Bytes held (for memory reporting).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// For a method that samples the value projection: the share of the exact projection's
+    /// FLOPs this forward spent (see [`Estimator::value_flop_fraction`]).
+    pub fn value_flop_fraction(&self) -> Option<f64> {
+        self.value_flop_fraction
     }
 
     /// The state, if it was made by `E`'s forward on inputs of sizes `dims`.
@@ -252,6 +260,12 @@ pub trait Estimator: Params + Clone + fmt::Debug + Send + Sync {
     /// Bytes held by a saved state (for memory reporting).
     fn saved_bytes(_saved: &Self::Saved) -> usize {
         0
+    }
+
+    /// For a method that samples the value projection: the share of the exact projection
+    /// `X·W_V`'s FLOPs its forward spent (mean over batch and heads), from its saved state.
+    fn value_flop_fraction(_saved: &Self::Saved) -> Option<f64> {
+        None
     }
 
     /// Stores tensor parameter `name` (one of [`MethodInfo::tensor_params`], rank and values

@@ -331,6 +331,8 @@ impl HeadSamples {
 pub struct McaSaved {
     sampled: SampledValues,
     exact: Saved,
+    /// Mean of [`Diagnostics::flop_fraction`].
+    flop_fraction: f64,
 }
 
 fn projection<'a>(x: &AttentionInputs<'a>) -> Result<ValueProjection<'a>> {
@@ -719,9 +721,11 @@ impl Mca {
             bound,
             n_eff,
         };
+        let f = &diagnostics.flop_fraction;
         let saved = McaSaved {
             sampled,
             exact: fwd.saved,
+            flop_fraction: f.iter().map(|v| *v as f64).sum::<f64>() / f.len().max(1) as f64,
         };
         Ok((fwd.output, saved, diagnostics))
     }
@@ -1016,6 +1020,10 @@ impl Estimator for Mca {
 
     fn saved_bytes(s: &McaSaved) -> usize {
         s.sampled.bytes() + s.exact.bytes()
+    }
+
+    fn value_flop_fraction(s: &McaSaved) -> Option<f64> {
+        Some(s.flop_fraction)
     }
 
     fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, McaSaved)> {
