@@ -95,7 +95,7 @@ crate::method_params! {
     pub struct Mca {
         /// error bound: r_j = min(floor((n_eff max_i A_ij / alpha)^2), d_model)
         pub alpha: f32 = 0.3, positive();
-        /// p(k) ~ |W_h[k]|^2 (paper), or ~ |x_k| |W_h[k]| per token
+        /// p(k) ~ |row k of W_h|^2 (paper), or ~ |x_k| |row k of W_h| per token
         pub probs: Probs = Probs::Weight;
         /// independent draws per token, or one stream per head whose prefixes the tokens use
         /// (the reference's; blocked GEMMs, correlated errors)
