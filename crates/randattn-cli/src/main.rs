@@ -6,6 +6,7 @@
 mod alloc;
 mod bench;
 mod compare;
+mod data;
 mod embed;
 mod fidelity;
 mod mca_profile;
@@ -54,6 +55,8 @@ enum Command {
     Model(embed::ModelCommand),
     /// Sentence embeddings (one sentence per line) with any attention method in every layer.
     Embed(embed::EmbedArgs),
+    /// Long-range tasks: examples as JSON lines, statistics, the list of tasks.
+    Data(data::DataArgs),
     /// Every softmax-approximating method in every layer of the pretrained MiniLM: cosine of
     /// sentence embeddings and per-layer attention error vs exact, and time.
     Fidelity(fidelity::FidelityArgs),
@@ -248,6 +251,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => embed::model(cmd),
         Command::Embed(args) => embed::embed(args),
         Command::Fidelity(args) => fidelity::fidelity(args),
+        Command::Data(args) => data::data(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -742,3 +742,74 @@ fn tensor_parameters_come_from_npy_files() {
         "give both",
     );
 }
+
+#[test]
+fn data_writes_json_lines_stats_and_the_task_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.jsonl");
+    let o = bin()
+        .args([
+            "data", "listops", "--split", "dev", "--count", "5", "--seed", "3",
+        ])
+        .args(["--set", "min_length=20", "--set", "max_length=80", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 5);
+    for r in &rows {
+        let tokens = r["tokens"].as_array().unwrap();
+        assert!(tokens.len() > 20 && tokens.len() < 80);
+        assert!(r["label"].as_u64().unwrap() < 10);
+        let expr = r["text"].as_str().unwrap();
+        assert!(expr.starts_with('[') && expr.ends_with(']'), "{expr}");
+        assert_eq!(expr.split(' ').count(), tokens.len());
+    }
+    // The same command gives the same bytes.
+    let again = bin()
+        .args([
+            "data", "listops", "--split", "dev", "--count", "5", "--seed", "3",
+        ])
+        .args([
+            "--set",
+            "min_length=20",
+            "--set",
+            "max_length=80",
+            "--out",
+            "-",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+
+    let o = bin()
+        .args(["data", "recall", "--stats", "--count", "200"])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && s.contains("majority") && s.contains("129 / 129"),
+        "{s}"
+    );
+    let o = bin().args(["data", "--list"]).output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    for task in ["listops", "recall", "image", "text"] {
+        assert!(s.contains(&format!("{task}  —")), "{s}");
+    }
+    assert_fails(
+        bin().args(["data", "cifar", "--stats"]).output().unwrap(),
+        "unknown task `cifar`; valid tasks:",
+    );
+    assert_fails(
+        bin()
+            .args(["data", "listops", "--stats", "--set", "max_args=1"])
+            .output()
+            .unwrap(),
+        "parameter `max_args` of task `listops`",
+    );
+}

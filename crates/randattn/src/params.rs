@@ -73,7 +73,7 @@ macro_rules! number_value {
         }
     )+};
 }
-number_value!(usize => "an integer >= 0", u32 => "an integer >= 0", f32 => "a number");
+number_value!(usize => "an integer >= 0", u32 => "an integer >= 0", u64 => "an integer >= 0", f32 => "a number");
 
 impl ParamValue for bool {
     fn from_text(text: &str) -> Option<Self> {
@@ -84,6 +84,19 @@ impl ParamValue for bool {
     }
     fn kind() -> String {
         "`true` or `false`".to_string()
+    }
+}
+
+/// Free text (a path, say).
+impl ParamValue for String {
+    fn from_text(text: &str) -> Option<Self> {
+        Some(text.to_string())
+    }
+    fn to_text(&self) -> String {
+        self.clone()
+    }
+    fn kind() -> String {
+        "any text".to_string()
     }
 }
 
@@ -257,6 +270,11 @@ pub trait Integer: ParamValue + Copy {
 impl Integer for u32 {
     fn to_u64(self) -> u64 {
         self.into()
+    }
+}
+impl Integer for u64 {
+    fn to_u64(self) -> u64 {
+        self
     }
 }
 impl Integer for usize {
@@ -457,7 +475,8 @@ pub fn param_error(
     }
 }
 
-/// Declares a method's config struct and its parameters in one place.
+/// Declares a config struct and its parameters in one place (a method's, or a task's in
+/// `randattn-tasks`).
 ///
 /// ```ignore
 /// method_params! {

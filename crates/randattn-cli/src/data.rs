@@ -1,0 +1,170 @@
+//! `randattn data`: the long-range tasks' examples as JSON lines, their statistics, the list.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use randattn_tasks::{Example, Split, TaskSpec};
+use serde_json::json;
+
+use crate::report::table;
+
+#[derive(Args)]
+pub struct DataArgs {
+    /// Task name (see --list).
+    task: Option<String>,
+    /// List every task with its parameters and defaults.
+    #[arg(long, conflicts_with_all = ["stats", "out"])]
+    list: bool,
+    /// Split to write.
+    #[arg(long, default_value = "train")]
+    split: Split,
+    /// Number of examples (default: the split's size; for --stats, every split's size).
+    #[arg(long)]
+    count: Option<usize>,
+    /// Index of the first example.
+    #[arg(long, default_value_t = 0)]
+    start: usize,
+    /// Seed of the generated tasks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Task parameter, repeatable: --set key=value.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Print split sizes, label histograms, length statistics and the majority-class rate.
+    #[arg(long, conflicts_with = "out")]
+    stats: bool,
+    /// Write the examples as JSON lines to FILE (`-` = standard output).
+    #[arg(long, value_name = "FILE.jsonl")]
+    out: Option<PathBuf>,
+}
+
+pub fn data(a: DataArgs) -> Result<()> {
+    if a.list {
+        return list();
+    }
+    let Some(name) = &a.task else {
+        bail!("name a task (see `randattn data --list`)");
+    };
+    let task = TaskSpec::parse(name, &crate::parse_settings(&a.settings)?)?;
+    if a.stats {
+        return stats(&task, &a);
+    }
+    let Some(out) = &a.out else {
+        bail!("give --out FILE.jsonl (or --stats)");
+    };
+    let sizes = task.split_sizes()?;
+    let count = a.count.unwrap_or(sizes[a.split.index()]);
+    let examples = task.examples(a.seed, a.split, a.start..a.start + count)?;
+    let mut text = String::new();
+    for ex in &examples {
+        let mut obj = json!({ "tokens": ex.tokens, "label": ex.label });
+        if let Some(t) = &ex.text {
+            obj["text"] = json!(t);
+        }
+        text.push_str(&serde_json::to_string(&obj)?);
+        text.push('\n');
+    }
+    if out.as_os_str() == "-" {
+        std::io::stdout().write_all(text.as_bytes())?;
+    } else {
+        std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    for t in TaskSpec::catalog() {
+        println!("{}  —  {}", t.name, t.summary);
+        for p in &t.params {
+            println!(
+                "    --set {}=…   default {}; valid: {}",
+                p.name, p.default, p.range
+            );
+            println!("        {}", p.help);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// Length statistics and label histogram of one split.
+fn split_stats(examples: &[Example], classes: usize) -> (Vec<usize>, [usize; 4]) {
+    let mut hist = vec![0usize; classes];
+    let mut lens: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+    for e in examples {
+        hist[e.label as usize] += 1;
+    }
+    lens.sort_unstable();
+    let n = lens.len().max(1);
+    let mean = lens.iter().sum::<usize>() / n;
+    let len = [
+        *lens.first().unwrap_or(&0),
+        mean,
+        lens.get(lens.len() / 2).copied().unwrap_or(0),
+        *lens.last().unwrap_or(&0),
+    ];
+    (hist, len)
+}
+
+fn stats(task: &TaskSpec, a: &DataArgs) -> Result<()> {
+    let info = task.info();
+    let sizes = task.split_sizes()?;
+    let params: Vec<String> = task
+        .params()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "task {} ({}); vocab {}, classes {}, max length {}, pad {}{}; seed {}",
+        task.name(),
+        params.join(" "),
+        info.vocab,
+        info.classes,
+        info.max_len,
+        info.pad,
+        if info.pad_in_data {
+            " (also a data value)"
+        } else {
+            ""
+        },
+        a.seed
+    );
+    let mut rows = Vec::new();
+    for split in Split::ALL {
+        let count = a.count.unwrap_or(sizes[split.index()]);
+        let started = std::time::Instant::now();
+        let examples = task.examples(a.seed, split, 0..count)?;
+        let secs = started.elapsed().as_secs_f64();
+        let (hist, len) = split_stats(&examples, info.classes);
+        let majority = hist.iter().copied().max().unwrap_or(0) as f64 / count.max(1) as f64;
+        let shares: Vec<String> = hist
+            .iter()
+            .map(|h| format!("{:.1}", 100.0 * *h as f64 / count.max(1) as f64))
+            .collect();
+        rows.push(vec![
+            split.name().to_string(),
+            count.to_string(),
+            format!("{} / {} / {} / {}", len[0], len[1], len[2], len[3]),
+            format!("{:.1}%", 100.0 * majority),
+            format!("{:.0}", count as f64 / secs.max(1e-9)),
+            shares.join(" "),
+        ]);
+    }
+    print!(
+        "{}",
+        table(
+            &[
+                "split",
+                "examples",
+                "length min/mean/median/max",
+                "majority",
+                "examples/s",
+                "label shares % (class 0, 1, ...)"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! What every task is: examples `(tokens, label)`, the splits, and the sizes a model needs.
+
+use std::ops::Range;
+
+use randattn::params::Params;
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::split::Split;
+
+/// One classification example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids, each below [`TaskInfo::vocab`]; never the pad token except where the task says
+    /// so (pixel value 0 in images).
+    pub tokens: Vec<u32>,
+    /// The class, below [`TaskInfo::classes`].
+    pub label: u32,
+    /// A human-readable form where it helps to check the example (ListOps: the expression;
+    /// Text: the document).
+    pub text: Option<String>,
+}
+
+/// The sizes of a task, as a model needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// Number of token ids (ids are `0..vocab`).
+    pub vocab: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// The longest sequence an example can have.
+    pub max_len: usize,
+    /// The token that pads sequences (and that attention masks out).
+    pub pad: u32,
+    /// Whether some real tokens equal `pad` (pixel value 0 in images, as LRA treats it), so
+    /// that masking by `token != pad` also hides them.
+    pub pad_in_data: bool,
+}
+
+/// A task: a config with declared parameters (see `randattn::method_params!`) that produces
+/// the examples of each split.
+pub trait Task: Params + Clone + std::fmt::Debug + Send + Sync {
+    /// Name used on the command line.
+    const NAME: &'static str;
+    /// One-line description.
+    const SUMMARY: &'static str;
+
+    /// Rules between parameters (each parameter's own range is checked from its declaration).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Checks every parameter, then [`Task::check`].
+    fn validate(&self) -> Result<()> {
+        randattn::params::check(Self::NAME, self)?;
+        self.check()
+    }
+
+    /// The sizes a model needs.
+    fn info(&self) -> TaskInfo;
+
+    /// The number of examples of each split `[train, dev, test]`: fixed for real data, the
+    /// default set size for generated tasks (which can make any number).
+    fn split_sizes(&self) -> Result<[usize; 3]>;
+
+    /// Examples `range` of `split`. Example `i` depends only on `(seed, split, i)` and the
+    /// parameters (loaders ignore the seed where the data fixes the example).
+    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>>;
+}
+
+/// Examples `range` of a generated task: example `i` is the first candidate drawn from the
+/// stream `(seed, split, i, purpose)` that `candidate` accepts and whose token sequence belongs
+/// to `split` (see [`Split::of_tokens`]), so no sequence can be in two splits. In parallel.
+pub(crate) fn generate(
+    seed: u64,
+    split: Split,
+    range: Range<usize>,
+    weights: [u32; 3],
+    purpose: &str,
+    candidate: impl Fn(&mut randattn::rng::StreamRng) -> Option<Example> + Sync,
+) -> Vec<Example> {
+    range
+        .into_par_iter()
+        .map(|i| {
+            let mut rng = randattn::rng::stream(seed, split.index(), i, purpose);
+            loop {
+                if let Some(ex) = candidate(&mut rng)
+                    && Split::of_tokens(&ex.tokens, weights) == split
+                {
+                    return ex;
+                }
+            }
+        })
+        .collect()
+}
