@@ -38,6 +38,10 @@ pub struct DataArgs {
     /// Write the examples as JSON lines to FILE (`-` = standard output).
     #[arg(long, value_name = "FILE.jsonl")]
     out: Option<PathBuf>,
+    /// Also write the examples as grayscale PNG images (`DIR/<split>-<index>-label<k>.png`,
+    /// image tasks only: pathfinder, image), enlarged 8× to look at.
+    #[arg(long, value_name = "DIR")]
+    png: Option<PathBuf>,
 }
 
 pub fn data(a: DataArgs) -> Result<()> {
@@ -51,17 +55,30 @@ pub fn data(a: DataArgs) -> Result<()> {
     if a.stats {
         return stats(&task, &a);
     }
-    let Some(out) = &a.out else {
-        bail!("give --out FILE.jsonl (or --stats)");
-    };
+    if a.out.is_none() && a.png.is_none() {
+        bail!("give --out FILE.jsonl and/or --png DIR (or --stats)");
+    }
     let sizes = task.split_sizes()?;
-    let count = a.count.unwrap_or(sizes[a.split.index()]);
+    let count = a.count.unwrap_or(if a.out.is_some() {
+        sizes[a.split.index()]
+    } else {
+        8
+    });
     let examples = task.examples(a.seed, a.split, a.start..a.start + count)?;
+    if let Some(dir) = &a.png {
+        write_pngs(&task, &examples, a.split, a.start, dir)?;
+    }
+    let Some(out) = &a.out else {
+        return Ok(());
+    };
     let mut text = String::new();
     for ex in &examples {
         let mut obj = json!({ "tokens": ex.tokens, "label": ex.label });
         if let Some(t) = &ex.text {
             obj["text"] = json!(t);
+        }
+        if let Some(m) = &ex.meta {
+            obj["meta"] = serde_json::from_str(m)?;
         }
         text.push_str(&serde_json::to_string(&obj)?);
         text.push('\n');
@@ -70,6 +87,48 @@ pub fn data(a: DataArgs) -> Result<()> {
         std::io::stdout().write_all(text.as_bytes())?;
     } else {
         std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// Each example as a square grayscale PNG, enlarged 8× (nearest neighbour).
+fn write_pngs(
+    task: &TaskSpec,
+    examples: &[Example],
+    split: Split,
+    start: usize,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let info = task.info();
+    let side = (info.max_len as f64).sqrt() as usize;
+    if side * side != info.max_len || !matches!(task.name(), "pathfinder" | "image") {
+        bail!(
+            "--png draws image tasks (pathfinder, image), not {}",
+            task.name()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let zoom = 8;
+    let shift = u32::from(!info.pad_in_data);
+    for (k, ex) in examples.iter().enumerate() {
+        let big = side * zoom;
+        let mut pixels = vec![0u8; big * big];
+        for (i, px) in pixels.iter_mut().enumerate() {
+            let (r, c) = (i / big / zoom, (i % big) / zoom);
+            *px = ex.tokens[r * side + c].saturating_sub(shift).min(255) as u8;
+        }
+        let path = dir.join(format!(
+            "{}-{}-label{}.png",
+            split.name(),
+            start + k,
+            ex.label
+        ));
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), big as u32, big as u32);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()?.write_image_data(&pixels)?;
     }
     Ok(())
 }

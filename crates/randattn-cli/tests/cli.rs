@@ -813,3 +813,42 @@ fn data_writes_json_lines_stats_and_the_task_list() {
         "parameter `max_args` of task `listops`",
     );
 }
+
+#[test]
+fn data_draws_pathfinder_pngs_and_writes_its_meta() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin()
+        .args(["data", "pathfinder", "--count", "3", "--png"])
+        .arg(dir.path())
+        .args(["--out", "-"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pngs: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(pngs.len(), 3);
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["tokens"].as_array().unwrap().len(), 1024);
+        assert_eq!(v["meta"]["markers"].as_array().unwrap().len(), 2);
+        assert_eq!(v["meta"]["target_lengths"], serde_json::json!([14, 14]));
+        let label = v["label"].as_u64().unwrap();
+        let name = format!("label{label}.png");
+        assert!(pngs.iter().any(|p| {
+            p.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(&name)
+        }));
+    }
+    let bytes = std::fs::read(pngs[0].as_ref().unwrap().path()).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert_fails(
+        bin()
+            .args(["data", "listops", "--png"])
+            .arg(dir.path())
+            .output()
+            .unwrap(),
+        "--png draws image tasks",
+    );
+}

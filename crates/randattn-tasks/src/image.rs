@@ -200,6 +200,7 @@ impl Task for Image {
                     tokens: self.tokens(&idx, at),
                     label: idx.labels[at] as u32,
                     text: None,
+                    meta: None,
                 }
             })
             .collect())

@@ -1,7 +1,8 @@
 //! # randattn-tasks
 //!
 //! Long-range classification tasks for training models with randattn's attention methods,
-//! offline: seeded generators (ListOps as the Long Range Arena makes it, associative recall) and
+//! offline: seeded generators (ListOps and Pathfinder as the Long Range Arena makes them,
+//! associative recall) and
 //! loaders of real data shipped by Debian packages (Fashion-MNIST images, fortune-cookie text).
 //! No candle, no models: each task yields `(tokens, label)` examples per split, plus the sizes a
 //! model needs ([`TaskInfo`]).
@@ -20,6 +21,7 @@
 pub mod error;
 pub mod image;
 pub mod listops;
+pub mod pathfinder;
 pub mod recall;
 pub mod registry;
 pub mod split;

@@ -11,7 +11,7 @@
 //! asked.
 //!
 //! Splits: example `i` comes from the stream `(seed, split, i)` and a sequence belongs to the
-//! split its hash names (weights 90/5/5), so none is in two splits.
+//! split its hash names (shares 72/14/14), so none is in two splits.
 //!
 //! Defaults (64 pairs → 129 tokens, 256 keys, 16 values, chance 1/16): long enough that a
 //! few random features or landmarks cannot single out one key, small enough for a 2-layer model
@@ -57,6 +57,7 @@ impl Recall {
             tokens,
             label: vals[q],
             text: None,
+            meta: None,
         }
     }
 }
@@ -94,8 +95,13 @@ impl Task for Recall {
 
     fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
         self.validate()?;
-        Ok(generate(seed, split, range, [90, 5, 5], "recall", |rng| {
-            Some(self.candidate(rng))
-        }))
+        Ok(generate(
+            seed,
+            split,
+            range,
+            [72, 14, 14],
+            "recall",
+            |rng| Some(self.candidate(rng)),
+        ))
     }
 }

@@ -7,6 +7,7 @@ use randattn::params::{self, ParamInfo};
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::listops::ListOps;
+use crate::pathfinder::Pathfinder;
 use crate::recall::Recall;
 use crate::split::Split;
 use crate::task::{Example, Task, TaskInfo};
@@ -101,6 +102,7 @@ macro_rules! tasks {
 
 tasks! {
     ListOps(ListOps),
+    Pathfinder(Pathfinder),
     Text(Text),
     Image(Image),
     Recall(Recall),

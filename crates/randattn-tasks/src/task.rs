@@ -19,6 +19,9 @@ pub struct Example {
     /// A human-readable form where it helps to check the example (ListOps: the expression;
     /// Text: the document).
     pub text: Option<String>,
+    /// Facts about the example as a JSON object, where they help to check it (Pathfinder: the
+    /// marker centres `[[row, col], [row, col]]` and the target curves' lengths in dashes).
+    pub meta: Option<String>,
 }
 
 /// The sizes of a task, as a model needs them.

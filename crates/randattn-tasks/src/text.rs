@@ -161,6 +161,7 @@ impl Task for Text {
                     tokens: doc.iter().map(|b| *b as u32 + 1).collect(),
                     label: class as u32,
                     text: Some(String::from_utf8_lossy(&doc).into_owned()),
+                    meta: None,
                 }
             })
             .collect())

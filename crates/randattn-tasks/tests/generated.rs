@@ -202,6 +202,6 @@ fn bad_parameters_are_clear_errors() {
         .to_string();
     assert_eq!(
         err,
-        "unknown task `cifar`; valid tasks: listops, text, image, recall"
+        "unknown task `cifar`; valid tasks: listops, pathfinder, text, image, recall"
     );
 }
