@@ -49,6 +49,19 @@ pub enum Error {
         /// The command that installs it.
         install: &'static str,
     },
+    /// Parameters under which the generator (almost) never produces an example.
+    #[error(
+        "task `{task}` found no {split} example in {candidates} candidates: its parameters leave \
+         (almost) nothing to draw (an unreachable length window, say)"
+    )]
+    NoExample {
+        /// The task.
+        task: &'static str,
+        /// The split.
+        split: &'static str,
+        /// Candidates drawn.
+        candidates: usize,
+    },
     /// A data file that does not have the expected format.
     #[error("{path}: {message}")]
     Corrupt {

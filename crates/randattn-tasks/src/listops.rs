@@ -159,13 +159,8 @@ impl Task for ListOps {
 
     fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
         self.validate()?;
-        Ok(generate(
-            seed,
-            split,
-            range,
-            [78, 11, 11],
-            "listops",
-            |rng| self.candidate(rng),
-        ))
+        generate(Self::NAME, seed, split, range, [78, 11, 11], |rng| {
+            self.candidate(rng)
+        })
     }
 }

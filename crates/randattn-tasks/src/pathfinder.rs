@@ -627,7 +627,7 @@ impl Task for Pathfinder {
     fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
         self.validate()?;
         let shift = u32::from(!self.pad_black);
-        Ok(generate(seed, split, range, WEIGHTS, "pathfinder", |rng| {
+        generate(Self::NAME, seed, split, range, WEIGHTS, |rng| {
             let d = self.draw(rng);
             let lens: Vec<String> = d
                 .targets
@@ -646,6 +646,6 @@ impl Task for Pathfinder {
                     lens.join(", ")
                 )),
             })
-        }))
+        })
     }
 }

@@ -95,13 +95,8 @@ impl Task for Recall {
 
     fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
         self.validate()?;
-        Ok(generate(
-            seed,
-            split,
-            range,
-            [72, 14, 14],
-            "recall",
-            |rng| Some(self.candidate(rng)),
-        ))
+        generate(Self::NAME, seed, split, range, [72, 14, 14], |rng| {
+            Some(self.candidate(rng))
+        })
     }
 }

@@ -5,7 +5,7 @@ use std::ops::Range;
 use randattn::params::Params;
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::split::Split;
 
 /// One classification example.
@@ -71,28 +71,37 @@ pub trait Task: Params + Clone + std::fmt::Debug + Send + Sync {
     fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>>;
 }
 
+/// Candidates drawn for one example before giving up: parameters that (almost) never produce
+/// an example (an unreachable ListOps length window, say) are an error, not an endless loop.
+pub const MAX_CANDIDATES: usize = 1_000_000;
+
 /// Examples `range` of a generated task: example `i` is the first candidate drawn from the
 /// stream `(seed, split, i, purpose)` that `candidate` accepts and whose token sequence belongs
 /// to `split` (see [`Split::of_tokens`]), so no sequence can be in two splits. In parallel.
 pub(crate) fn generate(
+    task: &'static str,
     seed: u64,
     split: Split,
     range: Range<usize>,
     weights: [u32; 3],
-    purpose: &str,
     candidate: impl Fn(&mut randattn::rng::StreamRng) -> Option<Example> + Sync,
-) -> Vec<Example> {
+) -> Result<Vec<Example>> {
     range
         .into_par_iter()
         .map(|i| {
-            let mut rng = randattn::rng::stream(seed, split.index(), i, purpose);
-            loop {
+            let mut rng = randattn::rng::stream(seed, split.index(), i, task);
+            for _ in 0..MAX_CANDIDATES {
                 if let Some(ex) = candidate(&mut rng)
                     && Split::of_tokens(&ex.tokens, weights) == split
                 {
-                    return ex;
+                    return Ok(ex);
                 }
             }
+            Err(Error::NoExample {
+                task,
+                split: split.name(),
+                candidates: MAX_CANDIDATES,
+            })
         })
         .collect()
 }

@@ -205,3 +205,25 @@ fn bad_parameters_are_clear_errors() {
         "unknown task `cifar`; valid tasks: listops, pathfinder, text, image, recall"
     );
 }
+
+#[test]
+fn an_unreachable_length_window_is_an_error_not_an_endless_loop() {
+    // With max_depth = 1 every tree is a bare digit (length 1), never longer than min_length.
+    let task = TaskSpec::parse(
+        "listops",
+        &[
+            ("max_depth", "1"),
+            ("min_length", "1"),
+            ("max_length", "10"),
+        ],
+    )
+    .unwrap();
+    let err = task
+        .examples(0, Split::Train, 0..1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("task `listops` found no train example in 1000000 candidates"),
+        "{err}"
+    );
+}
