@@ -64,7 +64,8 @@ pub fn data(a: DataArgs) -> Result<()> {
     } else {
         8
     });
-    let examples = task.examples(a.seed, a.split, a.start..a.start + count)?;
+    let range = checked_range(&task, a.start, count)?;
+    let examples = task.examples(a.seed, a.split, range)?;
     if let Some(dir) = &a.png {
         write_pngs(&task, &examples, a.split, a.start, dir)?;
     }
@@ -133,6 +134,35 @@ fn write_pngs(
     Ok(())
 }
 
+/// The example range `start..start + count`, refused when it overflows or when the examples
+/// (and their JSON text, about 6 bytes a token) would not fit in the memory available.
+fn checked_range(task: &TaskSpec, start: usize, count: usize) -> Result<std::ops::Range<usize>> {
+    let Some(end) = start.checked_add(count) else {
+        bail!("--start {start} + --count {count} overflows");
+    };
+    let per_example = task.info().max_len.saturating_mul(4 + 6).saturating_add(64);
+    let need = count.saturating_mul(per_example);
+    if let Some(available) = available_memory()
+        && need > available
+    {
+        bail!(
+            "--count {count}: the examples need about {} MiB, more than the {} MiB of memory \
+             available; write them in smaller ranges with --start",
+            need >> 20,
+            available >> 20
+        );
+    }
+    Ok(start..end)
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (Linux); `None` elsewhere.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 fn list() -> Result<()> {
     for t in TaskSpec::catalog() {
         println!("{}  —  {}", t.name, t.summary);
@@ -193,8 +223,9 @@ fn stats(task: &TaskSpec, a: &DataArgs) -> Result<()> {
     let mut rows = Vec::new();
     for split in Split::ALL {
         let count = a.count.unwrap_or(sizes[split.index()]);
+        let range = checked_range(task, 0, count)?;
         let started = std::time::Instant::now();
-        let examples = task.examples(a.seed, split, 0..count)?;
+        let examples = task.examples(a.seed, split, range)?;
         let secs = started.elapsed().as_secs_f64();
         let (hist, len) = split_stats(&examples, info.classes);
         let majority = hist.iter().copied().max().unwrap_or(0) as f64 / count.max(1) as f64;

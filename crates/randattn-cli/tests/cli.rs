@@ -807,6 +807,29 @@ fn data_writes_json_lines_stats_and_the_task_list() {
     );
     assert_fails(
         bin()
+            .args(["data", "recall", "--count", "100000000000", "--out", "-"])
+            .output()
+            .unwrap(),
+        "more than the",
+    );
+    assert_fails(
+        bin()
+            .args([
+                "data",
+                "recall",
+                "--start",
+                "18446744073709551615",
+                "--count",
+                "2",
+                "--out",
+                "-",
+            ])
+            .output()
+            .unwrap(),
+        "overflows",
+    );
+    assert_fails(
+        bin()
             .args(["data", "listops", "--stats", "--set", "max_args=1"])
             .output()
             .unwrap(),
