@@ -1,0 +1,27 @@
+//! # randattn-train
+//!
+//! Training small long-range classifiers with any randattn attention method: the LRA model
+//! ([`model`]), AdamW with a linear schedule ([`optim`]) and the training loop ([`trainer`]).
+//! Every random draw — initial weights, data order, dropout, each layer's attention samples —
+//! comes from the run's seed.
+
+#![warn(missing_docs)]
+
+pub mod model;
+pub mod optim;
+pub mod trainer;
+
+pub use model::{LraModel, ModelConfig, Pooling};
+pub use trainer::{Metric, RunSummary, TrainConfig, train};
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The task could not make its examples.
+    #[error(transparent)]
+    Task(#[from] randattn_tasks::Error),
+    /// The model failed (bad sizes, or an attention error).
+    #[error(transparent)]
+    Model(#[from] candle_core::Error),
+}

@@ -1,0 +1,274 @@
+//! The classifier every efficient-attention paper trains on the Long Range Arena (the PyTorch
+//! model of mlpen/Nystromformer's `LRA/`, used by YOSO, Skyformer and Skeinformer; brief
+//! `shared/papers/lra-glue-data.md` §1.3), with any randattn method as its attention:
+//!
+//! token embedding + learned position embedding (both `N(0, 0.02)`), dropout; `layers` pre-LN
+//! blocks (LayerNorm → attention → dropout → residual; LayerNorm → Linear → GELU → dropout →
+//! Linear → dropout → residual); final LayerNorm, zeroed at padding; pooled — the mean over all
+//! positions as the reference does (padding included after zeroing), or the last token (what
+//! associative recall needs); then Linear → ReLU → Linear to the classes.
+//!
+//! Every weight is drawn from the run's seed (candle's own initialiser cannot be seeded): the
+//! embeddings from `N(0, 0.02)`, Linear weights and biases from `U(±1/√fan_in)` as PyTorch
+//! initialises them, LayerNorm to 1 and 0. Dropout masks come from the seed, the step and the
+//! place in the model. The reference's attention-probability dropout has no counterpart for an
+//! estimator that never forms the probabilities, and is left out.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap, layer_norm, linear};
+use rand::Rng;
+use rand_distr::StandardNormal;
+use randattn::Method;
+use randattn::rng::stream;
+use randattn_nn::MultiHeadSelfAttention;
+
+randattn::choice! {
+    /// How the sequence is summarised for the classifier.
+    pub enum Pooling {
+        /// The mean over all positions, padding zeroed (the reference's).
+        Mean = "mean",
+        /// The last real token (associative recall asks its question there).
+        Last = "last",
+    }
+}
+
+/// The model's sizes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Number of token ids.
+    pub vocab: usize,
+    /// Longest sequence (size of the position table).
+    pub max_len: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Width of the residual stream.
+    pub width: usize,
+    /// Attention heads (width / heads per head).
+    pub heads: usize,
+    /// Hidden size of the feed-forward layers.
+    pub ffn: usize,
+    /// Hidden size of the classifier.
+    pub classifier_hidden: usize,
+    /// Pooling.
+    pub pooling: Pooling,
+    /// Dropout probability.
+    pub dropout: f32,
+}
+
+impl ModelConfig {
+    /// The reference's sizes (2 layers, width 64, 2 heads of 32, FFN 128, classifier 128,
+    /// dropout 0.1, mean pooling) for a task with these token and class counts.
+    pub fn lra(vocab: usize, max_len: usize, classes: usize) -> ModelConfig {
+        ModelConfig {
+            vocab,
+            max_len,
+            classes,
+            layers: 2,
+            width: 64,
+            heads: 2,
+            ffn: 128,
+            classifier_hidden: 128,
+            pooling: Pooling::Mean,
+            dropout: 0.1,
+        }
+    }
+}
+
+struct Block {
+    ln1: LayerNorm,
+    attention: MultiHeadSelfAttention,
+    ln2: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+}
+
+/// The LRA classifier. Its weights live in [`LraModel::varmap`].
+pub struct LraModel {
+    config: ModelConfig,
+    embedding: Tensor,
+    positions: Tensor,
+    blocks: Vec<Block>,
+    final_ln: LayerNorm,
+    cls1: Linear,
+    cls2: Linear,
+    /// Every trainable variable, by name.
+    pub varmap: VarMap,
+}
+
+/// A batch: token ids `[batch, n]` (padded with the pad token) and the attention mask
+/// (`true` = a token attention may look at).
+pub struct Batch {
+    /// `[batch, n]` u32 ids.
+    pub tokens: Tensor,
+    /// `[batch · n]`, row-major.
+    pub mask: Vec<bool>,
+    /// Real length of each sequence.
+    pub lengths: Vec<usize>,
+}
+
+impl LraModel {
+    /// Builds the model with `attention` in every block, weights drawn from `seed`.
+    pub fn new(config: ModelConfig, attention: &Method, seed: u64) -> Result<LraModel> {
+        if config.width == 0 || config.heads == 0 || !config.width.is_multiple_of(config.heads) {
+            candle_core::bail!(
+                "width {} must be a positive multiple of heads {}",
+                config.width,
+                config.heads
+            );
+        }
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let w = config.width;
+        let embedding = vb.get((config.vocab, w), "embedding")?;
+        let positions = vb.get((config.max_len, w), "positions")?;
+        let mut blocks = Vec::with_capacity(config.layers);
+        for l in 0..config.layers {
+            let b = vb.pp(format!("block{l}"));
+            blocks.push(Block {
+                ln1: layer_norm(w, 1e-5, b.pp("ln1"))?,
+                attention: MultiHeadSelfAttention::load(
+                    b.pp("attention"),
+                    b.pp("attention_output"),
+                    w,
+                    config.heads,
+                    attention.clone(),
+                )?,
+                ln2: layer_norm(w, 1e-5, b.pp("ln2"))?,
+                ff1: linear(w, config.ffn, b.pp("ff1"))?,
+                ff2: linear(config.ffn, w, b.pp("ff2"))?,
+            });
+        }
+        let final_ln = layer_norm(w, 1e-5, vb.pp("final_ln"))?;
+        let cls1 = linear(w, config.classifier_hidden, vb.pp("cls1"))?;
+        let cls2 = linear(config.classifier_hidden, config.classes, vb.pp("cls2"))?;
+        let model = LraModel {
+            config,
+            embedding,
+            positions,
+            blocks,
+            final_ln,
+            cls1,
+            cls2,
+            varmap,
+        };
+        model.initialise(seed)?;
+        Ok(model)
+    }
+
+    /// The model's sizes.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Number of trainable values.
+    pub fn parameter_count(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Draws every weight from `seed` (see the module documentation), in name order.
+    fn initialise(&self, seed: u64) -> Result<()> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let fan_in = |name: &str| -> usize {
+            // Linear weights are [out, in]; a bias shares its weight's fan-in.
+            let weight = name.replace(".bias", ".weight");
+            data.get(&weight)
+                .map_or(1, |v| v.dims().get(1).copied().unwrap_or(1))
+        };
+        for (i, name) in names.iter().enumerate() {
+            let var = &data[*name];
+            let n = var.elem_count();
+            let mut rng = stream(seed, 0, i, "train/init");
+            let values: Vec<f32> = if name.as_str() == "embedding" || name.as_str() == "positions" {
+                (0..n)
+                    .map(|_| 0.02 * rng.sample::<f32, _>(StandardNormal))
+                    .collect()
+            } else if name.contains("ln") {
+                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+            } else {
+                let bound = 1.0 / (fan_in(name) as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
+    /// Inverted dropout with a mask drawn from `(seed, step, place)`; the identity when not
+    /// training.
+    fn dropout(&self, x: &Tensor, train: Option<(u64, u64)>, place: usize) -> Result<Tensor> {
+        let p = self.config.dropout;
+        let Some((seed, step)) = train.filter(|_| p > 0.0) else {
+            return Ok(x.clone());
+        };
+        let mut rng = stream(seed, step as usize, place, "train/dropout");
+        let scale = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
+
+    /// Class logits `[batch, classes]`. `train = Some((seed, step))` turns dropout on and keys
+    /// every random draw (dropout masks, the attention's samples) to the run's seed and the step;
+    /// `None` evaluates (attention samples keyed to `eval_seed`).
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        train: Option<(u64, u64)>,
+        eval_seed: u64,
+    ) -> Result<Tensor> {
+        let (b, n) = batch.tokens.dims2()?;
+        if n > self.config.max_len {
+            candle_core::bail!(
+                "sequence of {n} tokens, longer than the model's {}",
+                self.config.max_len
+            );
+        }
+        let ids = batch.tokens.flatten_all()?;
+        let x = self
+            .embedding
+            .index_select(&ids, 0)?
+            .reshape((b, n, self.config.width))?;
+        let x = x.broadcast_add(&self.positions.narrow(0, 0, n)?)?;
+        let mut x = self.dropout(&x, train, 0)?;
+        let attention_seed = |layer: usize| match train {
+            Some((seed, step)) => seed
+                .wrapping_mul(0x9E37_79B9)
+                .wrapping_add(step.wrapping_mul(1_000_003))
+                .wrapping_add(layer as u64),
+            None => eval_seed.wrapping_add(layer as u64),
+        };
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = block.ln1.forward(&x)?;
+            let a = block
+                .attention
+                .forward(&h, Some(&batch.mask), attention_seed(l))?;
+            x = (x + self.dropout(&a, train, 1 + 3 * l)?)?;
+            let h = block.ln2.forward(&x)?;
+            let f = block.ff1.forward(&h)?.gelu()?;
+            let f = block.ff2.forward(&self.dropout(&f, train, 2 + 3 * l)?)?;
+            x = (x + self.dropout(&f, train, 3 + 3 * l)?)?;
+        }
+        let keep: Vec<f32> = batch.mask.iter().map(|m| f32::from(u8::from(*m))).collect();
+        let keep = Tensor::from_vec(keep, (b, n, 1), x.device())?;
+        let x = self.final_ln.forward(&x)?.broadcast_mul(&keep)?;
+        let pooled = match self.config.pooling {
+            Pooling::Mean => (x.sum(1)? / n as f64)?,
+            Pooling::Last => {
+                let rows: Vec<Tensor> = batch
+                    .lengths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, len)| x.get(i)?.get(len.saturating_sub(1)))
+                    .collect::<Result<_>>()?;
+                Tensor::stack(&rows, 0)?
+            }
+        };
+        self.cls2.forward(&self.cls1.forward(&pooled)?.relu()?)
+    }
+}

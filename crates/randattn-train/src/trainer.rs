@@ -1,0 +1,248 @@
+//! The training loop: per-epoch shuffles from the seed, AdamW with a linear schedule, periodic
+//! evaluation on fixed dev batches, the best-dev weights kept, and the test set evaluated with
+//! the best-dev **and** the final weights.
+
+use std::time::Instant;
+
+use candle_core::{Device, Result, Tensor};
+use rand::seq::SliceRandom;
+use randattn::Method;
+use randattn::rng::stream;
+use randattn_tasks::{Example, Split, TaskSpec};
+
+use crate::model::{Batch, LraModel, ModelConfig};
+use crate::optim::{AdamW, clip_grad_norm, learning_rate};
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps (linear), then linear decay to zero.
+    pub warmup: usize,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (none when `None`).
+    pub clip: Option<f64>,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    /// Dev batches per evaluation (a fixed set: the first ones).
+    pub eval_batches: usize,
+    /// Training examples (the first ones of the split).
+    pub train_examples: usize,
+    /// Test examples (the first ones; at most the split's size).
+    pub test_examples: usize,
+    /// Seed of every random draw.
+    pub seed: u64,
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    /// Steps done.
+    pub step: usize,
+    /// Mean training loss and accuracy since the last evaluation.
+    pub train_loss: f64,
+    /// Training accuracy since the last evaluation.
+    pub train_acc: f64,
+    /// Dev loss and accuracy on the fixed dev batches.
+    pub dev_loss: f64,
+    /// Dev accuracy.
+    pub dev_acc: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+}
+
+/// What a run ends with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Every evaluation.
+    pub metrics: Vec<Metric>,
+    /// Step of the best dev accuracy.
+    pub best_step: usize,
+    /// Best dev accuracy.
+    pub best_dev_acc: f64,
+    /// Test accuracy with the best-dev weights.
+    pub test_acc: f64,
+    /// Test accuracy with the final weights.
+    pub test_acc_final: f64,
+    /// The test set's majority-class rate.
+    pub majority_acc: f64,
+    /// Trainable values.
+    pub params: usize,
+}
+
+/// Pads `examples` into one batch (pad token `pad`; the mask marks tokens that are not `pad`,
+/// as LRA does — for image tasks that also hides black pixels).
+pub fn make_batch(examples: &[&Example], pad: u32) -> Result<Batch> {
+    let n = examples
+        .iter()
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut tokens = vec![pad; examples.len() * n];
+    for (row, e) in tokens.chunks_exact_mut(n).zip(examples) {
+        row[..e.tokens.len()].copy_from_slice(&e.tokens);
+    }
+    let mask = tokens.iter().map(|t| *t != pad).collect();
+    let lengths = examples.iter().map(|e| e.tokens.len()).collect();
+    Ok(Batch {
+        tokens: Tensor::from_vec(tokens, (examples.len(), n), &Device::Cpu)?,
+        mask,
+        lengths,
+    })
+}
+
+fn labels(examples: &[&Example]) -> Result<Tensor> {
+    let l: Vec<u32> = examples.iter().map(|e| e.label).collect();
+    Tensor::from_vec(l, examples.len(), &Device::Cpu)
+}
+
+/// Mean loss and accuracy of `model` over `examples` in batches of `batch`.
+pub fn evaluate(
+    model: &LraModel,
+    examples: &[Example],
+    batch: usize,
+    pad: u32,
+    seed: u64,
+) -> Result<(f64, f64)> {
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let logits = model.forward(&make_batch(&refs, pad)?, None, seed)?;
+        let y = labels(&refs)?;
+        loss += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
+            * chunk.len() as f64;
+        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+        correct += pred
+            .iter()
+            .zip(chunk)
+            .filter(|(p, e)| **p == e.label)
+            .count();
+    }
+    let n = examples.len().max(1) as f64;
+    Ok((loss / n, correct as f64 / n))
+}
+
+/// Trains `model_config` with `attention` on `task` and evaluates it. `on_eval` sees every
+/// evaluation as it happens (for progress output).
+pub fn train(
+    task: &TaskSpec,
+    model_config: ModelConfig,
+    attention: &Method,
+    config: &TrainConfig,
+    mut on_eval: impl FnMut(&Metric),
+) -> std::result::Result<RunSummary, crate::Error> {
+    let info = task.info();
+    let sizes = task.split_sizes()?;
+    let seed = config.seed;
+    let train_set = task.examples(
+        seed,
+        Split::Train,
+        0..config.train_examples.min(sizes[0]).max(1),
+    )?;
+    let dev_set = task.examples(
+        seed,
+        Split::Dev,
+        0..(config.eval_batches * config.batch).min(sizes[1]).max(1),
+    )?;
+    let test_set = task.examples(
+        seed,
+        Split::Test,
+        0..config.test_examples.min(sizes[2]).max(1),
+    )?;
+    let model = LraModel::new(model_config, attention, seed)?;
+    let vars = model.varmap.all_vars();
+    let mut opt = AdamW::new(vars.clone(), (0.9, 0.999), 1e-6, config.weight_decay)?;
+    let started = Instant::now();
+    let mut order: Vec<usize> = Vec::new();
+    let mut cursor = usize::MAX;
+    let mut epoch = 0usize;
+    let (mut run_loss, mut run_correct, mut run_seen) = (0.0f64, 0usize, 0usize);
+    let mut metrics = Vec::new();
+    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
+    let mut lr = 0.0;
+    for step in 0..config.steps {
+        // The next batch of a shuffled epoch (a new permutation from the seed per epoch).
+        let mut picked = Vec::with_capacity(config.batch);
+        while picked.len() < config.batch {
+            if cursor >= order.len() {
+                order = (0..train_set.len()).collect();
+                order.shuffle(&mut stream(seed, epoch, 0, "train/order"));
+                epoch += 1;
+                cursor = 0;
+            }
+            picked.push(&train_set[order[cursor]]);
+            cursor += 1;
+        }
+        let batch = make_batch(&picked, info.pad)?;
+        let logits = model.forward(&batch, Some((seed, step as u64)), 0)?;
+        let y = labels(&picked)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        run_loss += loss.to_scalar::<f32>()? as f64 * picked.len() as f64;
+        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+        run_correct += pred
+            .iter()
+            .zip(&picked)
+            .filter(|(p, e)| **p == e.label)
+            .count();
+        run_seen += picked.len();
+        let mut grads = loss.backward()?;
+        if let Some(max) = config.clip {
+            clip_grad_norm(&mut grads, &vars, max)?;
+        }
+        lr = learning_rate(step, config.steps, config.warmup, config.lr);
+        opt.step(&grads, lr)?;
+        let done = step + 1;
+        if done % config.eval_every.max(1) == 0 || done == config.steps {
+            let (dev_loss, dev_acc) = evaluate(&model, &dev_set, config.batch, info.pad, seed)?;
+            let m = Metric {
+                step: done,
+                train_loss: run_loss / run_seen.max(1) as f64,
+                train_acc: run_correct as f64 / run_seen.max(1) as f64,
+                dev_loss,
+                dev_acc,
+                lr,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            (run_loss, run_correct, run_seen) = (0.0, 0, 0);
+            if best.as_ref().is_none_or(|(acc, _, _)| dev_acc > *acc) {
+                let weights = vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<Result<_>>()?;
+                best = Some((dev_acc, done, weights));
+            }
+            on_eval(&m);
+            metrics.push(m);
+        }
+    }
+    let _ = lr;
+    let (_, test_acc_final) = evaluate(&model, &test_set, config.batch, info.pad, seed)?;
+    let (best_dev_acc, best_step, weights) = best.expect("at least one evaluation");
+    for (v, w) in vars.iter().zip(&weights) {
+        v.set(w)?;
+    }
+    let (_, test_acc) = evaluate(&model, &test_set, config.batch, info.pad, seed)?;
+    let mut hist = vec![0usize; info.classes];
+    for e in &test_set {
+        hist[e.label as usize] += 1;
+    }
+    let majority_acc = *hist.iter().max().unwrap_or(&0) as f64 / test_set.len() as f64;
+    Ok(RunSummary {
+        metrics,
+        best_step,
+        best_dev_acc,
+        test_acc,
+        test_acc_final,
+        majority_acc,
+        params: model.parameter_count(),
+    })
+}
