@@ -13,6 +13,7 @@ mod mca_profile;
 mod npy;
 mod report;
 mod run;
+mod train;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,9 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Long-range tasks: examples as JSON lines, statistics, the list of tasks.
     Data(data::DataArgs),
+    /// Train the LRA classifier with any attention on a task (config.toml, metrics.jsonl,
+    /// summary.json in --out).
+    Train(train::TrainArgs),
     /// Every softmax-approximating method in every layer of the pretrained MiniLM: cosine of
     /// sentence embeddings and per-layer attention error vs exact, and time.
     Fidelity(fidelity::FidelityArgs),
@@ -252,6 +256,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::embed(args),
         Command::Fidelity(args) => fidelity::fidelity(args),
         Command::Data(args) => data::data(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

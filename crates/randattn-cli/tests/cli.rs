@@ -875,3 +875,131 @@ fn data_draws_pathfinder_pngs_and_writes_its_meta() {
         "--png draws image tasks",
     );
 }
+
+/// A tiny recall run's arguments (fast enough for a test).
+fn tiny_train(out: &Path, seed: &str) -> Command {
+    let mut c = bin();
+    c.args([
+        "train", "--task", "recall", "--quiet", "--seed", seed, "--steps", "40",
+    ]);
+    c.args(["--eval-every", "20", "--attention", "nystrom:landmarks=4"]);
+    for o in [
+        "task.params.pairs=4",
+        "task.params.keys=8",
+        "task.params.values=4",
+        "model.width=16",
+        "model.ffn=32",
+        "model.classifier_hidden=16",
+        "train.train_examples=256",
+        "train.test_examples=64",
+        "train.eval_batches=2",
+        "train.lr=3e-3",
+        "train.warmup=4",
+    ] {
+        c.args(["--override", o]);
+    }
+    c.arg("--out").arg(out);
+    c
+}
+
+#[test]
+fn train_writes_its_run_and_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for out in [&a, &b] {
+        let o = tiny_train(out, "3").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "task",
+        "attention",
+        "seed",
+        "steps",
+        "best_step",
+        "best_dev_acc",
+        "test_acc",
+        "test_acc_final",
+        "majority_acc",
+        "step_ms",
+        "examples_per_s",
+        "peak_rss_mib",
+        "wall_s",
+        "params",
+    ] {
+        assert!(summary.get(key).is_some(), "summary lacks {key}");
+    }
+    assert_eq!(summary["attention"], "nystrom:landmarks=4");
+    let strip = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&a).len(), 2);
+    assert_eq!(strip(&a), strip(&b), "same seed, same metrics");
+    // The resolved config re-runs the run.
+    let c = dir.path().join("c");
+    let o = bin()
+        .args(["train", "--task", "recall", "--quiet", "--config"])
+        .arg(a.join("config.toml"))
+        .arg("--out")
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(strip(&a), strip(&c));
+    assert_fails(tiny_train(&a, "3").output().unwrap(), "already holds a run");
+}
+
+#[test]
+fn bad_train_configs_are_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--override", "train.stepz=3"],
+            "unknown key; valid keys of [train]",
+        ),
+        (vec!["--steps", "0"], "train.steps must be at least 1"),
+        (vec!["--batch", "0"], "train.batch must be at least 1"),
+        (
+            vec!["--attention", "performer:features"],
+            "model.attention: method spec",
+        ),
+        (
+            vec!["--override", "model.heads=3"],
+            "width a multiple of heads",
+        ),
+        (
+            vec!["--override", "train.lr=fast"],
+            "--override `train.lr=fast`",
+        ),
+    ] {
+        let out = dir.path().join("run");
+        let o = bin()
+            .args(["train", "--task", "listops", "--quiet"])
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_fails(o, needle);
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    assert_fails(
+        bin()
+            .args(["train", "--task", "cifar", "--out"])
+            .arg(dir.path().join("x"))
+            .output()
+            .unwrap(),
+        "no preset for task `cifar`",
+    );
+}

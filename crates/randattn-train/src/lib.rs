@@ -7,12 +7,14 @@
 
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod model;
 pub mod optim;
 pub mod trainer;
 
+pub use config::{ConfigError, RunConfig};
 pub use model::{LraModel, ModelConfig, Pooling};
-pub use trainer::{Metric, RunSummary, TrainConfig, train};
+pub use trainer::{Metric, Observer, RunSummary, Silent, TrainConfig, train};
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]

@@ -57,6 +57,27 @@ pub struct Metric {
     pub lr: f64,
     /// Seconds since the start.
     pub elapsed_s: f64,
+    /// Training examples per second since the last evaluation.
+    pub examples_per_s: f64,
+}
+
+/// Watches a run as it goes (progress bars, logs). Both hooks default to doing nothing.
+pub trait Observer {
+    /// After every optimiser step: the steps done and that step's training loss.
+    fn step(&mut self, _done: usize, _loss: f64) {}
+    /// After every evaluation.
+    fn eval(&mut self, _metric: &Metric) {}
+}
+
+/// An observer that does nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Any closure of a [`Metric`] observes evaluations.
+impl<F: FnMut(&Metric)> Observer for F {
+    fn eval(&mut self, metric: &Metric) {
+        self(metric)
+    }
 }
 
 /// What a run ends with.
@@ -76,6 +97,10 @@ pub struct RunSummary {
     pub majority_acc: f64,
     /// Trainable values.
     pub params: usize,
+    /// Median wall time of an optimiser step (forward, backward, update), in ms.
+    pub step_ms: f64,
+    /// Training examples per second over the whole run (evaluations excluded).
+    pub examples_per_s: f64,
 }
 
 /// Pads `examples` into one batch (pad token `pad`; the mask marks tokens that are not `pad`,
@@ -138,7 +163,7 @@ pub fn train(
     model_config: ModelConfig,
     attention: &Method,
     config: &TrainConfig,
-    mut on_eval: impl FnMut(&Metric),
+    observer: &mut dyn Observer,
 ) -> std::result::Result<RunSummary, crate::Error> {
     let info = task.info();
     let sizes = task.split_sizes()?;
@@ -168,8 +193,10 @@ pub fn train(
     let (mut run_loss, mut run_correct, mut run_seen) = (0.0f64, 0usize, 0usize);
     let mut metrics = Vec::new();
     let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
-    let mut lr = 0.0;
+    let mut step_times = Vec::with_capacity(config.steps);
+    let mut since_eval = 0.0f64;
     for step in 0..config.steps {
+        let step_started = Instant::now();
         // The next batch of a shuffled epoch (a new permutation from the seed per epoch).
         let mut picked = Vec::with_capacity(config.batch);
         while picked.len() < config.batch {
@@ -198,9 +225,13 @@ pub fn train(
         if let Some(max) = config.clip {
             clip_grad_norm(&mut grads, &vars, max)?;
         }
-        lr = learning_rate(step, config.steps, config.warmup, config.lr);
+        let lr = learning_rate(step, config.steps, config.warmup, config.lr);
         opt.step(&grads, lr)?;
         let done = step + 1;
+        let took = step_started.elapsed().as_secs_f64();
+        step_times.push(took);
+        since_eval += took;
+        observer.step(done, loss.to_scalar::<f32>()? as f64);
         if done % config.eval_every.max(1) == 0 || done == config.steps {
             let (dev_loss, dev_acc) = evaluate(&model, &dev_set, config.batch, info.pad, seed)?;
             let m = Metric {
@@ -211,8 +242,10 @@ pub fn train(
                 dev_acc,
                 lr,
                 elapsed_s: started.elapsed().as_secs_f64(),
+                examples_per_s: run_seen as f64 / since_eval.max(1e-9),
             };
             (run_loss, run_correct, run_seen) = (0.0, 0, 0);
+            since_eval = 0.0;
             if best.as_ref().is_none_or(|(acc, _, _)| dev_acc > *acc) {
                 let weights = vars
                     .iter()
@@ -220,11 +253,10 @@ pub fn train(
                     .collect::<Result<_>>()?;
                 best = Some((dev_acc, done, weights));
             }
-            on_eval(&m);
+            observer.eval(&m);
             metrics.push(m);
         }
     }
-    let _ = lr;
     let (_, test_acc_final) = evaluate(&model, &test_set, config.batch, info.pad, seed)?;
     let (best_dev_acc, best_step, weights) = best.expect("at least one evaluation");
     for (v, w) in vars.iter().zip(&weights) {
@@ -236,6 +268,9 @@ pub fn train(
         hist[e.label as usize] += 1;
     }
     let majority_acc = *hist.iter().max().unwrap_or(&0) as f64 / test_set.len() as f64;
+    let total: f64 = step_times.iter().sum();
+    step_times.sort_by(f64::total_cmp);
+    let step_ms = 1e3 * step_times.get(step_times.len() / 2).copied().unwrap_or(0.0);
     Ok(RunSummary {
         metrics,
         best_step,
@@ -244,5 +279,7 @@ pub fn train(
         test_acc_final,
         majority_acc,
         params: model.parameter_count(),
+        step_ms,
+        examples_per_s: (config.steps * config.batch) as f64 / total.max(1e-9),
     })
 }

@@ -33,13 +33,13 @@ fn run(spec: &str, seed: u64) -> RunSummary {
         seed,
     };
     let method = Method::from_spec(spec).unwrap();
-    train(&task, model, &method, &config, |m| {
+    let mut log = |m: &randattn_train::Metric| {
         eprintln!(
             "{spec:24} step {:3}: train {:.3} / {:.3}, dev {:.3} / {:.3}",
             m.step, m.train_loss, m.train_acc, m.dev_loss, m.dev_acc
         )
-    })
-    .unwrap()
+    };
+    train(&task, model, &method, &config, &mut log).unwrap()
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn every_method_trains_in_the_model_mca_included() {
             classifier_hidden: 16,
             ..ModelConfig::lra(info.vocab, info.max_len, info.classes)
         };
-        let s = train(&task, model, &method, &config, |_| {})
+        let s = train(&task, model, &method, &config, &mut randattn_train::Silent)
             .unwrap_or_else(|e| panic!("{}: {e}", desc.name));
         let m = &s.metrics[0];
         assert!(

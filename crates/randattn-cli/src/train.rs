@@ -1,0 +1,166 @@
+//! `randattn train`: one training run of the LRA model with any attention, into a folder.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use randattn_train::{Metric, Observer, RunConfig, train};
+use serde_json::json;
+
+use crate::report::progress;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Task (its preset in configs/ is the starting configuration).
+    #[arg(long)]
+    task: String,
+    /// A TOML configuration instead of the task's preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Attention method spec (same as --override model.attention=SPEC).
+    #[arg(long)]
+    attention: Option<String>,
+    /// Change one value: section.key=value (repeatable; task.params.KEY for task parameters).
+    #[arg(long = "override", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Seed (same as --override train.seed=S).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Steps (same as --override train.steps=N).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Batch size (same as --override train.batch=B).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Steps between evaluations (same as --override train.eval_every=K).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Output folder: config.toml, metrics.jsonl, summary.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Progress on a terminal and one JSON line per evaluation.
+struct Watch {
+    bar: indicatif::ProgressBar,
+    metrics: std::fs::File,
+    last_dev: Option<f64>,
+    error: Option<std::io::Error>,
+}
+
+impl Observer for Watch {
+    fn step(&mut self, done: usize, loss: f64) {
+        self.bar.set_position(done as u64);
+        let dev = self
+            .last_dev
+            .map_or_else(String::new, |a| format!(" dev acc {a:.3}"));
+        self.bar.set_message(format!("loss {loss:.3}{dev}"));
+    }
+
+    fn eval(&mut self, m: &Metric) {
+        self.last_dev = Some(m.dev_acc);
+        let line = json!({
+            "step": m.step, "train_loss": m.train_loss, "train_acc": m.train_acc,
+            "dev_loss": m.dev_loss, "dev_acc": m.dev_acc, "lr": m.lr,
+            "elapsed_s": m.elapsed_s, "examples_per_s": m.examples_per_s,
+        });
+        if let Err(e) = writeln!(self.metrics, "{line}") {
+            self.error.get_or_insert(e);
+        }
+    }
+}
+
+/// Peak resident memory in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let text = match &a.config {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
+        None => RunConfig::preset(&a.task)?,
+    };
+    let mut overrides = vec![format!("task.name={}", a.task)];
+    if let Some(s) = &a.attention {
+        overrides.push(format!("model.attention=\"{s}\""));
+    }
+    for (key, value) in [
+        ("train.seed", a.seed.map(|v| v.to_string())),
+        ("train.steps", a.steps.map(|v| v.to_string())),
+        ("train.batch", a.batch.map(|v| v.to_string())),
+        ("train.eval_every", a.eval_every.map(|v| v.to_string())),
+    ] {
+        if let Some(v) = value {
+            overrides.push(format!("{key}={v}"));
+        }
+    }
+    overrides.extend(a.overrides.iter().cloned());
+    let config = RunConfig::parse(&text, &overrides)?;
+    let task = config.task_spec()?;
+    let attention = config.attention()?;
+    if a.out.join("summary.json").exists() || a.out.join("metrics.jsonl").exists() {
+        bail!(
+            "{} already holds a run (metrics.jsonl or summary.json); choose another --out",
+            a.out.display()
+        );
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::write(a.out.join("config.toml"), config.to_toml())?;
+    let metrics = std::fs::File::create(a.out.join("metrics.jsonl"))?;
+    let steps = config.train.steps as u64;
+    let mut watch = Watch {
+        bar: progress(steps, a.quiet),
+        metrics,
+        last_dev: None,
+        error: None,
+    };
+    let started = Instant::now();
+    let s = train(
+        &task,
+        config.model_config(&task),
+        &attention,
+        &config.train_config(),
+        &mut watch,
+    )?;
+    watch.bar.finish_and_clear();
+    if let Some(e) = watch.error {
+        return Err(e).context("cannot write metrics.jsonl");
+    }
+    let summary = json!({
+        "task": config.task.name, "attention": attention.spec(), "seed": config.train.seed,
+        "steps": config.train.steps, "best_step": s.best_step, "best_dev_acc": s.best_dev_acc,
+        "test_acc": s.test_acc, "test_acc_final": s.test_acc_final,
+        "majority_acc": s.majority_acc, "step_ms": s.step_ms,
+        "examples_per_s": s.examples_per_s, "peak_rss_mib": peak_rss_mib(),
+        "wall_s": started.elapsed().as_secs_f64(), "params": s.params,
+    });
+    // Written last, and atomically: its presence means the run finished.
+    let tmp = a.out.join("summary.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&summary)? + "\n")?;
+    std::fs::rename(&tmp, a.out.join("summary.json"))?;
+    println!(
+        "{} with {}: best dev {:.4} at step {}, test {:.4} (final weights {:.4}), majority {:.4}; \
+         {:.1} ms/step, {} parameters",
+        config.task.name,
+        attention.spec(),
+        s.best_dev_acc,
+        s.best_step,
+        s.test_acc,
+        s.test_acc_final,
+        s.majority_acc,
+        s.step_ms,
+        s.params
+    );
+    Ok(())
+}
