@@ -37,9 +37,12 @@ pub struct TrainArgs {
     /// Steps between evaluations (same as --override train.eval_every=K).
     #[arg(long)]
     eval_every: Option<usize>,
-    /// Output folder: config.toml, metrics.jsonl, summary.json.
+    /// Output folder: config.toml, metrics.jsonl, checkpoint.safetensors, summary.json.
     #[arg(long)]
     out: PathBuf,
+    /// Continue the interrupted run in --out (from its config.toml and last checkpoint).
+    #[arg(long, conflicts_with_all = ["config", "attention", "overrides", "seed", "steps", "batch", "eval_every"])]
+    resume: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -84,40 +87,89 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let text = match &a.config {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+    let checkpoint = a.out.join("checkpoint.safetensors");
+    let config = if a.resume {
+        if a.out.join("summary.json").exists() {
+            println!(
+                "{}: the run is finished (summary.json); nothing to resume",
+                a.out.display()
+            );
+            return Ok(());
         }
-        None => RunConfig::preset(&a.task)?,
+        let path = a.out.join("config.toml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("--resume: cannot read {}", path.display()))?;
+        let config = RunConfig::parse(&text, &[])?;
+        if config.task.name != a.task {
+            bail!(
+                "--resume: {} holds a {} run, not {}",
+                a.out.display(),
+                config.task.name,
+                a.task
+            );
+        }
+        // Keep the evaluations the checkpoint covers; later ones are redone.
+        let done = if checkpoint.exists() {
+            randattn_train::checkpoint::step_of(&checkpoint)?
+        } else {
+            0
+        };
+        let metrics = a.out.join("metrics.jsonl");
+        let kept: Vec<String> = std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= done)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&metrics, kept.concat())?;
+        config
+    } else {
+        let text = match &a.config {
+            Some(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?,
+            None => RunConfig::preset(&a.task)?,
+        };
+        let mut overrides = vec![format!("task.name={}", a.task)];
+        if let Some(s) = &a.attention {
+            overrides.push(format!("model.attention=\"{s}\""));
+        }
+        for (key, value) in [
+            ("train.seed", a.seed.map(|v| v.to_string())),
+            ("train.steps", a.steps.map(|v| v.to_string())),
+            ("train.batch", a.batch.map(|v| v.to_string())),
+            ("train.eval_every", a.eval_every.map(|v| v.to_string())),
+        ] {
+            if let Some(v) = value {
+                overrides.push(format!("{key}={v}"));
+            }
+        }
+        overrides.extend(a.overrides.iter().cloned());
+        let config = RunConfig::parse(&text, &overrides)?;
+        if ["summary.json", "metrics.jsonl", "checkpoint.safetensors"]
+            .iter()
+            .any(|f| a.out.join(f).exists())
+        {
+            bail!(
+                "{} already holds a run; choose another --out, or continue it with --resume",
+                a.out.display()
+            );
+        }
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("cannot create {}", a.out.display()))?;
+        std::fs::write(a.out.join("config.toml"), config.to_toml())?;
+        config
     };
-    let mut overrides = vec![format!("task.name={}", a.task)];
-    if let Some(s) = &a.attention {
-        overrides.push(format!("model.attention=\"{s}\""));
-    }
-    for (key, value) in [
-        ("train.seed", a.seed.map(|v| v.to_string())),
-        ("train.steps", a.steps.map(|v| v.to_string())),
-        ("train.batch", a.batch.map(|v| v.to_string())),
-        ("train.eval_every", a.eval_every.map(|v| v.to_string())),
-    ] {
-        if let Some(v) = value {
-            overrides.push(format!("{key}={v}"));
-        }
-    }
-    overrides.extend(a.overrides.iter().cloned());
-    let config = RunConfig::parse(&text, &overrides)?;
     let task = config.task_spec()?;
     let attention = config.attention()?;
-    if a.out.join("summary.json").exists() || a.out.join("metrics.jsonl").exists() {
-        bail!(
-            "{} already holds a run (metrics.jsonl or summary.json); choose another --out",
-            a.out.display()
-        );
-    }
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
-    std::fs::write(a.out.join("config.toml"), config.to_toml())?;
-    let metrics = std::fs::File::create(a.out.join("metrics.jsonl"))?;
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.out.join("metrics.jsonl"))?;
     let steps = config.train.steps as u64;
     let mut watch = Watch {
         bar: progress(steps, a.quiet),
@@ -132,6 +184,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &attention,
         &config.train_config(),
         &mut watch,
+        Some(&checkpoint),
     )?;
     watch.bar.finish_and_clear();
     if let Some(e) = watch.error {

@@ -878,11 +878,15 @@ fn data_draws_pathfinder_pngs_and_writes_its_meta() {
 
 /// A tiny recall run's arguments (fast enough for a test).
 fn tiny_train(out: &Path, seed: &str) -> Command {
+    tiny_train_steps(out, seed, "40", "20")
+}
+
+/// [`tiny_train`] with its own step counts.
+fn tiny_train_steps(out: &Path, seed: &str, steps: &str, eval_every: &str) -> Command {
     let mut c = bin();
-    c.args([
-        "train", "--task", "recall", "--quiet", "--seed", seed, "--steps", "40",
-    ]);
-    c.args(["--eval-every", "20", "--attention", "nystrom:landmarks=4"]);
+    c.args(["train", "--task", "recall", "--quiet", "--seed", seed]);
+    c.args(["--steps", steps, "--eval-every", eval_every]);
+    c.args(["--attention", "nystrom:landmarks=4"]);
     for o in [
         "task.params.pairs=4",
         "task.params.keys=8",
@@ -1002,4 +1006,67 @@ fn bad_train_configs_are_errors_and_write_nothing() {
             .unwrap(),
         "no preset for task `cifar`",
     );
+}
+
+#[test]
+fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
+    let long = |out: &Path| tiny_train_steps(out, "4", "1500", "50");
+    let o = long(&whole).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut child = long(&killed).spawn().unwrap();
+    let metrics = killed.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 4 {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the run never reached 4 evaluations"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("summary.json").exists(),
+        "killed too late: the run had finished"
+    );
+    assert!(killed.join("checkpoint.safetensors").exists());
+    let o = bin()
+        .args(["train", "--task", "recall", "--resume", "--quiet", "--out"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &Path| -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("summary.json")).unwrap())
+                .unwrap();
+        for k in ["wall_s", "step_ms", "examples_per_s", "peak_rss_mib"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    assert_eq!(read(&whole), read(&killed));
+    let lines = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
+                v
+            })
+            .collect()
+    };
+    assert_eq!(lines(&whole), lines(&killed));
+    // A finished run resumed is left alone; a new run into it is refused.
+    let o = bin()
+        .args(["train", "--task", "recall", "--resume", "--quiet", "--out"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("finished"));
 }

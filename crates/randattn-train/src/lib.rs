@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
 pub mod model;
 pub mod optim;

@@ -163,6 +163,16 @@ impl LraModel {
         &self.config
     }
 
+    /// Every trainable variable with its name, sorted by name (a stable order: `VarMap`'s own
+    /// order changes from process to process).
+    pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut vars: Vec<(String, candle_core::Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
     /// Number of trainable values.
     pub fn parameter_count(&self) -> usize {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()

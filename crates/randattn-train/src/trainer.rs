@@ -156,14 +156,19 @@ pub fn evaluate(
     Ok((loss / n, correct as f64 / n))
 }
 
-/// Trains `model_config` with `attention` on `task` and evaluates it. `on_eval` sees every
-/// evaluation as it happens (for progress output).
+/// Trains `model_config` with `attention` on `task` and evaluates it; `observer` sees every step
+/// and evaluation. With `checkpoint`, the run's whole state (weights, optimiser moments, step,
+/// data position, best-dev weights) is saved there after every evaluation (atomically: a
+/// temporary file, then a rename), and a run that finds a checkpoint there continues from it —
+/// ending exactly as the run would have uninterrupted, since every random draw is a function of
+/// the seed, the step and the data position.
 pub fn train(
     task: &TaskSpec,
     model_config: ModelConfig,
     attention: &Method,
     config: &TrainConfig,
     observer: &mut dyn Observer,
+    checkpoint: Option<&std::path::Path>,
 ) -> std::result::Result<RunSummary, crate::Error> {
     let info = task.info();
     let sizes = task.split_sizes()?;
@@ -184,7 +189,9 @@ pub fn train(
         0..config.test_examples.min(sizes[2]).max(1),
     )?;
     let model = LraModel::new(model_config, attention, seed)?;
-    let vars = model.varmap.all_vars();
+    let named = model.named_vars();
+    let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+    let vars: Vec<candle_core::Var> = named.into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(vars.clone(), (0.9, 0.999), 1e-6, config.weight_decay)?;
     let started = Instant::now();
     let mut order: Vec<usize> = Vec::new();
@@ -195,7 +202,23 @@ pub fn train(
     let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
     let mut step_times = Vec::with_capacity(config.steps);
     let mut since_eval = 0.0f64;
-    for step in 0..config.steps {
+    let mut first_step = 0;
+    if let Some(path) = checkpoint.filter(|p| p.exists()) {
+        let state = crate::checkpoint::load(path, &names, &vars)?;
+        for (i, (m, v)) in state.moments.into_iter().enumerate() {
+            opt.moments[i] = (m, v);
+        }
+        opt.t = state.step;
+        first_step = state.step;
+        epoch = state.epoch;
+        cursor = state.cursor;
+        if epoch > 0 {
+            order = (0..train_set.len()).collect();
+            order.shuffle(&mut stream(seed, epoch - 1, 0, "train/order"));
+        }
+        best = state.best;
+    }
+    for step in first_step..config.steps {
         let step_started = Instant::now();
         // The next batch of a shuffled epoch (a new permutation from the seed per epoch).
         let mut picked = Vec::with_capacity(config.batch);
@@ -252,6 +275,20 @@ pub fn train(
                     .map(|v| v.as_tensor().copy())
                     .collect::<Result<_>>()?;
                 best = Some((dev_acc, done, weights));
+            }
+            if let Some(path) = checkpoint {
+                crate::checkpoint::save(
+                    path,
+                    &crate::checkpoint::StateRef {
+                        names: &names,
+                        vars: &vars,
+                        moments: &opt.moments,
+                        step: done,
+                        epoch,
+                        cursor,
+                        best: best.as_ref(),
+                    },
+                )?;
             }
             observer.eval(&m);
             metrics.push(m);

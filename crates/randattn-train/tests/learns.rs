@@ -39,7 +39,7 @@ fn run(spec: &str, seed: u64) -> RunSummary {
             m.step, m.train_loss, m.train_acc, m.dev_loss, m.dev_acc
         )
     };
-    train(&task, model, &method, &config, &mut log).unwrap()
+    train(&task, model, &method, &config, &mut log, None).unwrap()
 }
 
 #[test]
@@ -112,8 +112,15 @@ fn every_method_trains_in_the_model_mca_included() {
             classifier_hidden: 16,
             ..ModelConfig::lra(info.vocab, info.max_len, info.classes)
         };
-        let s = train(&task, model, &method, &config, &mut randattn_train::Silent)
-            .unwrap_or_else(|e| panic!("{}: {e}", desc.name));
+        let s = train(
+            &task,
+            model,
+            &method,
+            &config,
+            &mut randattn_train::Silent,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", desc.name));
         let m = &s.metrics[0];
         assert!(
             m.train_loss.is_finite() && m.dev_loss.is_finite(),
@@ -121,4 +128,57 @@ fn every_method_trains_in_the_model_mca_included() {
             desc.name
         );
     }
+}
+
+#[test]
+fn a_reloaded_checkpoint_evaluates_like_the_model_in_memory() {
+    let dir = std::env::temp_dir().join(format!("randattn-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("checkpoint.safetensors");
+    let task =
+        TaskSpec::parse("recall", &[("pairs", "4"), ("keys", "8"), ("values", "4")]).unwrap();
+    let info = task.info();
+    let model = ModelConfig {
+        width: 16,
+        ffn: 32,
+        classifier_hidden: 16,
+        pooling: Pooling::Last,
+        ..ModelConfig::lra(info.vocab, info.max_len, info.classes)
+    };
+    let config = TrainConfig {
+        steps: 60,
+        batch: 16,
+        lr: 3e-3,
+        warmup: 6,
+        weight_decay: 0.0,
+        clip: None,
+        eval_every: 30,
+        eval_batches: 2,
+        train_examples: 256,
+        test_examples: 128,
+        seed: 3,
+    };
+    let method = Method::from_spec("performer:features=8").unwrap();
+    let s = train(
+        &task,
+        model.clone(),
+        &method,
+        &config,
+        &mut randattn_train::Silent,
+        Some(&path),
+    )
+    .unwrap();
+    // A fresh model (other initial weights) loads the final state and scores the same.
+    let fresh = randattn_train::LraModel::new(model, &method, 99).unwrap();
+    let named = fresh.named_vars();
+    let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+    let vars: Vec<_> = named.into_iter().map(|(_, v)| v).collect();
+    let state = randattn_train::checkpoint::load(&path, &names, &vars).unwrap();
+    assert_eq!(state.step, 60);
+    let test = task
+        .examples(3, randattn_tasks::Split::Test, 0..128)
+        .unwrap();
+    let (_, acc) = randattn_train::trainer::evaluate(&fresh, &test, 16, info.pad, 3).unwrap();
+    assert_eq!(acc, s.test_acc_final);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
