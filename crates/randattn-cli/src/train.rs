@@ -172,7 +172,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .open(a.out.join("metrics.jsonl"))?;
     let steps = config.train.steps as u64;
     let mut watch = Watch {
-        bar: progress(steps, a.quiet),
+        bar: {
+            let bar = progress(steps, a.quiet);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len} {elapsed} (eta {eta}) {msg}",
+                )
+                .expect("valid template"),
+            );
+            bar
+        },
         metrics,
         last_dev: None,
         error: None,

@@ -1,0 +1,63 @@
+//! Median wall time of one training step (forward, backward, AdamW) of the LRA model at the
+//! papers' shapes: batch 32, width 64, 2 heads of 32, FFN 128, random tokens of length n.
+//!
+//!     cargo run --release -p randattn-train --example step_time -- [n,...] [spec,...]
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use randattn::Method;
+use randattn_train::model::Batch;
+use randattn_train::optim::AdamW;
+use randattn_train::{LraModel, ModelConfig};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let ns: Vec<usize> = args
+        .get(1)
+        .map_or("512,1024,2048", String::as_str)
+        .split(',')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let specs: Vec<&str> = args
+        .get(2)
+        .map_or(
+            "exact,performer,nystrom,linformer,lara,skeinformer,yoso",
+            String::as_str,
+        )
+        .split(',')
+        .collect();
+    let batch = 32;
+    println!("method        n     step ms (median of 5 after 1 warm-up)");
+    for &n in &ns {
+        for spec in &specs {
+            let method = Method::from_spec(spec)?;
+            let model = LraModel::new(ModelConfig::lra(256, n, 10), &method, 0)?;
+            let vars: Vec<_> = model.named_vars().into_iter().map(|(_, v)| v).collect();
+            let mut opt = AdamW::new(vars, (0.9, 0.999), 1e-6, 0.0)?;
+            let tokens: Vec<u32> = (0..batch * n)
+                .map(|i| 1 + (i * 7919 % 255) as u32)
+                .collect();
+            let b = Batch {
+                tokens: Tensor::from_vec(tokens, (batch, n), &Device::Cpu)?,
+                mask: vec![true; batch * n],
+                lengths: vec![n; batch],
+            };
+            let y = Tensor::from_vec(vec![3u32; batch], batch, &Device::Cpu)?;
+            let mut times = Vec::new();
+            for step in 0..6u64 {
+                let t = Instant::now();
+                let logits = model.forward(&b, Some((0, step)), 0)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                let grads = loss.backward()?;
+                opt.step(&grads, 1e-4)?;
+                if step > 0 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            println!("{spec:12} {n:5}  {:8.1}", times[times.len() / 2]);
+        }
+    }
+    Ok(())
+}
