@@ -2,6 +2,9 @@
 //! papers' shapes: batch 32, width 64, 2 heads of 32, FFN 128, random tokens of length n.
 //!
 //!     cargo run --release -p randattn-train --example step_time -- [n,...] [spec,...]
+//!
+//! Like `randattn train`, it first tells glibc's allocator to keep freed memory for reuse
+//! (otherwise every large activation is mapped afresh and page faults take half of a step).
 
 use std::time::Instant;
 
@@ -12,6 +15,12 @@ use randattn_train::optim::AdamW;
 use randattn_train::{LraModel, ModelConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters, before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
     let args: Vec<String> = std::env::args().collect();
     let ns: Vec<usize> = args
         .get(1)

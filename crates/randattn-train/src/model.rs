@@ -19,8 +19,9 @@ use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap, layer_norm, linear};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use randattn::Method;
-use randattn::rng::stream;
+use randattn::rng::{GOLDEN, mix64, stream};
 use randattn_nn::MultiHeadSelfAttention;
+use rayon::prelude::*;
 
 randattn::choice! {
     /// How the sequence is summarised for the classifier.
@@ -215,11 +216,25 @@ impl LraModel {
         let Some((seed, step)) = train.filter(|_| p > 0.0) else {
             return Ok(x.clone());
         };
-        let mut rng = stream(seed, step as usize, place, "train/dropout");
+        // Counter-based and in parallel: element i keeps when the 32-bit half of
+        // mix64(key + (i/2 + 1)·GOLDEN) it owns is at or above p·2³², so the mask depends on
+        // (seed, step, place) only, not on the thread count.
+        let key = stream(seed, step as usize, place, "train/dropout").random::<u64>();
+        let threshold = (p as f64 * 4294967296.0) as u64;
         let scale = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
-            .collect();
+        let mut mask = vec![0.0f32; x.elem_count()];
+        mask.par_chunks_mut(1 << 14)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let first = (c << 14) / 2;
+                for (j, pair) in chunk.chunks_mut(2).enumerate() {
+                    let r = mix64(key.wrapping_add(((first + j + 1) as u64).wrapping_mul(GOLDEN)));
+                    for (k, m) in pair.iter_mut().enumerate() {
+                        let u = (r >> (32 * k)) & 0xFFFF_FFFF;
+                        *m = if u < threshold { 0.0 } else { scale };
+                    }
+                }
+            });
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 
@@ -280,5 +295,49 @@ impl LraModel {
             }
         };
         self.cls2.forward(&self.cls1.forward(&pooled)?.relu()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_of(model: &LraModel, threads: usize, place: usize) -> Vec<f32> {
+        let ones = Tensor::ones((7, 5003), DType::F32, &Device::Cpu).unwrap();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| model.dropout(&ones, Some((11, 3)), place))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn dropout_masks_depend_on_seed_step_and_place_only() {
+        let config = ModelConfig {
+            dropout: 0.1,
+            ..ModelConfig::lra(10, 16, 2)
+        };
+        let model = LraModel::new(config, &Method::from_spec("exact").unwrap(), 1).unwrap();
+        let one = mask_of(&model, 1, 0);
+        assert_eq!(one, mask_of(&model, 2, 0), "thread count changed the mask");
+        assert_eq!(one, mask_of(&model, 4, 0), "thread count changed the mask");
+        assert_ne!(one, mask_of(&model, 1, 1), "two places share a mask");
+        // Kept entries carry 1/(1-p); the dropped count is Binomial(N, p): within 5 sd.
+        let n = one.len() as f64;
+        let dropped = one.iter().filter(|&&m| m == 0.0).count() as f64;
+        assert!(
+            one.iter()
+                .all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6)
+        );
+        let sd = (n * 0.1 * 0.9).sqrt();
+        assert!(
+            (dropped - 0.1 * n).abs() < 5.0 * sd,
+            "dropped {dropped} of {n}"
+        );
     }
 }
