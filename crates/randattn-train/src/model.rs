@@ -14,8 +14,9 @@
 //! place in the model. The reference's attention-probability dropout has no counterpart for an
 //! estimator that never forms the probabilities, and is left out.
 
+use crate::layer_norm::{LayerNorm, layer_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap, layer_norm, linear};
+use candle_nn::{Linear, VarBuilder, VarMap, linear};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use randattn::Method;
