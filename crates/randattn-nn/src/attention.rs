@@ -1,7 +1,8 @@
 //! `MultiHeadSelfAttention`: Q/K/V/O projections around any randattn method.
 
+use crate::linear::{Linear, linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
 use randattn::Method;
 
 use crate::op::{Masks, ValueLayer, attention, value_projection_attention};

@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod linear;
 pub mod model;
 pub mod op;
 

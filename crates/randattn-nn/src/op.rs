@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use randattn::methods::mca::Mca;
 use randattn::{Attention, AttentionInputs, Method, Saved};
 
-/// The contiguous f32 data of a storage with its layout.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 data of a storage with its layout (for the CPU side of custom ops).
+pub fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         bail!("randattn: {what} must be f32, got {:?}", s.dtype());
     };

@@ -13,6 +13,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 use candle_nn::{Init, VarBuilder};
+use randattn_nn::op::slice;
 use rayon::prelude::*;
 
 /// Rows per block of the parameter-gradient reduction.
@@ -49,16 +50,6 @@ struct Op {
     eps: f32,
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        bail!("layer norm: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&d[a..b]),
-        None => bail!("layer norm: {what} must be contiguous"),
-    }
-}
-
 /// Mean and `1/√(σ² + ε)` of one row.
 fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     let w = row.len() as f32;
@@ -82,9 +73,9 @@ impl CustomOp3 for Op {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gamma, beta) = (
-            data(s1, l1, "x")?,
-            data(s2, l2, "weight")?,
-            data(s3, l3, "bias")?,
+            slice(s1, l1, "layer norm input")?,
+            slice(s2, l2, "layer norm weight")?,
+            slice(s3, l3, "layer norm bias")?,
         );
         let w = gamma.len();
         if w == 0 || l1.shape().dims().last() != Some(&w) || beta.len() != w {

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod gelu;
 pub mod layer_norm;
 pub mod model;
 pub mod optim;

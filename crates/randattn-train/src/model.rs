@@ -16,12 +16,13 @@
 
 use crate::layer_norm::{LayerNorm, layer_norm};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, VarMap, linear};
+use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use randattn::Method;
 use randattn::rng::{GOLDEN, mix64, stream};
 use randattn_nn::MultiHeadSelfAttention;
+use randattn_nn::linear::{Linear, linear};
 use rayon::prelude::*;
 
 randattn::choice! {
@@ -276,7 +277,7 @@ impl LraModel {
                 .forward(&h, Some(&batch.mask), attention_seed(l))?;
             x = (x + self.dropout(&a, train, 1 + 3 * l)?)?;
             let h = block.ln2.forward(&x)?;
-            let f = block.ff1.forward(&h)?.gelu()?;
+            let f = crate::gelu::gelu(&block.ff1.forward(&h)?)?;
             let f = block.ff2.forward(&self.dropout(&f, train, 2 + 3 * l)?)?;
             x = (x + self.dropout(&f, train, 3 + 3 * l)?)?;
         }
