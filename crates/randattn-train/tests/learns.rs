@@ -1,6 +1,8 @@
 //! A tiny configuration learns — dev and test accuracy clearly above the majority class within a
 //! few hundred steps, with exact attention and with two approximate methods — and the same seed
-//! reproduces a run.
+//! reproduces a run. (What it learns in 400 steps is the most frequent value of the sequence,
+//! about 0.54 on these sizes; binding keys to values takes far longer, in PyTorch's copy of the
+//! model too — README, "Training".)
 
 use randattn::Method;
 use randattn_tasks::TaskSpec;
