@@ -498,16 +498,17 @@ fn feature_backward(
         .zip(dphi.chunks_exact(width))
         .zip(phi.chunks_exact(width))
     {
-        for (i, av) in ar.iter_mut().enumerate() {
-            *av = dr[i] * fr[i];
-            *t += *av;
+        // The products elementwise, their sum by `dot` (SIMD lanes; a running sum here was one
+        // long dependency chain, a sixth of a training step at n = 2048).
+        for ((av, dv), fv) in ar.iter_mut().zip(&dr[..m]).zip(&fr[..m]) {
+            *av = dv * fv;
         }
+        *t = dot(&dr[..m], &fr[..m]);
         if p.kernel == Kernel::Hyperbolic {
-            for (i, av) in ar.iter_mut().enumerate() {
-                let neg = dr[m + i] * fr[m + i];
-                *av -= neg;
-                *t += neg;
+            for ((av, dv), fv) in ar.iter_mut().zip(&dr[m..]).zip(&fr[m..]) {
+                *av -= dv * fv;
             }
+            *t += dot(&dr[m..], &fr[m..]);
         }
     }
     let mut dx = vec![0.0f32; rows * d];

@@ -143,11 +143,14 @@ impl HeadBackward<'_> {
         let mut dz = vec![0.0f32; j_n];
         let mut dlmat = vec![0.0f32; j_n * c];
         let mut dbh = vec![0.0f32; j_n];
-        let mut dr = vec![0.0f32; c * n_q];
-        for (n, (drow, arow)) in dl
+        // dR is [c, n_q]; it is gathered per query in a [n_q, c] buffer (contiguous per query, the
+        // same additions in the same order) and transposed once: the strided updates missed the
+        // cache on every access.
+        let mut dr_t = vec![0.0f32; n_q * c];
+        for ((drow, arow), dr_row) in dl
             .chunks_exact(j_n)
             .zip(h.alpha.chunks_exact(j_n))
-            .enumerate()
+            .zip(dr_t.chunks_exact_mut(c))
         {
             let mut mean_share = 0.0f32;
             for j in 0..j_n {
@@ -158,11 +161,17 @@ impl HeadBackward<'_> {
                 }
                 let da = drow[j] / a / reps as f32;
                 dbh[j] += da;
-                dr[(j / reps) * n_q + n] += self.lambda * da;
+                dr_row[j / reps] += self.lambda * da;
                 mean_share += self.lambda * da / c as f32;
             }
-            for cc in 0..c {
-                dr[cc * n_q + n] -= mean_share;
+            for v in dr_row.iter_mut() {
+                *v -= mean_share;
+            }
+        }
+        let mut dr = vec![0.0f32; c * n_q];
+        for (n, dr_row) in dr_t.chunks_exact(c).enumerate() {
+            for (cc, v) in dr_row.iter().enumerate() {
+                dr[cc * n_q + n] = *v;
             }
         }
         for j in 0..j_n {
