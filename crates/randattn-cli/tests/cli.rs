@@ -935,21 +935,12 @@ fn train_writes_its_run_and_reproduces_it() {
         assert!(summary.get(key).is_some(), "summary lacks {key}");
     }
     assert_eq!(summary["attention"], "nystrom:landmarks=4");
-    let strip = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut()
-                    .unwrap()
-                    .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(&a).len(), 2);
-    assert_eq!(strip(&a), strip(&b), "same seed, same metrics");
+    assert_eq!(metrics_without_times(&a).len(), 2);
+    assert_eq!(
+        metrics_without_times(&a),
+        metrics_without_times(&b),
+        "same seed, same metrics"
+    );
     // The resolved config re-runs the run.
     let c = dir.path().join("c");
     let o = bin()
@@ -960,7 +951,7 @@ fn train_writes_its_run_and_reproduces_it() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(strip(&a), strip(&c));
+    assert_eq!(metrics_without_times(&a), metrics_without_times(&c));
     assert_fails(tiny_train(&a, "3").output().unwrap(), "already holds a run");
 }
 
@@ -1048,20 +1039,10 @@ fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
         v
     };
     assert_eq!(read(&whole), read(&killed));
-    let lines = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut()
-                    .unwrap()
-                    .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
-                v
-            })
-            .collect()
-    };
-    assert_eq!(lines(&whole), lines(&killed));
+    assert_eq!(
+        metrics_without_times(&whole),
+        metrics_without_times(&killed)
+    );
     // A finished run resumed is left alone; a new run into it is refused.
     let o = bin()
         .args(["train", "--task", "recall", "--resume", "--quiet", "--out"])
@@ -1069,4 +1050,19 @@ fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
         .output()
         .unwrap();
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("finished"));
+}
+
+/// A run's `metrics.jsonl` without the wall-time fields (the rest is reproducible).
+fn metrics_without_times(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
+            v
+        })
+        .collect()
 }

@@ -87,14 +87,16 @@ impl CustomOp2 for BiasAdd {
         if w == 0 || l1.shape().dims().last() != Some(&w) {
             bail!("linear: bias of {w} for an output {:?}", l1.shape());
         }
-        let mut y = x.to_vec();
-        y.par_chunks_mut(BLOCK_ROWS * w).for_each(|c| {
-            for row in c.chunks_mut(w) {
-                for (o, bv) in row.iter_mut().zip(b) {
-                    *o += bv;
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(BLOCK_ROWS * w)
+            .zip(x.par_chunks(BLOCK_ROWS * w))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(w).zip(xc.chunks(w)) {
+                    for ((o, xv), bv) in yr.iter_mut().zip(xr).zip(b) {
+                        *o = xv + bv;
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

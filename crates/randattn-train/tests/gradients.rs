@@ -3,15 +3,16 @@
 //! backward and once cut every gradient below the final normalisation — only the classifier head
 //! trained; this test fails in that case.)
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use randattn::Method;
-use randattn_tasks::{Split, TaskSpec};
+use randattn_tasks::Split;
 use randattn_train::trainer::make_batch;
 use randattn_train::{LraModel, ModelConfig, Pooling};
 
 fn check(spec: &str) {
-    let task =
-        TaskSpec::parse("recall", &[("pairs", "4"), ("keys", "8"), ("values", "4")]).unwrap();
+    let task = common::tiny_recall();
     let info = task.info();
     let config = ModelConfig {
         width: 32,
