@@ -9,6 +9,7 @@ mod compare;
 mod data;
 mod embed;
 mod fidelity;
+mod lra;
 mod mca_profile;
 mod npy;
 mod report;
@@ -61,6 +62,9 @@ enum Command {
     /// Train the LRA classifier with any attention on a task (config.toml, metrics.jsonl,
     /// summary.json in --out).
     Train(train::TrainArgs),
+    /// Suites of training runs (tasks × methods × seeds): run, plan, collect the results table.
+    #[command(subcommand)]
+    Lra(lra::LraCommand),
     /// Every softmax-approximating method in every layer of the pretrained MiniLM: cosine of
     /// sentence embeddings and per-layer attention error vs exact, and time.
     Fidelity(fidelity::FidelityArgs),
@@ -257,6 +261,7 @@ fn main() -> ExitCode {
         Command::Fidelity(args) => fidelity::fidelity(args),
         Command::Data(args) => data::data(args),
         Command::Train(args) => train::run(args),
+        Command::Lra(cmd) => lra::lra(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,21 +1,24 @@
 //! `randattn train`: one training run of the LRA model with any attention, into a folder.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use randattn_train::{Metric, Observer, RunConfig, train};
+use randattn_train::{Metric, Observer, RunConfig, Suite, Summary, train};
 use serde_json::json;
 
 use crate::report::progress;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Task (its preset in configs/ is the starting configuration).
+    /// Task (its preset in the suite is the starting configuration).
     #[arg(long)]
     task: String,
+    /// Suite whose preset of the task to start from: `lra` (the papers' sizes, configs/) or
+    /// `lra-lite` (sized for a CPU, configs/lra-lite/).
+    #[arg(long, default_value = "lra")]
+    suite: String,
     /// A TOML configuration instead of the task's preset.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -41,7 +44,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Continue the interrupted run in --out (from its config.toml and last checkpoint).
-    #[arg(long, conflicts_with_all = ["config", "attention", "overrides", "seed", "steps", "batch", "eval_every"])]
+    #[arg(long, conflicts_with_all = ["config", "suite", "attention", "overrides", "seed", "steps", "batch", "eval_every"])]
     resume: bool,
     /// No progress bar.
     #[arg(long)]
@@ -87,52 +90,28 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let checkpoint = a.out.join("checkpoint.safetensors");
     let config = if a.resume {
-        if a.out.join("summary.json").exists() {
-            println!(
-                "{}: the run is finished (summary.json); nothing to resume",
-                a.out.display()
-            );
-            return Ok(());
-        }
-        let path = a.out.join("config.toml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("--resume: cannot read {}", path.display()))?;
-        let config = RunConfig::parse(&text, &[])?;
-        if config.task.name != a.task {
-            bail!(
+        match resume_config(&a.out)? {
+            None => {
+                println!(
+                    "{}: the run is finished (summary.json); nothing to resume",
+                    a.out.display()
+                );
+                return Ok(());
+            }
+            Some(c) if c.task.name != a.task => bail!(
                 "--resume: {} holds a {} run, not {}",
                 a.out.display(),
-                config.task.name,
+                c.task.name,
                 a.task
-            );
+            ),
+            Some(c) => c,
         }
-        // Keep the evaluations the checkpoint covers; later ones are redone.
-        let done = if checkpoint.exists() {
-            randattn_train::checkpoint::step_of(&checkpoint)?
-        } else {
-            0
-        };
-        let metrics = a.out.join("metrics.jsonl");
-        let kept: Vec<String> = std::fs::read_to_string(&metrics)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= done)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        std::fs::write(&metrics, kept.concat())?;
-        config
     } else {
         let text = match &a.config {
             Some(p) => std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?,
-            None => RunConfig::preset(&a.task)?,
+            None => Suite::named(&a.suite)?.preset(&a.task)?.to_string(),
         };
         let mut overrides = vec![format!("task.name={}", a.task)];
         if let Some(s) = &a.attention {
@@ -150,20 +129,85 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         overrides.extend(a.overrides.iter().cloned());
         let config = RunConfig::parse(&text, &overrides)?;
-        if ["summary.json", "metrics.jsonl", "checkpoint.safetensors"]
-            .iter()
-            .any(|f| a.out.join(f).exists())
-        {
-            bail!(
-                "{} already holds a run; choose another --out, or continue it with --resume",
-                a.out.display()
-            );
-        }
-        std::fs::create_dir_all(&a.out)
-            .with_context(|| format!("cannot create {}", a.out.display()))?;
-        std::fs::write(a.out.join("config.toml"), config.to_toml())?;
+        begin(&config, &a.out)?;
         config
     };
+    let s = execute(&config, &a.out, a.quiet)?;
+    println!("{}", describe(&s));
+    Ok(())
+}
+
+/// One line on a finished run.
+pub fn describe(s: &Summary) -> String {
+    format!(
+        "{} with {} (seed {}): best dev {:.4} at step {}, test {:.4} (final weights {:.4}), \
+         majority {:.4}; {:.1} ms/step, {:.0} s, {} parameters",
+        s.task,
+        s.attention,
+        s.seed,
+        s.best_dev_acc,
+        s.best_step,
+        s.test_acc,
+        s.test_acc_final,
+        s.majority_acc,
+        s.step_ms,
+        s.wall_s,
+        s.params
+    )
+}
+
+/// Starts a run in `out`: refuses a folder that already holds one, writes the resolved
+/// `config.toml`.
+pub fn begin(config: &RunConfig, out: &Path) -> Result<()> {
+    if ["summary.json", "metrics.jsonl", "checkpoint.safetensors"]
+        .iter()
+        .any(|f| out.join(f).exists())
+    {
+        bail!(
+            "{} already holds a run; choose another --out, or continue it with --resume",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), config.to_toml())
+        .with_context(|| format!("cannot write {}", out.join("config.toml").display()))
+}
+
+/// The configuration of the interrupted run in `out`, with `metrics.jsonl` cut back to the
+/// evaluations its checkpoint covers (later ones are redone); `None` when the run finished.
+pub fn resume_config(out: &Path) -> Result<Option<RunConfig>> {
+    if out.join("summary.json").exists() {
+        return Ok(None);
+    }
+    let path = out.join("config.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--resume: cannot read {}", path.display()))?;
+    let config = RunConfig::parse(&text, &[])?;
+    let checkpoint = out.join("checkpoint.safetensors");
+    let done = if checkpoint.exists() {
+        randattn_train::checkpoint::step_of(&checkpoint)?
+    } else {
+        0
+    };
+    let metrics = out.join("metrics.jsonl");
+    let kept: Vec<String> = std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= done)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&metrics, kept.concat())?;
+    Ok(Some(config))
+}
+
+/// Trains the run whose `config.toml` is in `out` (from its checkpoint, if there is one) and
+/// writes `metrics.jsonl`, the checkpoint and, last, `summary.json`.
+pub fn execute(config: &RunConfig, out: &Path, quiet: bool) -> Result<Summary> {
     let task = config.task_spec()?;
     let attention = config.attention()?;
     // A training run is a long-running process: keep freed memory for reuse instead of mapping
@@ -172,14 +216,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(a.out.join("metrics.jsonl"))?;
+        .open(out.join("metrics.jsonl"))?;
     let steps = config.train.steps as u64;
     let mut watch = Watch {
         bar: {
-            let bar = progress(steps, a.quiet);
+            let bar = progress(steps, quiet);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{bar:30} step {pos}/{len} {elapsed} (eta {eta}) {msg}",
+                    "{prefix}{bar:30} step {pos}/{len} {elapsed} (eta {eta}) {msg}",
                 )
                 .expect("valid template"),
             );
@@ -189,43 +233,38 @@ pub fn run(a: TrainArgs) -> Result<()> {
         last_dev: None,
         error: None,
     };
-    let started = Instant::now();
     let s = train(
         &task,
         config.model_config(&task),
         &attention,
         &config.train_config(),
         &mut watch,
-        Some(&checkpoint),
+        Some(&out.join("checkpoint.safetensors")),
     )?;
     watch.bar.finish_and_clear();
     if let Some(e) = watch.error {
         return Err(e).context("cannot write metrics.jsonl");
     }
-    let summary = json!({
-        "task": config.task.name, "attention": attention.spec(), "seed": config.train.seed,
-        "steps": config.train.steps, "best_step": s.best_step, "best_dev_acc": s.best_dev_acc,
-        "test_acc": s.test_acc, "test_acc_final": s.test_acc_final,
-        "majority_acc": s.majority_acc, "step_ms": s.step_ms,
-        "examples_per_s": s.examples_per_s, "peak_rss_mib": peak_rss_mib(),
-        "wall_s": started.elapsed().as_secs_f64(), "params": s.params,
-    });
+    let summary = Summary {
+        task: config.task.name.clone(),
+        attention: attention.spec(),
+        seed: config.train.seed,
+        steps: config.train.steps,
+        best_step: s.best_step,
+        best_dev_acc: s.best_dev_acc,
+        test_acc: s.test_acc,
+        test_acc_final: s.test_acc_final,
+        majority_acc: s.majority_acc,
+        step_ms: s.step_ms,
+        examples_per_s: s.examples_per_s,
+        peak_rss_mib: peak_rss_mib(),
+        wall_s: s.wall_s,
+        params: s.params,
+        test_examples: Some(s.test_examples),
+    };
     // Written last, and atomically: its presence means the run finished.
-    let tmp = a.out.join("summary.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&summary)? + "\n")?;
-    std::fs::rename(&tmp, a.out.join("summary.json"))?;
-    println!(
-        "{} with {}: best dev {:.4} at step {}, test {:.4} (final weights {:.4}), majority {:.4}; \
-         {:.1} ms/step, {} parameters",
-        config.task.name,
-        attention.spec(),
-        s.best_dev_acc,
-        s.best_step,
-        s.test_acc,
-        s.test_acc_final,
-        s.majority_acc,
-        s.step_ms,
-        s.params
-    );
-    Ok(())
+    summary
+        .write(&out.join("summary.json"))
+        .context("cannot write summary.json")?;
+    Ok(summary)
 }

@@ -1,12 +1,12 @@
 //! End-to-end tests of the `randattn` binary: the file contract, every bad-input case (exit code
 //! 2 and a message that names the problem), and the JSON shapes other tools parse.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_randattn"))
-}
+use common::{TINY_RECALL, assert_fails, bin, stderr};
 
 fn npy(descr: &str, fortran: bool, shape: &[usize], payload: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
@@ -102,10 +102,6 @@ impl Files {
     }
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Runs the binary with `args` plus `--json FILE`; returns its stdout and the parsed JSON.
 fn run_json(args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
@@ -115,12 +111,6 @@ fn run_json(args: &[&str]) -> (String, serde_json::Value) {
     let text = std::fs::read_to_string(&path).unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     (stdout, serde_json::from_str(&text).unwrap())
-}
-
-fn assert_fails(o: Output, needle: &str) {
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "exit code; stderr: {err}");
-    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
 }
 
 #[test]
@@ -887,19 +877,10 @@ fn tiny_train_steps(out: &Path, seed: &str, steps: &str, eval_every: &str) -> Co
     c.args(["train", "--task", "recall", "--quiet", "--seed", seed]);
     c.args(["--steps", steps, "--eval-every", eval_every]);
     c.args(["--attention", "nystrom:landmarks=4"]);
-    for o in [
-        "task.params.pairs=4",
-        "task.params.keys=8",
-        "task.params.values=4",
-        "model.width=16",
-        "model.ffn=32",
-        "model.classifier_hidden=16",
-        "train.train_examples=256",
-        "train.test_examples=64",
-        "train.eval_batches=2",
-        "train.lr=3e-3",
-        "train.warmup=4",
-    ] {
+    for o in TINY_RECALL
+        .iter()
+        .chain(&["train.lr=3e-3", "train.warmup=4"])
+    {
         c.args(["--override", o]);
     }
     c.arg("--out").arg(out);
@@ -995,7 +976,7 @@ fn bad_train_configs_are_errors_and_write_nothing() {
             .arg(dir.path().join("x"))
             .output()
             .unwrap(),
-        "no preset for task `cifar`",
+        "suite `lra` has no task `cifar`; its tasks: listops",
     );
 }
 
@@ -1023,6 +1004,12 @@ fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
         "killed too late: the run had finished"
     );
     assert!(killed.join("checkpoint.safetensors").exists());
+    let before_kill: f64 = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["elapsed_s"].as_f64())
+        .fold(0.0, f64::max);
     let o = bin()
         .args(["train", "--task", "recall", "--resume", "--quiet", "--out"])
         .arg(&killed)
@@ -1039,6 +1026,18 @@ fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
         v
     };
     assert_eq!(read(&whole), read(&killed));
+    // The resumed run's wall time and step-time median include the time before the kill.
+    let wall = |p: &Path| -> f64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("summary.json")).unwrap())
+                .unwrap();
+        v["wall_s"].as_f64().unwrap()
+    };
+    assert!(
+        wall(&killed) >= before_kill,
+        "{} < {before_kill}",
+        wall(&killed)
+    );
     assert_eq!(
         metrics_without_times(&whole),
         metrics_without_times(&killed)

@@ -17,7 +17,8 @@
 //! - two **target snakes** of `contour_length` dashes (6 / 9 / 14 for easy / intermediate /
 //!   hard): A's first tail in the centre (a band of `2·seed_distance` px at the border is
 //!   barred), B's at `seed_distance` px from it, grown alternately, restarted on any failure;
-//! - **distractors**: `distractors` snakes of `contour_length / 3` dashes, seeded anywhere free
+//! - **distractors**: `distractors` snakes of `contour_length / 3` dashes (LRA's budget: 20 dashes
+//!   at size 32, 22 at 64, 35 at 128; the `distractors` parameter sets another count), seeded anywhere free
 //!   (5 tries each; an incomplete set is allowed); no single-dash clutter (LRA's images look
 //!   uncluttered, as the public wrapper's `use_single_paddles = False` gives);
 //! - **markers**: label 1 or 0 with probability ½; one snake `o` is chosen; a disk of
@@ -71,6 +72,10 @@ randattn::method_params! {
         pub difficulty: Difficulty = Difficulty::Hard;
         /// pixel value 0 is the pad token, as LRA does (black pixels are masked out)
         pub pad_black: bool = true;
+        /// distractor snakes per image: `auto` is LRA's budget (e.g. 10 at size 32, easy); fewer make
+        /// an easier task
+        pub distractors: randattn::params::Auto<usize> = randattn::params::Auto::Auto,
+            randattn::params::auto("LRA's budget", randattn::params::in_range(0, 1000));
     }
 }
 
@@ -129,7 +134,10 @@ impl Pathfinder {
             contour_length,
             continuity,
             distractor_length,
-            distractors: budget / distractor_length,
+            distractors: self
+                .distractors
+                .fixed()
+                .unwrap_or(budget / distractor_length),
             snake_contrast: contrast,
             paddle_contrast,
         }

@@ -139,6 +139,42 @@ fn recall_labels_are_the_value_paired_with_the_queried_key() {
 }
 
 #[test]
+fn fused_recall_writes_one_token_per_pair_and_the_label_is_the_asked_keys_value() {
+    let task = TaskSpec::parse(
+        "recall",
+        &[
+            ("pairs", "20"),
+            ("keys", "40"),
+            ("values", "5"),
+            ("layout", "fused"),
+        ],
+    )
+    .unwrap();
+    let info = task.info();
+    // Pad, 40 query keys, 40 × 5 pair tokens; one token per pair and the query.
+    assert_eq!((info.vocab, info.classes, info.max_len), (241, 5, 21));
+    for e in task.examples(3, Split::Train, 0..3_000).unwrap() {
+        assert_eq!(e.tokens.len(), 21);
+        let pairs: Vec<(u32, u32)> = e.tokens[..20]
+            .iter()
+            .map(|t| {
+                assert!((41..241).contains(t), "pair token {t}");
+                ((t - 41) / 5, (t - 41) % 5)
+            })
+            .collect();
+        let keys: HashSet<u32> = pairs.iter().map(|p| p.0).collect();
+        assert_eq!(keys.len(), 20, "distinct keys");
+        let q = e.tokens[20];
+        assert!((1..=40).contains(&q), "query token {q}");
+        let (_, value) = pairs
+            .iter()
+            .find(|p| p.0 == q - 1)
+            .expect("the query is a key");
+        assert_eq!(*value, e.label);
+    }
+}
+
+#[test]
 fn the_same_seed_gives_the_same_examples_and_another_seed_others() {
     for (name, settings) in [
         ("listops", vec![("min_length", "30"), ("max_length", "200")]),

@@ -23,6 +23,10 @@ pub struct StateRef<'a> {
     pub cursor: usize,
     /// Best dev accuracy, its step and the weights then.
     pub best: Option<&'a (f64, usize, Vec<Tensor>)>,
+    /// Seconds the run has taken so far (earlier sessions included).
+    pub elapsed_s: f64,
+    /// Every optimiser step's wall time so far, in seconds (for the run's median).
+    pub step_times: &'a [f64],
 }
 
 /// What [`load`] gives back (the weights are set into the variables directly).
@@ -37,6 +41,10 @@ pub struct State {
     pub cursor: usize,
     /// Best dev accuracy, its step and weights.
     pub best: Option<(f64, usize, Vec<Tensor>)>,
+    /// Seconds the run had taken (0 in checkpoints written before this was recorded).
+    pub elapsed_s: f64,
+    /// The step times recorded so far (empty in older checkpoints).
+    pub step_times: Vec<f64>,
 }
 
 /// Writes the state to `path` atomically.
@@ -68,6 +76,16 @@ pub fn save(path: &Path, s: &StateRef<'_>) -> Result<()> {
         "counters".to_string(),
         Tensor::from_vec(counters.to_vec(), 6, &Device::Cpu)?,
     );
+    tensors.insert(
+        "elapsed_s".to_string(),
+        Tensor::from_vec(vec![s.elapsed_s], 1, &Device::Cpu)?,
+    );
+    if !s.step_times.is_empty() {
+        tensors.insert(
+            "step_times".to_string(),
+            Tensor::from_vec(s.step_times.to_vec(), s.step_times.len(), &Device::Cpu)?,
+        );
+    }
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, path)?;
@@ -129,7 +147,17 @@ pub fn load(path: &Path, names: &[String], vars: &[Var]) -> Result<State> {
         }
         var.set(&w)?;
     }
+    let elapsed_s = match t.remove("elapsed_s") {
+        Some(e) => e.to_vec1::<f64>()?.first().copied().unwrap_or(0.0),
+        None => 0.0,
+    };
+    let step_times = match t.remove("step_times") {
+        Some(e) => e.to_vec1::<f64>()?,
+        None => Vec::new(),
+    };
     Ok(State {
+        elapsed_s,
+        step_times,
         moments,
         step: c[0] as usize,
         epoch: c[1] as usize,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{ModelConfig, Pooling};
 use crate::trainer::TrainConfig;
 
-/// The presets, by task name (the files in `configs/`).
+/// The presets of the papers' sizes, by task name (the files in `configs/`; the `lra` suite).
 pub const PRESETS: [(&str, &str); 5] = [
     ("listops", include_str!("../../../configs/listops.toml")),
     (
@@ -173,21 +173,6 @@ fn apply_overrides(
 }
 
 impl RunConfig {
-    /// The preset of `task`.
-    pub fn preset(task: &str) -> Result<String, ConfigError> {
-        PRESETS
-            .iter()
-            .find(|(name, _)| *name == task)
-            .map(|(_, text)| text.to_string())
-            .ok_or_else(|| {
-                let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-                ConfigError(format!(
-                    "no preset for task `{task}`; presets: {}",
-                    names.join(", ")
-                ))
-            })
-    }
-
     /// Parses `text` after applying `overrides` (`section.key=value`), then checks everything:
     /// unknown keys, types, ranges, the task's parameters and the attention spec.
     pub fn parse(text: &str, overrides: &[String]) -> Result<RunConfig, ConfigError> {
@@ -346,9 +331,9 @@ mod tests {
 
     #[test]
     fn overrides_change_one_value_and_reject_unknown_keys() {
-        let text = RunConfig::preset("listops").unwrap();
+        let text = PRESETS[0].1;
         let c = RunConfig::parse(
-            &text,
+            text,
             &[
                 "train.steps=7".into(),
                 "model.attention=performer:features=16".into(),
@@ -384,7 +369,7 @@ mod tests {
             ),
             ("steps", "expects section.key=value"),
         ] {
-            let err = RunConfig::parse(&text, &[o.to_string()])
+            let err = RunConfig::parse(text, &[o.to_string()])
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{o}: {err}");

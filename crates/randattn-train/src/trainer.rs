@@ -101,6 +101,10 @@ pub struct RunSummary {
     pub step_ms: f64,
     /// Training examples per second over the whole run (evaluations excluded).
     pub examples_per_s: f64,
+    /// Wall time of the whole run in seconds, earlier sessions of a resumed run included.
+    pub wall_s: f64,
+    /// Test examples evaluated.
+    pub test_examples: usize,
 }
 
 /// Pads `examples` into one batch (pad token `pad`; the mask marks tokens that are not `pad`,
@@ -203,8 +207,11 @@ pub fn train(
     let mut step_times = Vec::with_capacity(config.steps);
     let mut since_eval = 0.0f64;
     let mut first_step = 0;
+    let mut earlier_s = 0.0;
     if let Some(path) = checkpoint.filter(|p| p.exists()) {
         let state = crate::checkpoint::load(path, &names, &vars)?;
+        earlier_s = state.elapsed_s;
+        step_times = state.step_times;
         for (i, (m, v)) in state.moments.into_iter().enumerate() {
             opt.moments[i] = (m, v);
         }
@@ -264,7 +271,7 @@ pub fn train(
                 dev_loss,
                 dev_acc,
                 lr,
-                elapsed_s: started.elapsed().as_secs_f64(),
+                elapsed_s: earlier_s + started.elapsed().as_secs_f64(),
                 examples_per_s: run_seen as f64 / since_eval.max(1e-9),
             };
             (run_loss, run_correct, run_seen) = (0.0, 0, 0);
@@ -276,6 +283,10 @@ pub fn train(
                     .collect::<Result<_>>()?;
                 best = Some((dev_acc, done, weights));
             }
+            // The evaluation is reported before the checkpoint that covers it is written: a run
+            // killed between the two resumes from the previous checkpoint and redoes this
+            // evaluation (its line is dropped then), instead of losing it.
+            observer.eval(&m);
             if let Some(path) = checkpoint {
                 crate::checkpoint::save(
                     path,
@@ -287,10 +298,11 @@ pub fn train(
                         epoch,
                         cursor,
                         best: best.as_ref(),
+                        elapsed_s: earlier_s + started.elapsed().as_secs_f64(),
+                        step_times: &step_times,
                     },
                 )?;
             }
-            observer.eval(&m);
             metrics.push(m);
         }
     }
@@ -305,6 +317,7 @@ pub fn train(
         hist[e.label as usize] += 1;
     }
     let majority_acc = *hist.iter().max().unwrap_or(&0) as f64 / test_set.len() as f64;
+    let wall_s = earlier_s + started.elapsed().as_secs_f64();
     let total: f64 = step_times.iter().sum();
     step_times.sort_by(f64::total_cmp);
     let step_ms = 1e3 * step_times.get(step_times.len() / 2).copied().unwrap_or(0.0);
@@ -317,6 +330,8 @@ pub fn train(
         majority_acc,
         params: model.parameter_count(),
         step_ms,
-        examples_per_s: (config.steps * config.batch) as f64 / total.max(1e-9),
+        examples_per_s: (step_times.len() * config.batch) as f64 / total.max(1e-9),
+        wall_s,
+        test_examples: test_set.len(),
     })
 }
