@@ -53,7 +53,7 @@ pub struct ModelSection {
     /// `mean` or `last`.
     pub pooling: String,
     /// Dropout probability.
-    pub dropout: f32,
+    pub dropout: f64,
 }
 
 /// `[train]`.
@@ -287,7 +287,7 @@ impl RunConfig {
             ffn: self.model.ffn,
             classifier_hidden: self.model.classifier_hidden,
             pooling: self.model.pooling.parse().unwrap_or(Pooling::Mean),
-            dropout: self.model.dropout,
+            dropout: self.model.dropout as f32,
             ..ModelConfig::lra(info.vocab, info.max_len, info.classes)
         }
     }
