@@ -348,6 +348,7 @@ fn collect_table(a: CollectArgs) -> Result<()> {
     }
     a.json.write(&json!({
         "results": c.results, "chance": c.chance, "majority": c.majority, "average": c.average,
+        "runs": c.runs, "wall_s_total": c.wall_s_total, "machines": c.machines,
     }))?;
     if a.json.to_stdout() && !a.markdown {
         return Ok(());
@@ -369,8 +370,17 @@ fn collect_table(a: CollectArgs) -> Result<()> {
     let legend = "Test accuracy (%) with the best-dev weights: mean ± sample standard deviation \
                   over seeds, (seeds); on pathfinder and recall (k/n up): k of n seeds rose \
                   above the majority class by more than 3 binomial standard errors.";
-    let cost_legend = "Median training step (batch of the task's preset) and peak resident \
-                       memory of the run, median over seeds.";
+    let machines = if c.machines.is_empty() {
+        "machines not recorded".to_string()
+    } else {
+        c.machines.join("; ")
+    };
+    let cost_legend = format!(
+        "Median training step (batch of the task's preset) and peak resident memory of the run, \
+         median over seeds. {} runs, {:.1} hours of wall time in all, on: {machines}.",
+        c.runs,
+        c.wall_s_total / 3600.0
+    );
     if a.markdown {
         say!(
             a.json,

@@ -81,6 +81,40 @@ impl Observer for Watch {
     }
 }
 
+/// The CPU model (Linux `/proc/cpuinfo`), its widest vector extension and the threads used:
+/// step times are only comparable on one machine.
+fn machine() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim());
+    format!(
+        "{model} ({}), {} threads",
+        simd(),
+        rayon::current_num_threads()
+    )
+}
+
+/// The widest vector extension the kernels use here.
+#[cfg(target_arch = "x86_64")]
+fn simd() -> &'static str {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        "AVX-512"
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        "AVX2"
+    } else {
+        "SSE2"
+    }
+}
+
+/// The architecture, where there is no x86 extension to name.
+#[cfg(not(target_arch = "x86_64"))]
+fn simd() -> &'static str {
+    std::env::consts::ARCH
+}
+
 /// Peak resident memory in MiB (Linux `VmHWM`).
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -261,6 +295,7 @@ pub fn execute(config: &RunConfig, out: &Path, quiet: bool) -> Result<Summary> {
         wall_s: s.wall_s,
         params: s.params,
         test_examples: Some(s.test_examples),
+        machine: Some(machine()),
     };
     // Written last, and atomically: its presence means the run finished.
     summary

@@ -94,6 +94,10 @@ fn a_suite_runs_what_is_missing_and_collect_tables_it() {
         assert_eq!(cell["seq_len"], 5);
     }
     assert_eq!(table["chance"]["recall"], 0.25);
+    assert_eq!(table["runs"], 4);
+    let machines = table["machines"].as_array().unwrap();
+    assert_eq!(machines.len(), 1, "{machines:?}");
+    assert!(machines[0].as_str().unwrap().ends_with("threads"));
     assert!(table["majority"]["recall"].as_f64().unwrap() >= 0.25);
     let o = bin()
         .args(["lra", "collect", "--markdown"])

@@ -64,6 +64,12 @@ pub struct Collection {
     pub tasks: Vec<String>,
     /// The attentions found, in report order.
     pub attentions: Vec<String>,
+    /// Finished runs found.
+    pub runs: usize,
+    /// Their wall time added up, in seconds.
+    pub wall_s_total: f64,
+    /// The machines they finished on (as `summary.json` names them), each once.
+    pub machines: Vec<String>,
 }
 
 /// Whether a run took off: its test accuracy exceeds the majority rate by more than three
@@ -168,6 +174,14 @@ pub fn collect(roots: &[PathBuf]) -> Result<Collection, ConfigError> {
     for root in roots {
         runs.extend(find(root)?);
     }
+    let total_runs = runs.len();
+    let wall_s_total = runs.iter().map(|r| r.summary.wall_s).sum();
+    let mut machines: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.summary.machine.clone())
+        .collect();
+    machines.sort();
+    machines.dedup();
     let mut cells: BTreeMap<(String, String), Vec<Found>> = BTreeMap::new();
     for r in runs {
         let key = (r.summary.task.clone(), r.summary.attention.clone());
@@ -244,6 +258,9 @@ pub fn collect(roots: &[PathBuf]) -> Result<Collection, ConfigError> {
         average,
         tasks,
         attentions,
+        runs: total_runs,
+        wall_s_total,
+        machines,
     })
 }
 

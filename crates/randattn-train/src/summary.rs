@@ -37,6 +37,10 @@ pub struct Summary {
     /// Test examples evaluated (absent in summaries written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_examples: Option<usize>,
+    /// The machine the run finished on: CPU model, vector extension, threads (absent in
+    /// summaries written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 impl Summary {
