@@ -191,16 +191,35 @@ fn inputs<'a>(
     Ok(x)
 }
 
-/// Parses `spec` with `settings` (`key=value` pairs as the CLI's `--set` takes them).
+/// Recently used methods by spec and settings. A method keeps state worth keeping between calls
+/// (Linformer's seeded projections: rebuilding them cost 2-3× its forward at n = 1024-4096,
+/// measured), as the CLI's reused `Method` does; the last few are kept.
+static RECENT: std::sync::Mutex<Vec<(String, Method)>> = std::sync::Mutex::new(Vec::new());
+
+/// How many methods [`RECENT`] keeps.
+const RECENT_CAPACITY: usize = 16;
+
+/// Parses `spec` with `settings` (`key=value` pairs as the CLI's `--set` takes them), or takes
+/// the same method from [`RECENT`].
 fn method_of(spec: &str, settings: Vec<(String, String)>) -> PyResult<Method> {
+    let key = format!("{spec}\u{0}{settings:?}");
+    let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = recent.iter().position(|(k, _)| *k == key) {
+        let entry = recent.remove(i);
+        let m = entry.1.clone();
+        recent.insert(0, entry);
+        return Ok(m);
+    }
     let m = Method::parse(spec, &settings).map_err(value_error)?;
     if m.info().needs_value_projection {
         return Err(PyValueError::new_err(format!(
-            "{} samples the value projection, so it needs the layer input and W_V, not V; use \
-             randattn.hf.apply_mca on a model",
+            "{} samples the value projection, so it needs the layer input and W_V, not V; the \
+             Python package does not take them yet (the CLI does: randattn run --x --wv)",
             m.name()
         )));
     }
+    recent.insert(0, (key, m.clone()));
+    recent.truncate(RECENT_CAPACITY);
     Ok(m)
 }
 

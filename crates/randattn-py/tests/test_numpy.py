@@ -180,7 +180,7 @@ def test_bad_input_is_a_clear_error_never_a_crash():
         randattn.attention(q, k, v, layout="nhbd")
     with pytest.raises(ValueError, match="mask"):
         randattn.attention(q, k, v, key_mask=np.ones((2, 39), dtype=bool))
-    with pytest.raises(ValueError, match="needs the layer input"):
+    with pytest.raises(ValueError, match="needs the layer input and W_V"):
         randattn.attention(q, k, v, "mca")
     _, saved = randattn.forward(q, k, v)
     with pytest.raises(ValueError, match="grad_out has shape"):

@@ -98,7 +98,8 @@ def register(spec: str = "exact", *, seed: int = 0, name: str | None = None, **p
     method = next(m for m in randattn.methods() if m["name"] == canonical.split(":")[0])
     if method["needs_value_projection"]:
         raise ValueError(
-            f"{method['name']} samples the value projection: use randattn.hf.apply_mca(model, ...)"
+            f"{method['name']} samples the value projection, which a Hugging Face attention "
+            "function does not receive; not available from Python yet"
         )
     has_scale = any(p["name"] == "scale" for p in method["params"])
 
