@@ -250,10 +250,11 @@ fn forward<'py>(
     let pool = pool()?;
     let (output, saved, out_shape) = py
         .detach(|| {
-            let x = inputs([(qd, qs), (kd, ks), (vd, vs)], km, qm)?;
-            let out_shape = x.dims().out_shape();
-            let f = pool.install(|| method.forward(&x, seed))?;
-            Ok::<_, randattn::Error>((f.output, f.saved, out_shape))
+            pool.install(|| {
+                let x = inputs([(qd, qs), (kd, ks), (vd, vs)], km, qm)?;
+                let f = method.forward(&x, seed)?;
+                Ok::<_, randattn::Error>((f.output, f.saved, x.dims().out_shape()))
+            })
         })
         .map_err(value_error)?;
     let out = PyArray1::from_vec(py, output).reshape(out_shape)?;
@@ -306,8 +307,10 @@ fn backward<'py>(
     let pool = pool()?;
     let grads = py
         .detach(|| {
-            let x = inputs([(qd, qs), (kd, ks), (vd, vs)], km, qm)?;
-            pool.install(|| saved.method.backward(&x, saved.seed, &saved.saved, g))
+            pool.install(|| {
+                let x = inputs([(qd, qs), (kd, ks), (vd, vs)], km, qm)?;
+                saved.method.backward(&x, saved.seed, &saved.saved, g)
+            })
         })
         .map_err(value_error)?;
     Ok((
