@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--n", default="1024,4096")
     a = p.parse_args()
     methods, ns = a.methods.split(","), [int(n) for n in a.n.split(",")]
+    # The command line's bench keeps freed memory for reuse; do the same, so that both sides
+    # allocate alike.
+    randattn.keep_freed_memory()
     core = core_ms(a.cli, methods, ns)
     rng = np.random.default_rng(0)
     print(f"threads {randattn.get_num_threads()}; median forward ms, B = 1, H = 8, d = 64")

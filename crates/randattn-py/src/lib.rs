@@ -81,6 +81,27 @@ fn get_num_threads() -> usize {
     wanted_threads()
 }
 
+/// Makes the C allocator keep freed memory for reuse (glibc's mmap and trim thresholds raised),
+/// as the `randattn` command line does: otherwise every output above glibc's mmap threshold is
+/// mapped afresh and page-faulted on each call. For long-running processes that call the
+/// kernels repeatedly (a training loop, a server); it raises the process's resident memory to
+/// its peak. Returns whether the allocator accepted it (False off glibc).
+#[pyfunction]
+fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator tuning parameters.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 fn value_error(e: randattn::Error) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
@@ -338,6 +359,7 @@ fn _randattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(canonical_spec, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(keep_freed_memory, m)?)?;
     m.add_class::<SavedHandle>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -130,6 +130,13 @@ def test_seeds_decide_the_samples():
     assert np.array_equal(a, randattn.attention(q, k, v, "performer:features=16", seed=1))
 
 
+def test_keeping_freed_memory_changes_no_result():
+    q, k, v = qkv()
+    before = randattn.attention(q, k, v, "lara", seed=1)
+    assert randattn.keep_freed_memory() in (True, False)
+    assert np.array_equal(randattn.attention(q, k, v, "lara", seed=1), before)
+
+
 def test_the_thread_count_is_settable_and_does_not_change_the_bits():
     q, k, v = qkv(n=200)
     before = randattn.get_num_threads()

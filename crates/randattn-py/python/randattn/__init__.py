@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import _randattn
-from ._randattn import __version__, get_num_threads, set_num_threads
+from ._randattn import __version__, get_num_threads, keep_freed_memory, set_num_threads
 
 __all__ = [
     "Saved",
@@ -29,6 +29,7 @@ __all__ = [
     "backward",
     "forward",
     "get_num_threads",
+    "keep_freed_memory",
     "methods",
     "set_num_threads",
     "spec",
