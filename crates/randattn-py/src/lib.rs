@@ -8,7 +8,10 @@
 
 use std::sync::RwLock;
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyReadonlyArray4, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+    PyReadonlyArray4, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -133,6 +136,21 @@ fn methods(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     Ok(list)
 }
 
+/// The arrays of a sampled value projection: the layer input X, W_V and b_V.
+struct Projection {
+    x: Py<PyAny>,
+    wv: Py<PyAny>,
+    bv: Option<Py<PyAny>>,
+}
+
+/// The gradients a backward returns: dq, dk, dv and the method's parameter gradients by name.
+type Gradients<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyDict>,
+);
+
 /// What a forward pass keeps for its backward: the method, the seed, the inputs (the arrays
 /// themselves, not copies) and the samples the forward drew. Opaque to Python.
 #[pyclass(module = "randattn._randattn", name = "Saved", frozen)]
@@ -144,6 +162,9 @@ struct SavedHandle {
     v: Py<PyAny>,
     key_mask: Option<Py<PyAny>>,
     query_mask: Option<Py<PyAny>>,
+    /// The layer input, W_V and b_V of a method that samples the value projection (MCA); `v`
+    /// then holds the projected values `X·W_V + b_V`.
+    projection: Option<Projection>,
     saved: randattn::Saved,
     out_shape: [usize; 4],
 }
@@ -178,7 +199,10 @@ fn shape4(a: &PyReadonlyArray4<'_, f32>) -> [usize; 4] {
 }
 
 /// The contiguous data of `a`, or a clear error (the Python side makes arrays contiguous).
-fn slice<'a>(a: &'a PyReadonlyArray4<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
+fn slice<'a, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, f32, D>,
+    name: &str,
+) -> PyResult<&'a [f32]> {
     a.as_slice()
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous float32")))
 }
@@ -220,9 +244,22 @@ static RECENT: std::sync::Mutex<Vec<(String, Method)>> = std::sync::Mutex::new(V
 /// How many methods [`RECENT`] keeps.
 const RECENT_CAPACITY: usize = 16;
 
+/// A method that takes V: [`method_of_any`], refusing those that sample the value projection.
+fn method_of(spec: &str, settings: Vec<(String, String)>) -> PyResult<Method> {
+    let m = method_of_any(spec, settings)?;
+    if m.info().needs_value_projection {
+        return Err(PyValueError::new_err(format!(
+            "{} samples the value projection, so it needs the layer input and W_V, not V: use \
+             randattn.forward_projected",
+            m.name()
+        )));
+    }
+    Ok(m)
+}
+
 /// Parses `spec` with `settings` (`key=value` pairs as the CLI's `--set` takes them), or takes
 /// the same method from [`RECENT`].
-fn method_of(spec: &str, settings: Vec<(String, String)>) -> PyResult<Method> {
+fn method_of_any(spec: &str, settings: Vec<(String, String)>) -> PyResult<Method> {
     let key = format!("{spec}\u{0}{settings:?}");
     let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(i) = recent.iter().position(|(k, _)| *k == key) {
@@ -232,13 +269,6 @@ fn method_of(spec: &str, settings: Vec<(String, String)>) -> PyResult<Method> {
         return Ok(m);
     }
     let m = Method::parse(spec, &settings).map_err(value_error)?;
-    if m.info().needs_value_projection {
-        return Err(PyValueError::new_err(format!(
-            "{} samples the value projection, so it needs the layer input and W_V, not V; the \
-             Python package does not take them yet (the CLI does: randattn run --x --wv)",
-            m.name()
-        )));
-    }
     recent.insert(0, (key, m.clone()));
     recent.truncate(RECENT_CAPACITY);
     Ok(m)
@@ -287,20 +317,98 @@ fn forward<'py>(
         v: v.as_any().clone().unbind(),
         key_mask: key_mask.map(|m| m.as_any().clone().unbind()),
         query_mask: query_mask.map(|m| m.as_any().clone().unbind()),
+        projection: None,
         saved,
         out_shape,
     };
     Ok((out.into_any(), handle))
 }
 
-/// Backward pass of a forward: the gradient of the output (its shape) → `(dq, dk, dv)`, with the
-/// forward's samples.
+/// Forward pass of a method that samples the value projection (MCA): Q and K as in
+/// [`forward`], the layer input `x` `[batch, n_k, d_model]`, `wv` `[d_model, heads·d_v]` and
+/// `bv` `[heads·d_v]` instead of V.
+#[pyfunction]
+#[pyo3(signature = (q, k, x, wv, bv, spec, settings, key_mask=None, query_mask=None, seed=0))]
+#[allow(clippy::too_many_arguments)]
+fn forward_projected<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray4<'py, f32>,
+    k: PyReadonlyArray4<'py, f32>,
+    x: PyReadonlyArray3<'py, f32>,
+    wv: PyReadonlyArray2<'py, f32>,
+    bv: Option<PyReadonlyArray1<'py, f32>>,
+    spec: &str,
+    settings: Vec<(String, String)>,
+    key_mask: Option<PyReadonlyArray2<'py, bool>>,
+    query_mask: Option<PyReadonlyArray2<'py, bool>>,
+    seed: u64,
+) -> PyResult<(Bound<'py, PyAny>, SavedHandle)> {
+    let method = method_of_any(spec, settings)?;
+    if !method.info().needs_value_projection {
+        return Err(PyValueError::new_err(format!(
+            "{} takes V; use randattn.forward",
+            method.name()
+        )));
+    }
+    let (qs, ks) = (shape4(&q), shape4(&k));
+    let (qd, kd) = (slice(&q, "q")?, slice(&k, "k")?);
+    let xs = {
+        let s = x.shape();
+        [s[0], s[1], s[2]]
+    };
+    let ws = [wv.shape()[0], wv.shape()[1]];
+    let xd = slice(&x, "x")?;
+    let wd = slice(&wv, "wv")?;
+    let bd = bv.as_ref().map(|b| slice(b, "bv")).transpose()?;
+    let (km, qm) = (
+        mask_slice(&key_mask, "key_mask")?,
+        mask_slice(&query_mask, "query_mask")?,
+    );
+    let pool = pool()?;
+    let (v, vs, output, saved, out_shape) = py
+        .detach(|| {
+            pool.install(|| {
+                let v = randattn::inputs::project_values(xd, xs, wd, bd, qs[1])?;
+                let vs = [xs[0], qs[1], xs[1], ws[1] / qs[1].max(1)];
+                let x = inputs([(qd, qs), (kd, ks), (&v, vs)], km, qm)?
+                    .with_value_projection(xd, xs, wd, ws, bd)?;
+                let f = method.forward(&x, seed)?;
+                let out_shape = x.dims().out_shape();
+                Ok::<_, randattn::Error>((v.clone(), vs, f.output, f.saved, out_shape))
+            })
+        })
+        .map_err(value_error)?;
+    let out = PyArray1::from_vec(py, output).reshape(out_shape)?;
+    let v = PyArray1::from_vec(py, v).reshape(vs)?;
+    let handle = SavedHandle {
+        method,
+        seed,
+        q: q.as_any().clone().unbind(),
+        k: k.as_any().clone().unbind(),
+        v: v.into_any().unbind(),
+        key_mask: key_mask.map(|m| m.as_any().clone().unbind()),
+        query_mask: query_mask.map(|m| m.as_any().clone().unbind()),
+        projection: Some(Projection {
+            x: x.as_any().clone().unbind(),
+            wv: wv.as_any().clone().unbind(),
+            bv: bv.map(|b| b.as_any().clone().unbind()),
+        }),
+        saved,
+        out_shape,
+    };
+    Ok((out.into_any(), handle))
+}
+
+/// Backward pass of a forward: the gradient of the output (its shape) → `(dq, dk, dv, params)`,
+/// with the forward's samples; `params` maps the method's parameter gradients by name (MCA:
+/// `x`, `wv`, `bv`; Linformer's and LARA's tensor parameters are not taken from Python, so
+/// theirs are left out).
 #[pyfunction]
 fn backward<'py>(
     py: Python<'py>,
     saved: &SavedHandle,
     grad_out: PyReadonlyArray4<'py, f32>,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+) -> PyResult<Gradients<'py>> {
     let bind = |o: &Py<PyAny>| -> PyResult<PyReadonlyArray4<'py, f32>> {
         o.bind(py).extract::<PyReadonlyArray4<'py, f32>>()
     };
@@ -318,6 +426,32 @@ fn backward<'py>(
             saved.out_shape
         )));
     }
+    let projection = saved
+        .projection
+        .as_ref()
+        .map(|Projection { x, wv, bv }| -> PyResult<_> {
+            Ok((
+                x.bind(py).extract::<PyReadonlyArray3<'py, f32>>()?,
+                wv.bind(py).extract::<PyReadonlyArray2<'py, f32>>()?,
+                bv.as_ref()
+                    .map(|b| b.bind(py).extract::<PyReadonlyArray1<'py, f32>>())
+                    .transpose()?,
+            ))
+        })
+        .transpose()?;
+    let projection_slices = projection
+        .as_ref()
+        .map(|(x, wv, bv)| -> PyResult<_> {
+            let s = x.shape();
+            Ok((
+                slice(x, "x")?,
+                [s[0], s[1], s[2]],
+                slice(wv, "wv")?,
+                [wv.shape()[0], wv.shape()[1]],
+                bv.as_ref().map(|b| slice(b, "bv")).transpose()?,
+            ))
+        })
+        .transpose()?;
     let (qs, ks, vs) = (shape4(&q), shape4(&k), shape4(&v));
     let (qd, kd, vd) = (slice(&q, "q")?, slice(&k, "k")?, slice(&v, "v")?);
     let (km, qm) = (
@@ -329,15 +463,23 @@ fn backward<'py>(
     let grads = py
         .detach(|| {
             pool.install(|| {
-                let x = inputs([(qd, qs), (kd, ks), (vd, vs)], km, qm)?;
+                let mut x = inputs([(qd, qs), (kd, ks), (vd, vs)], km, qm)?;
+                if let Some((xd, xs, wd, ws, bd)) = projection_slices {
+                    x = x.with_value_projection(xd, xs, wd, ws, bd)?;
+                }
                 saved.method.backward(&x, saved.seed, &saved.saved, g)
             })
         })
         .map_err(value_error)?;
+    let params = PyDict::new(py);
+    for p in grads.params {
+        params.set_item(p.name, PyArray1::from_vec(py, p.grad).reshape(p.shape)?)?;
+    }
     Ok((
         PyArray1::from_vec(py, grads.dq).reshape(qs)?.into_any(),
         PyArray1::from_vec(py, grads.dk).reshape(ks)?.into_any(),
         PyArray1::from_vec(py, grads.dv).reshape(vs)?.into_any(),
+        params,
     ))
 }
 
@@ -356,6 +498,7 @@ fn _randattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(methods, m)?)?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_projected, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_spec, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

@@ -187,7 +187,7 @@ def test_bad_input_is_a_clear_error_never_a_crash():
         randattn.attention(q, k, v, layout="nhbd")
     with pytest.raises(ValueError, match="mask"):
         randattn.attention(q, k, v, key_mask=np.ones((2, 39), dtype=bool))
-    with pytest.raises(ValueError, match="needs the layer input and W_V"):
+    with pytest.raises(ValueError, match="forward_projected"):
         randattn.attention(q, k, v, "mca")
     _, saved = randattn.forward(q, k, v)
     with pytest.raises(ValueError, match="grad_out has shape"):
@@ -214,3 +214,32 @@ def test_the_backward_matches_finite_differences_of_the_forward():
         analytic = float((grads[i].astype(np.float64) * u).sum())
         # float32 rounding of the loss (~1e-6 relative) over 2·eps, plus the O(eps²) term.
         assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)), (name, numeric, analytic)
+
+
+@pytest.mark.skipif(cli() is None, reason="the randattn binary is not built (set RANDATTN_CLI)")
+def test_mca_from_the_layer_input_gives_the_command_lines_bits_and_gradients(tmp_path):
+    b, h, n, d, d_model = 2, 3, 40, 8, 20
+    q, k = rand(b, h, n, d, seed=1), rand(b, h, n, d, seed=2)
+    x, wv, bv = rand(b, n, d_model, seed=3), rand(d_model, h * d, seed=4), rand(h * d, seed=5)
+    mask = np.ones((b, n), dtype=bool)
+    mask[0, 33:] = False
+    out, saved = randattn.forward_projected(q, k, x, wv, bv, "mca", alpha=0.5, key_mask=mask,
+                                            seed=8)
+    g = rand(*out.shape, seed=6)
+    dq, dk, dx, dwv, dbv = randattn.backward_projected(saved, g)
+    for name, a in [("q", q), ("k", k), ("x", x), ("wv", wv), ("bv", bv), ("mask", mask),
+                    ("g", g)]:
+        np.save(tmp_path / f"{name}.npy", a)
+    args = [str(cli()), "run", "--method", "mca:alpha=0.5", "--seed", "8"]
+    for flag, name in [("--q", "q"), ("--k", "k"), ("--x", "x"), ("--wv", "wv"), ("--bv", "bv"),
+                       ("--mask", "mask"), ("--grad-out", "g")]:
+        args += [flag, str(tmp_path / f"{name}.npy")]
+    args += ["--out", str(tmp_path / "out.npy"), "--grads-dir", str(tmp_path / "grads")]
+    subprocess.run(args, check=True, capture_output=True)
+    assert np.array_equal(out, np.load(tmp_path / "out.npy"))
+    for name, got in [("dq", dq), ("dk", dk), ("x", dx), ("wv", dwv), ("bv", dbv)]:
+        assert np.array_equal(got, np.load(tmp_path / "grads" / f"{name}.npy")), name
+    with pytest.raises(TypeError, match="forward_projected"):
+        randattn.backward(saved, g)
+    with pytest.raises(ValueError, match="takes V"):
+        randattn.forward_projected(q, k, x, wv, bv, "exact")

@@ -27,7 +27,9 @@ __all__ = [
     "Saved",
     "attention",
     "backward",
+    "backward_projected",
     "forward",
+    "forward_projected",
     "get_num_threads",
     "keep_freed_memory",
     "methods",
@@ -100,11 +102,12 @@ class Saved:
     """What a :func:`forward` keeps for its :func:`backward`: the inputs, the seed and the
     samples the forward drew (opaque)."""
 
-    __slots__ = ("_native", "layout")
+    __slots__ = ("_native", "layout", "projected")
 
-    def __init__(self, native: Any, layout: str) -> None:
+    def __init__(self, native: Any, layout: str, projected: bool = False) -> None:
         self._native = native
         self.layout = layout
+        self.projected = projected
 
     @property
     def spec(self) -> str:
@@ -162,13 +165,21 @@ def forward(
 def backward(saved: Saved, grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients ``(dq, dk, dv)`` of a loss given the gradient of the output (in the forward's
     layout), with the forward's samples."""
-    if not isinstance(saved, Saved):
-        raise TypeError(f"saved must be what randattn.forward returned, got {type(saved).__name__}")
+    if not isinstance(saved, Saved) or saved.projected:
+        raise TypeError(
+            "saved must be what randattn.forward returned (backward_projected takes "
+            "forward_projected's)"
+        )
+    dq, dk, dv, _ = _backward(saved, grad_out)
+    return dq, dk, dv
+
+
+def _backward(saved: Saved, grad_out: np.ndarray):
     g = _tensor(grad_out, "grad_out", saved.layout)
-    dq, dk, dv = _randattn.backward(saved._native, g)
+    dq, dk, dv, params = _randattn.backward(saved._native, g)
     if saved.layout == "bnhd":
         dq, dk, dv = (x.transpose(0, 2, 1, 3) for x in (dq, dk, dv))
-    return dq, dk, dv
+    return dq, dk, dv, params
 
 
 def attention(
@@ -189,3 +200,58 @@ def attention(
         **params,
     )
     return out
+
+
+def _array(x: Any, name: str, ndim: int, shape_text: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(
+            f"{name} must be float32, got {x.dtype} (convert with {name}.astype(np.float32))"
+        )
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape_text}, got shape {list(x.shape)}")
+    return np.ascontiguousarray(x)
+
+
+def forward_projected(
+    q: np.ndarray,
+    k: np.ndarray,
+    x: np.ndarray,
+    wv: np.ndarray,
+    bv: np.ndarray | None = None,
+    method: str = "mca",
+    *,
+    key_mask: Any = None,
+    query_mask: Any = None,
+    seed: int = 0,
+    layout: str = "bhnd",
+    **params: Any,
+) -> tuple[np.ndarray, Saved]:
+    """Forward pass of a method that samples the value projection (MCA): instead of V, the
+    layer input ``x`` ``[batch, n, d_model]``, ``wv`` ``[d_model, heads·d_v]`` (head ``h`` is
+    columns ``h·d_v .. (h+1)·d_v``) and optionally ``bv`` ``[heads·d_v]``; the rest as
+    :func:`forward`."""
+    _check_layout(layout)
+    qc, kc = _tensor(q, "q", layout), _tensor(k, "k", layout)
+    xc = _array(x, "x", 3, "[batch, n, d_model]")
+    wc = _array(wv, "wv", 2, "[d_model, heads*d_v]")
+    bc = None if bv is None else _array(bv, "bv", 1, "[heads*d_v]")
+    if not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    out, native = _randattn.forward_projected(
+        qc, kc, xc, wc, bc, method, _settings(params), _mask(key_mask, "key_mask"),
+        _mask(query_mask, "query_mask"), int(seed),
+    )
+    if layout == "bnhd":
+        out = out.transpose(0, 2, 1, 3)
+    return out, Saved(native, layout, projected=True)
+
+
+def backward_projected(saved: Saved, grad_out: np.ndarray):
+    """Gradients ``(dq, dk, dx, dwv, dbv)`` of a :func:`forward_projected` (``dbv`` is None
+    without a bias), with the forward's samples."""
+    if not isinstance(saved, Saved) or not saved.projected:
+        raise TypeError("saved must be what randattn.forward_projected returned")
+    dq, dk, _, params = _backward(saved, grad_out)
+    return dq, dk, params["x"], params["wv"], params.get("bv")
