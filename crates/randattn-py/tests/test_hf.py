@@ -73,3 +73,23 @@ def test_masks_it_cannot_honour_are_errors_not_ignored():
         fn(plain, q, q, q, tril)
     out, weights = fn(plain, q, q, q, torch.ones(1, 1, 1, 6, dtype=torch.bool))
     assert out.shape == (1, 6, 2, 8) and weights is None
+
+
+def test_apply_mca_runs_every_layer_and_tends_to_exact_as_alpha_shrinks():
+    tok = transformers.AutoTokenizer.from_pretrained(PATH)
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    ref = embed("sdpa", SENTENCES)
+    cos = {}
+    for alpha in (0.05, 0.001):
+        model = transformers.AutoModel.from_pretrained(
+            PATH, attn_implementation=randattn.hf.register("exact")
+        )
+        assert randattn.hf.apply_mca(model, alpha=alpha, seed=0) == 6
+        with torch.no_grad():
+            h = model(**batch).last_hidden_state
+        m = batch["attention_mask"][..., None].float()
+        e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        cos[alpha] = (e * ref).sum(-1)
+    # alpha bounds the sampling error (r_j grows as 1/alpha^2): at 0.001 every row is kept.
+    assert torch.all(cos[0.001] >= 0.9999), cos
+    assert torch.all(cos[0.05] > 0.9) and torch.all(cos[0.05] <= cos[0.001] + 1e-6), cos

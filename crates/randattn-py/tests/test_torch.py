@@ -60,3 +60,20 @@ def test_bad_tensors_are_clear_errors():
         rt.attention(q.detach().numpy(), k, v)
     with pytest.raises(ValueError, match="unknown method"):
         rt.attention(q, k, v, "nope")
+
+
+def test_mca_gradients_reach_the_layer_input_and_the_projection():
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 20, 8, generator=g, requires_grad=True) for _ in range(2))
+    x = torch.randn(2, 20, 16, generator=g, requires_grad=True)
+    wv = torch.randn(16, 24, generator=g, requires_grad=True)
+    bv = torch.randn(24, generator=g, requires_grad=True)
+    out = rt.projected_attention(q, k, x, wv, bv, "mca", alpha=0.2, seed=4)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, x, wv, bv), grad)
+    ref_out, saved = randattn.forward_projected(
+        *(t.detach().numpy() for t in (q, k, x, wv, bv)), "mca", alpha=0.2, seed=4
+    )
+    assert np.array_equal(out.detach().numpy(), ref_out)
+    for a, b in zip(got, randattn.backward_projected(saved, grad.numpy())):
+        assert np.array_equal(a.numpy(), b)

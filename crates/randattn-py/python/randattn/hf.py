@@ -23,7 +23,7 @@ import torch
 import randattn
 import randattn.torch as rt
 
-__all__ = ["register"]
+__all__ = ["apply_mca", "register"]
 
 _WARNED_DROPOUT: set[str] = set()
 
@@ -99,7 +99,7 @@ def register(spec: str = "exact", *, seed: int = 0, name: str | None = None, **p
     if method["needs_value_projection"]:
         raise ValueError(
             f"{method['name']} samples the value projection, which a Hugging Face attention "
-            "function does not receive; not available from Python yet"
+            "function does not receive: use randattn.hf.apply_mca(model, ...)"
         )
     has_scale = any(p["name"] == "scale" for p in method["params"])
 
@@ -140,3 +140,43 @@ def register(spec: str = "exact", *, seed: int = 0, name: str | None = None, **p
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, _mask_function)
     return name
+
+
+def apply_mca(model: torch.nn.Module, *, seed: int = 0, **params: Any) -> int:
+    """Makes every BERT-style self-attention of ``model`` (modules with ``query``, ``key`` and
+    ``value`` linear layers) run MCA: exact softmax weights, the value projection ``X·W_V`` sampled
+    per token (``params``: ``alpha``, ``probs``, ``draws``; see ``randattn.methods()``). Layer
+    ``i`` draws from ``seed + i``. Returns how many modules it changed. Padding masks are
+    honoured; causal modules raise ``NotImplementedError``."""
+    spec = randattn.spec("mca", **params)
+    changed = 0
+    for i, module in enumerate(m for m in model.modules() if _is_bert_self_attention(m)):
+        module.forward = _mca_forward(module, spec, (seed + i) % 2**64)
+        changed += 1
+    if changed == 0:
+        raise ValueError("no BERT-style self-attention (query, key, value linear layers) found")
+    return changed
+
+
+def _is_bert_self_attention(m: torch.nn.Module) -> bool:
+    return all(isinstance(getattr(m, a, None), torch.nn.Linear) for a in ("query", "key", "value")) \
+        and hasattr(m, "attention_head_size")
+
+
+def _mca_forward(module: torch.nn.Module, spec: str, seed: int):
+    def forward(hidden_states, attention_mask=None, *args, **kwargs):
+        if getattr(module, "is_causal", False) or kwargs.get("encoder_hidden_states") is not None:
+            raise NotImplementedError(f"{spec}: causal or cross-attention")
+        b, n, _ = hidden_states.shape
+        d = module.attention_head_size
+        q = module.query(hidden_states).view(b, n, -1, d)
+        k = module.key(hidden_states).view(b, n, -1, d)
+        scaling = getattr(module, "scaling", d**-0.5)
+        extra = {} if abs(scaling - d**-0.5) <= 1e-12 * d**-0.5 else {"scale": repr(float(scaling))}
+        out = rt.projected_attention(
+            q, k, hidden_states, module.value.weight.t(), module.value.bias, spec,
+            key_mask=_key_mask(attention_mask, b, n), seed=seed, layout="bnhd", **extra,
+        )
+        return out.reshape(b, n, -1), None
+
+    return forward

@@ -19,7 +19,7 @@ import torch
 
 import randattn
 
-__all__ = ["Attention", "attention"]
+__all__ = ["Attention", "attention", "projected_attention"]
 
 
 def _array(t: Any, name: str) -> np.ndarray:
@@ -67,6 +67,54 @@ class _Attention(torch.autograd.Function):
         dq, dk, dv = randattn.backward(ctx.saved_state, g.cpu().numpy())
         return (torch.from_numpy(dq), torch.from_numpy(dk), torch.from_numpy(dv),
                 None, None, None, None, None, None)
+
+
+class _ProjectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, x, wv, bv, method, key_mask, query_mask, seed, layout, params):  # type: ignore[override]
+        out, saved = randattn.forward_projected(
+            _array(q, "q"),
+            _array(k, "k"),
+            _array(x, "x"),
+            _array(wv, "wv"),
+            None if bv is None else _array(bv, "bv"),
+            method,
+            key_mask=_mask(key_mask, "key_mask"),
+            query_mask=_mask(query_mask, "query_mask"),
+            seed=seed,
+            layout=layout,
+            **params,
+        )
+        ctx.saved_state = saved
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        g = grad_out.detach().float().cpu().numpy()
+        dq, dk, dx, dwv, dbv = randattn.backward_projected(ctx.saved_state, g)
+        t = lambda a: None if a is None else torch.from_numpy(a)
+        return (t(dq), t(dk), t(dx), t(dwv), t(dbv), None, None, None, None, None, None)
+
+
+def projected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    x: torch.Tensor,
+    wv: torch.Tensor,
+    bv: torch.Tensor | None = None,
+    method: str = "mca",
+    *,
+    key_mask: Any = None,
+    query_mask: Any = None,
+    seed: int = 0,
+    layout: str = "bhnd",
+    **params: Any,
+) -> torch.Tensor:
+    """Attention of a method that samples the value projection (MCA), differentiable w.r.t.
+    ``q``, ``k``, the layer input ``x`` ``[batch, n, d_model]``, ``wv`` ``[d_model, heads·d_v]``
+    and ``bv`` ``[heads·d_v]`` (see :func:`randattn.forward_projected`)."""
+    return _ProjectedAttention.apply(q, k, x, wv, bv, method, key_mask, query_mask, seed, layout,
+                                     params)
 
 
 def attention(
