@@ -93,3 +93,22 @@ def test_apply_mca_runs_every_layer_and_tends_to_exact_as_alpha_shrinks():
     # alpha bounds the sampling error (r_j grows as 1/alpha^2): at 0.001 every row is kept.
     assert torch.all(cos[0.001] >= 0.9999), cos
     assert torch.all(cos[0.05] > 0.9) and torch.all(cos[0.05] <= cos[0.001] + 1e-6), cos
+
+
+def test_grouped_query_heads_are_expanded_and_each_layer_draws_its_own_samples():
+    import randattn.torch as rt
+
+    name = randattn.hf.register("performer", features=16, seed=5)
+    fn = transformers.AttentionInterface()[name]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 12, 8, generator=g)
+    k, v = torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    layer = lambda i: types.SimpleNamespace(is_causal=False, training=False,
+                                            num_key_value_groups=2, layer_idx=i)
+    out, _ = fn(layer(3), q, k, v, None)
+    # Key/value head j serves query heads 2j and 2j+1; layer 3 draws from seed 5 + 3.
+    ref = rt.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                       "performer:features=16", seed=8)
+    assert torch.equal(out, ref.transpose(1, 2).contiguous())
+    other, _ = fn(layer(4), q, k, v, None)
+    assert not torch.equal(out, other)
