@@ -9,7 +9,7 @@ use randattn::{Attention, AttentionInputs, Method};
 use serde_json::json;
 
 use crate::report::{mib, ms, progress, table};
-use crate::{alloc, parse_methods};
+use crate::{alloc, limits, parse_methods};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -18,22 +18,23 @@ pub struct BenchArgs {
     #[arg(long, default_value = "all")]
     methods: String,
     /// Sequence lengths.
-    #[arg(long, value_delimiter = ',', default_values_t = [512, 1024, 4096])]
+    #[arg(long, value_delimiter = ',', default_values_t = [512, 1024, 4096],
+          value_parser = limits::size(limits::MAX_N))]
     n: Vec<usize>,
     /// Batch size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = limits::size(limits::MAX_AXIS))]
     batch: usize,
     /// Heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = limits::size(limits::MAX_AXIS))]
     heads: usize,
     /// Head dimension (of Q, K and V).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = limits::size(limits::MAX_AXIS))]
     d: usize,
     /// Also time forward + backward.
     #[arg(long)]
     backward: bool,
     /// Minimum timed runs per measurement (after one warm-up); more are taken within ~2 s.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = limits::size(10_000))]
     repeats: usize,
     #[command(flatten)]
     common: crate::ReportArgs,
@@ -86,6 +87,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .collect();
     let methods = parse_methods(&a.methods, &everything)?;
 
+    for &n in &a.n {
+        // Q, K, V, the output and the saved state; with --backward also the output gradient
+        // and dQ, dK, dV.
+        let tensors = if a.backward { 9 } else { 5 };
+        limits::check_memory(
+            limits::tensor_bytes([a.batch, a.heads, n, a.d], tensors),
+            &format!(
+                "bench at batch {} × heads {} × n {n} × d {}",
+                a.batch, a.heads, a.d
+            ),
+        )?;
+    }
     let bar = progress((a.n.len() * methods.len()) as u64, a.common.quiet);
     let mut rows = Vec::new();
     let mut results = Vec::new();

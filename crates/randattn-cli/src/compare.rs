@@ -9,8 +9,8 @@ use randattn::workload::clustered;
 use randattn::{Attention, Method};
 use serde_json::json;
 
-use crate::parse_methods;
 use crate::report::{median_ms, ms, progress, table};
+use crate::{limits, parse_methods};
 
 /// Longest sequence at which the O(n²) f64 reference is run.
 const NAIVE_MAX_N: usize = 2048;
@@ -18,7 +18,7 @@ const NAIVE_MAX_N: usize = 2048;
 #[derive(Args)]
 pub struct CompareArgs {
     /// Sequence lengths (default 1024 and 4096; 256 with --quick).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = limits::size(limits::MAX_N))]
     n: Vec<usize>,
     /// A small, fast run (n=256, 4 heads, d=32) for smoke tests and CI.
     #[arg(long)]
@@ -27,13 +27,13 @@ pub struct CompareArgs {
     #[arg(long, default_value = "all")]
     methods: String,
     /// Batch size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = limits::size(limits::MAX_AXIS))]
     batch: usize,
     /// Heads (default 8; 4 with --quick).
-    #[arg(long)]
+    #[arg(long, value_parser = limits::size(limits::MAX_AXIS))]
     heads: Option<usize>,
     /// Head dimension (default 64; 32 with --quick).
-    #[arg(long)]
+    #[arg(long, value_parser = limits::size(limits::MAX_AXIS))]
     d: Option<usize>,
     #[command(flatten)]
     common: crate::ReportArgs,
@@ -56,6 +56,16 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     } else {
         (3, Duration::from_secs(1))
     };
+    for &n in &ns {
+        // Q, K, V, the exact output, each method's output and saved state.
+        limits::check_memory(
+            limits::tensor_bytes([a.batch, heads, n, d], 6),
+            &format!(
+                "compare at batch {} × heads {heads} × n {n} × d {d}",
+                a.batch
+            ),
+        )?;
+    }
 
     let bar = progress((ns.len() * methods.len()) as u64, a.common.quiet);
     let mut rows = Vec::new();

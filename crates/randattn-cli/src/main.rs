@@ -1,7 +1,8 @@
 //! `randattn`: run, compare and benchmark randomized attention estimators.
 //!
 //! Thin over the `randattn` crate: argument parsing, `.npy` I/O, tables and progress only.
-//! Exit status: 0 on success, 2 on any error (bad arguments, bad files, bad parameters).
+//! Exit status: 0 on success, 2 on any error (bad arguments, bad files, bad parameters, requests
+//! beyond the machine's memory), 70 on an internal error (a bug: a panic, reported in one line).
 
 mod alloc;
 mod bench;
@@ -9,6 +10,7 @@ mod compare;
 mod data;
 mod embed;
 mod fidelity;
+mod limits;
 mod lra;
 mod mca_profile;
 mod npy;
@@ -242,6 +244,11 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // SAFETY: no other thread exists yet at the start of main.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100") };
+    }
+    limits::install_panic_hook();
+    // The test suite's way to check the hook (tests/cli.rs); no input reaches a panic on purpose.
+    if std::env::var_os("RANDATTN_PANIC_FOR_TEST").is_some() {
+        panic!("a panic raised for the test of the panic hook");
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -1065,3 +1065,51 @@ fn metrics_without_times(p: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+#[test]
+fn zero_negative_and_absurd_sizes_are_errors_not_crashes() {
+    for (args, needle) in [
+        (&["compare", "--n", "0"][..], "0 is not in 1..=16777216"),
+        (&["compare", "--heads", "0"], "0 is not in 1..=65536"),
+        (&["compare", "--d", "0"], "0 is not in 1..=65536"),
+        (&["compare", "--d", "x"], "invalid digit"),
+        (&["bench", "--batch", "0"], "0 is not in 1..=65536"),
+        (&["bench", "--repeats", "0"], "0 is not in 1..=10000"),
+        (&["bench", "--n", "100000000"], "is not in 1..=16777216"),
+    ] {
+        assert_fails(bin().args(args).arg("--quiet").output().unwrap(), needle);
+    }
+    // Within the ranges but beyond any machine this runs on: refused before allocating.
+    let o = bin()
+        .args([
+            "bench",
+            "--methods",
+            "exact",
+            "--n",
+            "16000000",
+            "--batch",
+            "64",
+        ])
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert_fails(o, "needs at least 9765.6 GiB of memory, more than the");
+}
+
+#[test]
+fn a_panic_is_one_line_and_exit_code_70() {
+    let o = bin()
+        .arg("methods")
+        .env("RANDATTN_PANIC_FOR_TEST", "1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(70), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("internal error: a panic raised for the test"),
+        "{err}"
+    );
+    assert!(err.contains("please report"), "{err}");
+}
