@@ -141,9 +141,9 @@ fn checked_range(task: &TaskSpec, start: usize, count: usize) -> Result<std::ops
         bail!("--start {start} + --count {count} overflows");
     };
     let per_example = task.info().max_len.saturating_mul(4 + 6).saturating_add(64);
-    let need = count.saturating_mul(per_example);
-    if let Some(available) = available_memory()
-        && need > available
+    let need = count as u128 * per_example as u128;
+    if let Some(available) = crate::limits::available_bytes()
+        && need > available as u128
     {
         bail!(
             "--count {count}: the examples need about {} MiB, more than the {} MiB of memory \
@@ -153,14 +153,6 @@ fn checked_range(task: &TaskSpec, start: usize, count: usize) -> Result<std::ops
         );
     }
     Ok(start..end)
-}
-
-/// `MemAvailable` from /proc/meminfo, in bytes (Linux); `None` elsewhere.
-fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 fn list() -> Result<()> {

@@ -139,7 +139,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 c.task.name,
                 a.task
             ),
-            Some(c) => c,
+            Some(c) => {
+                fits(&c)?;
+                c
+            }
         }
     } else {
         let text = match &a.config {
@@ -163,12 +166,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         overrides.extend(a.overrides.iter().cloned());
         let config = RunConfig::parse(&text, &overrides)?;
+        fits(&config)?;
         begin(&config, &a.out)?;
         config
     };
     let s = execute(&config, &a.out, a.quiet)?;
     println!("{}", describe(&s));
     Ok(())
+}
+
+/// Refuses a run the machine's memory cannot hold, before anything is written or allocated.
+fn fits(config: &RunConfig) -> Result<()> {
+    crate::limits::check_memory(
+        config.memory_estimate()?,
+        &format!(
+            "training {} with batch {} (width {}, {} layers)",
+            config.task.name, config.train.batch, config.model.width, config.model.layers
+        ),
+    )
 }
 
 /// One line on a finished run.

@@ -1076,6 +1076,7 @@ fn zero_negative_and_absurd_sizes_are_errors_not_crashes() {
         (&["bench", "--batch", "0"], "0 is not in 1..=65536"),
         (&["bench", "--repeats", "0"], "0 is not in 1..=10000"),
         (&["bench", "--n", "100000000"], "is not in 1..=16777216"),
+        (&["mca-profile", "--n", "0"], "0 is not in 1..=16777216"),
     ] {
         assert_fails(bin().args(args).arg("--quiet").output().unwrap(), needle);
     }
@@ -1094,6 +1095,26 @@ fn zero_negative_and_absurd_sizes_are_errors_not_crashes() {
         .output()
         .unwrap();
     assert_fails(o, "needs at least 9765.6 GiB of memory, more than the");
+    // A training run too large for the machine: refused before its folder is written.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = bin()
+        .args(["train", "--task", "recall", "--batch", "60000", "--quiet"])
+        .args(["--override", "model.width=4096", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_fails(
+        o,
+        "training recall with batch 60000 (width 4096, 2 layers) needs at least",
+    );
+    assert!(!out.exists(), "nothing written");
+    let o = bin()
+        .args(["train", "--task", "recall", "--batch", "100000000", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_fails(o, "train.batch must be at most 65536, got 100000000");
 }
 
 #[test]

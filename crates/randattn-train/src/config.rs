@@ -228,7 +228,39 @@ impl RunConfig {
                 t.clip
             )));
         }
+        for (name, value, max) in [
+            ("steps", t.steps, 1 << 30),
+            ("batch", t.batch, 1 << 16),
+            ("eval_every", t.eval_every, 1 << 30),
+            ("eval_batches", t.eval_batches, 1 << 20),
+            ("train_examples", t.train_examples, 1 << 26),
+            ("test_examples", t.test_examples, 1 << 26),
+        ] {
+            if value > max {
+                return Err(ConfigError(format!(
+                    "train.{name} must be at most {max}, got {value}"
+                )));
+            }
+        }
         let m = &self.model;
+        for (name, value, max) in [
+            ("layers", m.layers, 64),
+            ("width", m.width, 1 << 14),
+            ("heads", m.heads, 1 << 10),
+            ("ffn", m.ffn, 1 << 16),
+            ("classifier_hidden", m.classifier_hidden, 1 << 16),
+        ] {
+            if value > max {
+                return Err(ConfigError(format!(
+                    "model.{name} must be at most {max}, got {value}"
+                )));
+            }
+        }
+        if m.classifier_hidden == 0 {
+            return Err(ConfigError(
+                "model.classifier_hidden must be at least 1, got 0".into(),
+            ));
+        }
         if m.layers == 0
             || m.width == 0
             || m.heads == 0
@@ -290,6 +322,24 @@ impl RunConfig {
             dropout: self.model.dropout as f32,
             ..ModelConfig::lra(info.vocab, info.max_len, info.classes)
         }
+    }
+
+    /// A lower bound of the memory a training run needs, in bytes: the examples, the
+    /// activations one step keeps for its backward (per layer about 12 width-sized and 2
+    /// FFN-sized values per token, the attention's own state excluded), and the weights with
+    /// their gradients, AdamW moments and best-dev copy. For refusing a run the machine cannot
+    /// hold before it starts.
+    pub fn memory_estimate(&self) -> Result<u128, ConfigError> {
+        let task = self.task_spec()?;
+        let n = task.info().max_len as u128;
+        let (m, t) = (&self.model, &self.train);
+        let (w, f, l) = (m.width as u128, m.ffn as u128, m.layers as u128);
+        let examples = (t.train_examples + t.test_examples) as u128 * n * 4;
+        let activations = t.batch as u128 * n * (l * (12 * w + 2 * f) + 2 * w) * 4;
+        let vocab = task.info().vocab as u128;
+        let weights =
+            (vocab + n) * w + l * (4 * w * w + 2 * w * f) + w * m.classifier_hidden as u128;
+        Ok(examples + activations + weights * 4 * 5)
     }
 
     /// The training settings.
@@ -357,6 +407,15 @@ mod tests {
                 "unknown key; valid keys of [optim]: sections task, model, train",
             ),
             ("train.steps=0", "train.steps must be at least 1, got 0"),
+            (
+                "train.batch=70000",
+                "train.batch must be at most 65536, got 70000",
+            ),
+            ("model.layers=65", "model.layers must be at most 64, got 65"),
+            (
+                "model.classifier_hidden=0",
+                "model.classifier_hidden must be at least 1",
+            ),
             ("train.steps=many", "train.steps"),
             (
                 "model.attention=performer:features",
