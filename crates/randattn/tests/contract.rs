@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Case, normal, random_masks, run_in_pool};
+use common::{BUDGET_PARAMS, Case, normal, random_masks, run_in_pool};
 use randattn::{Attention, Grads, Method, MethodDescription};
 
 /// Self-attention (the conv branches need `n_q = n_k`), two batch elements (the second one
@@ -22,15 +22,6 @@ const D_MODEL: usize = 20;
 /// the sequence length, so that random methods really sample; and its conv branch on
 /// (`conv=3`) where it has one.
 fn catalog() -> Vec<(MethodDescription, Method)> {
-    const BUDGETS: [&str; 7] = [
-        "budget",
-        "features",
-        "k",
-        "landmarks",
-        "proposals",
-        "m",
-        "factor",
-    ];
     let mut all = Vec::new();
     for info in Method::catalog() {
         let with = |names: &[&str], value: &'static str| -> Vec<(&'static str, &'static str)> {
@@ -41,7 +32,7 @@ fn catalog() -> Vec<(MethodDescription, Method)> {
                 .collect()
         };
         let mut variants = vec![Method::from_name(info.name).unwrap()];
-        for settings in [with(&BUDGETS, "3"), with(&["conv"], "3")] {
+        for settings in [with(&BUDGET_PARAMS, "3"), with(&["conv"], "3")] {
             if !settings.is_empty() {
                 variants.push(Method::parse(info.name, &settings).unwrap());
             }

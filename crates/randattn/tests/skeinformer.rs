@@ -305,3 +305,29 @@ fn bad_parameters_name_the_valid_values() {
     }
     assert!(Method::parse("vmean", &[("budget", "3")]).is_err());
 }
+
+/// Regression (found by tests/properties.rs): with every query masked there are no pilot rows,
+/// and the importance draw used to panic for want of their column weights; now every output
+/// row is zero, as for any method.
+#[test]
+fn every_query_masked_gives_zeros_not_a_panic() {
+    let mut case = Case::new((1, 1, 3, 3, 2, 2), 0);
+    case.key_mask = Some(vec![false; 3]);
+    case.query_mask = Some(vec![false; 3]);
+    for spec in ["skeinformer:budget=1", "skeinformer"] {
+        let m = Method::from_spec(spec).unwrap();
+        let x = case.inputs();
+        let f = m.forward(&x, 0).unwrap();
+        assert!(f.output.iter().all(|v| *v == 0.0), "{spec}");
+        let g = vec![1.0; f.output.len()];
+        let grads = m.backward(&x, 0, &f.saved, &g).unwrap();
+        assert!(
+            grads
+                .dq
+                .iter()
+                .chain(&grads.dk)
+                .chain(&grads.dv)
+                .all(|v| *v == 0.0)
+        );
+    }
+}

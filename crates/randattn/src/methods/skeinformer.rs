@@ -255,16 +255,17 @@ impl Skeinformer {
         let (b, h) = (bh / heads, bh % heads);
         let keep = x.key_mask_row(b);
         let mut prob = vec![0.0f32; n_k];
-        match self.columns {
-            Columns::Uniform => {
+        // Importance weights come from the pilot rows; with no pilot row (every query of this
+        // batch element masked, so every output row is zero anyway) the draw is uniform.
+        match (self.columns, col_sq) {
+            (Columns::Uniform, _) | (Columns::Importance, None) => {
                 for (j, p) in prob.iter_mut().enumerate() {
                     if keep.is_none_or(|m| m[j]) {
                         *p = 1.0;
                     }
                 }
             }
-            Columns::Importance => {
-                let col_sq = col_sq.expect("importance columns compute the pilot rows");
+            (Columns::Importance, Some(col_sq)) => {
                 let v = x.v_head(bh);
                 for (j, p) in prob.iter_mut().enumerate() {
                     if keep.is_none_or(|m| m[j]) {

@@ -29,6 +29,17 @@ pub struct Projection {
     pub d_model: usize,
 }
 
+/// The parameters that set a method's sample budget.
+pub const BUDGET_PARAMS: [&str; 7] = [
+    "budget",
+    "features",
+    "k",
+    "landmarks",
+    "proposals",
+    "m",
+    "factor",
+];
+
 pub fn normal(len: usize, scale: f32, seed: u64, what: &str) -> Vec<f32> {
     let mut r = stream(seed, 0, 0, what);
     (0..len)
