@@ -224,6 +224,19 @@ fn run(a: SuiteArgs) -> Result<()> {
         // A process per run: its peak memory is its own, and a crash loses only that run.
         let mut cmd = Command::new(&exe);
         cmd.args(args);
+        // The run dies with the suite: a suite killed and started again never finds its old
+        // run still writing (the run folder's lock would refuse it anyway).
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
         if a.quiet {
             cmd.arg("--quiet");
         }

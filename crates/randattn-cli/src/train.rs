@@ -123,9 +123,44 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Takes the run folder's lock (`<out>/.lock`, an exclusive `flock` held until the process
+/// ends, even when it is killed): two processes never write one run — a resumed suite and a
+/// run still going from before, say.
+fn lock_run(out: &Path) -> Result<std::fs::File> {
+    let path = out.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        let held = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if held != 0 {
+            bail!(
+                "{}: another randattn process is writing this run (it holds {}); wait for it \
+                 or stop it",
+                out.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(file)
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
-    let config = if a.resume {
-        match resume_config(&a.out)? {
+    let (config, _lock) = if a.resume {
+        if !a.out.join("config.toml").exists() {
+            bail!(
+                "--resume: {} holds no run (no config.toml)",
+                a.out.display()
+            );
+        }
+        let lock = lock_run(&a.out)?;
+        let config = match resume_config(&a.out)? {
             None => {
                 println!(
                     "{}: the run is finished (summary.json); nothing to resume",
@@ -143,7 +178,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 fits(&c)?;
                 c
             }
-        }
+        };
+        (config, lock)
     } else {
         let text = match &a.config {
             Some(p) => std::fs::read_to_string(p)
@@ -167,8 +203,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         overrides.extend(a.overrides.iter().cloned());
         let config = RunConfig::parse(&text, &overrides)?;
         fits(&config)?;
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("cannot create {}", a.out.display()))?;
+        let lock = lock_run(&a.out)?;
         begin(&config, &a.out)?;
-        config
+        (config, lock)
     };
     let s = execute(&config, &a.out, a.quiet)?;
     println!("{}", describe(&s));

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{TINY_RECALL, assert_fails, bin, stderr};
+use common::{assert_fails, bin, metrics_without_times, stderr, tiny_train_steps};
 
 fn npy(descr: &str, fortran: bool, shape: &[usize], payload: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
@@ -871,22 +871,6 @@ fn tiny_train(out: &Path, seed: &str) -> Command {
     tiny_train_steps(out, seed, "40", "20")
 }
 
-/// [`tiny_train`] with its own step counts.
-fn tiny_train_steps(out: &Path, seed: &str, steps: &str, eval_every: &str) -> Command {
-    let mut c = bin();
-    c.args(["train", "--task", "recall", "--quiet", "--seed", seed]);
-    c.args(["--steps", steps, "--eval-every", eval_every]);
-    c.args(["--attention", "nystrom:landmarks=4"]);
-    for o in TINY_RECALL
-        .iter()
-        .chain(&["train.lr=3e-3", "train.warmup=4"])
-    {
-        c.args(["--override", o]);
-    }
-    c.arg("--out").arg(out);
-    c
-}
-
 #[test]
 fn train_writes_its_run_and_reproduces_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -1049,21 +1033,6 @@ fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
         .output()
         .unwrap();
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("finished"));
-}
-
-/// A run's `metrics.jsonl` without the wall-time fields (the rest is reproducible).
-fn metrics_without_times(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
-            v
-        })
-        .collect()
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// The `randattn` binary under test.
@@ -34,3 +35,34 @@ pub const TINY_RECALL: [&str; 9] = [
     "train.test_examples=64",
     "train.eval_batches=2",
 ];
+
+/// A tiny recall training run into `out` (fast enough for a test).
+pub fn tiny_train_steps(out: &Path, seed: &str, steps: &str, eval_every: &str) -> Command {
+    let mut c = bin();
+    c.args(["train", "--task", "recall", "--quiet", "--seed", seed]);
+    c.args(["--steps", steps, "--eval-every", eval_every]);
+    c.args(["--attention", "nystrom:landmarks=4"]);
+    for o in TINY_RECALL
+        .iter()
+        .chain(&["train.lr=3e-3", "train.warmup=4"])
+    {
+        c.args(["--override", o]);
+    }
+    c.arg("--out").arg(out);
+    c
+}
+
+/// A run's `metrics.jsonl` without the wall-time fields (the rest is reproducible).
+pub fn metrics_without_times(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !["elapsed_s", "examples_per_s"].contains(&k.as_str()));
+            v
+        })
+        .collect()
+}
