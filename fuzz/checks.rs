@@ -1,0 +1,74 @@
+//! The properties the fuzz targets check, one function per target, shared by the targets
+//! (`fuzz_targets/`, run with `cargo +nightly fuzz run TARGET`) and by the stable test that
+//! replays the committed corpora (`crates/randattn-train/tests/fuzz_corpus.rs`). Each takes any
+//! bytes; a panic is a finding.
+
+use candle_core::{DType, Device, Var};
+use randattn::Method;
+use randattn_tasks::TaskSpec;
+use randattn_train::{RunConfig, checkpoint};
+
+/// Method specs and `--set` settings (the first line the spec, then `key=value` lines): parsed
+/// or refused; a parsed spec written back parses to the same spec.
+pub fn method_spec(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (spec, settings) = text.split_once('\n').unwrap_or((text, ""));
+    let settings: Vec<(&str, &str)> = settings.lines().filter_map(|l| l.split_once('=')).collect();
+    if let Ok(m) = Method::parse(spec, &settings) {
+        let written = m.spec();
+        let again = Method::from_spec(&written).expect("a written spec parses");
+        assert_eq!(again.spec(), written, "spec round trip");
+    }
+    let _ = Method::list_from_specs(text);
+}
+
+/// Training configurations (TOML, then a line `---`, then one override per line): a
+/// configuration or a clear error; a resolved configuration parses to itself.
+pub fn train_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (toml, overrides) = text.split_once("\n---\n").unwrap_or((text, ""));
+    let overrides: Vec<String> = overrides.lines().map(str::to_string).collect();
+    if let Ok(c) = RunConfig::parse(toml, &overrides) {
+        let again = RunConfig::parse(&c.to_toml(), &[]).expect("a resolved config parses");
+        assert_eq!(again, c, "config round trip");
+        let _ = c.memory_estimate();
+    }
+}
+
+/// Task names and parameters (the name, then `key=value` lines): a task or a clear error.
+pub fn task_params(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut lines = text.lines();
+    let name = lines.next().unwrap_or("");
+    let settings: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once('=')).collect();
+    if let Ok(t) = TaskSpec::parse(name, &settings) {
+        let _ = t.info();
+        let _ = t.params();
+    }
+}
+
+/// Training checkpoints (any file): the state of this model, or a clear error.
+pub fn checkpoint(data: &[u8]) {
+    let path = std::env::temp_dir().join(format!(
+        "randattn-fuzz-{}-{:?}.safetensors",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let _ = checkpoint::step_of(&path);
+    let names = vec!["a".to_string(), "b".to_string()];
+    let vars = vec![
+        Var::zeros((2, 3), DType::F32, &Device::Cpu).expect("a variable"),
+        Var::zeros(4, DType::F32, &Device::Cpu).expect("a variable"),
+    ];
+    let _ = checkpoint::load(&path, &names, &vars);
+    let _ = std::fs::remove_file(&path);
+}
