@@ -370,11 +370,13 @@ fn forward_projected<'py>(
             pool.install(|| {
                 let v = randattn::inputs::project_values(xd, xs, wd, bd, qs[1])?;
                 let vs = [xs[0], qs[1], xs[1], ws[1] / qs[1].max(1)];
-                let x = inputs([(qd, qs), (kd, ks), (&v, vs)], km, qm)?
-                    .with_value_projection(xd, xs, wd, ws, bd)?;
-                let f = method.forward(&x, seed)?;
-                let out_shape = x.dims().out_shape();
-                Ok::<_, randattn::Error>((v.clone(), vs, f.output, f.saved, out_shape))
+                let (f, out_shape) = {
+                    let x = inputs([(qd, qs), (kd, ks), (&v, vs)], km, qm)?
+                        .with_value_projection(xd, xs, wd, ws, bd)?;
+                    (method.forward(&x, seed)?, x.dims().out_shape())
+                };
+                // V goes to the handle (the backward needs it) without a copy.
+                Ok::<_, randattn::Error>((v, vs, f.output, f.saved, out_shape))
             })
         })
         .map_err(value_error)?;
