@@ -1,10 +1,11 @@
 //! The properties the fuzz targets check, one function per target, shared by the targets
 //! (`fuzz_targets/`, run with `cargo +nightly fuzz run TARGET`) and by the stable test that
-//! replays the committed corpora (`crates/randattn-train/tests/fuzz_corpus.rs`). Each takes any
+//! replays the committed corpora (`crates/randattn-cli/tests/fuzz_corpus.rs`). Each takes any
 //! bytes; a panic is a finding.
 
 use candle_core::{DType, Device, Var};
 use randattn::Method;
+use randattn_cli::npy;
 use randattn_tasks::TaskSpec;
 use randattn_train::{RunConfig, checkpoint};
 
@@ -71,4 +72,30 @@ pub fn checkpoint(data: &[u8]) {
     ];
     let _ = checkpoint::load(&path, &names, &vars);
     let _ = std::fs::remove_file(&path);
+}
+
+/// `.npy` files (any bytes): an array or a clear error; an array converts to float32 or a mask
+/// or says why not, and a float32 array written back reads back the same.
+pub fn npy(data: &[u8]) {
+    let Ok(array) = npy::parse(data) else {
+        return;
+    };
+    let rank = array.shape.len();
+    let _ = array.clone().into_mask("mask");
+    if let Ok((values, shape)) = array.into_f32(rank, "x") {
+        assert_eq!(
+            values.len(),
+            shape.iter().product::<usize>(),
+            "payload size"
+        );
+        let again = npy::parse(&npy::encode_f32(&values, &shape)).expect("a written array parses");
+        let (back, back_shape) = again.into_f32(rank, "x").expect("float32 of that rank");
+        assert_eq!(back_shape, shape, "shape round trip");
+        assert!(
+            back.iter()
+                .zip(&values)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "values round trip"
+        );
+    }
 }

@@ -142,7 +142,7 @@ fn checked_range(task: &TaskSpec, start: usize, count: usize) -> Result<std::ops
     };
     let per_example = task.info().max_len.saturating_mul(4 + 6).saturating_add(64);
     let need = count as u128 * per_example as u128;
-    if let Some(available) = crate::limits::available_bytes()
+    if let Some(available) = randattn_cli::limits::available_bytes()
         && need > available as u128
     {
         bail!(

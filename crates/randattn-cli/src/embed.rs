@@ -9,7 +9,7 @@ use randattn::Method;
 use randattn_nn::model::{DEFAULT_MAX_LEN, SentenceEmbedder, cache_dir, fetch};
 use serde_json::json;
 
-use crate::npy;
+use randattn_cli::npy;
 
 #[derive(Subcommand)]
 pub enum ModelCommand {

@@ -229,10 +229,16 @@ fn run(a: SuiteArgs) -> Result<()> {
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            let suite = std::process::id() as libc::pid_t;
+            // SAFETY: prctl, getppid and _exit are async-signal-safe and touch no memory of the
+            // parent.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    // The suite died before the request took: the run must not outlive it.
+                    if libc::getppid() != suite {
+                        libc::_exit(1);
+                    }
                     Ok(())
                 });
             }

@@ -10,10 +10,8 @@ mod compare;
 mod data;
 mod embed;
 mod fidelity;
-mod limits;
 mod lra;
 mod mca_profile;
-mod npy;
 mod report;
 mod run;
 mod train;
@@ -23,6 +21,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use randattn::Method;
+use randattn_cli::limits;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;

@@ -13,8 +13,9 @@ use randattn::workload::{Workload, clustered};
 use randattn::{Attention, AttentionInputs, Dims, Estimator};
 use serde_json::json;
 
+use crate::alloc;
 use crate::report::{median_ms, ms, progress, table};
-use crate::{alloc, npy};
+use randattn_cli::npy;
 
 #[derive(Args)]
 pub struct McaProfileArgs {
@@ -50,7 +51,7 @@ pub struct McaProfileArgs {
     #[arg(long)]
     mask: Option<PathBuf>,
     /// Sequence length of the built-in workload.
-    #[arg(long, default_value_t = 512, value_parser = crate::limits::size(crate::limits::MAX_N))]
+    #[arg(long, default_value_t = 512, value_parser = randattn_cli::limits::size(randattn_cli::limits::MAX_N))]
     n: usize,
     #[command(flatten)]
     common: crate::ReportArgs,
@@ -74,8 +75,8 @@ impl Layer {
     fn load(a: &McaProfileArgs) -> Result<Layer> {
         let (Some(qp), Some(kp), Some(xp), Some(wp)) = (&a.q, &a.k, &a.x, &a.wv) else {
             // Q, K, V, X (d_model = 384 = 12 × 32), outputs and the sampled projection.
-            crate::limits::check_memory(
-                crate::limits::tensor_bytes([1, 12, a.n, 32], 8),
+            randattn_cli::limits::check_memory(
+                randattn_cli::limits::tensor_bytes([1, 12, a.n, 32], 8),
                 &format!("mca-profile at n {}", a.n),
             )?;
             let w: Workload = clustered(1, 12, a.n, 32, a.common.seed);

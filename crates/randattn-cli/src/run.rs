@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use randattn::{Attention, AttentionInputs, Method};
 
-use crate::npy;
+use randattn_cli::npy;
 
 #[derive(Args)]
 pub struct RunArgs {

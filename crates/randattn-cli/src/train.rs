@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use randattn_train::atomic::write_atomic;
 use randattn_train::{Metric, Observer, RunConfig, Suite, Summary, train};
 use serde_json::json;
 
@@ -148,7 +149,26 @@ fn lock_run(out: &Path) -> Result<std::fs::File> {
             );
         }
     }
+    remove_debris(out);
     Ok(file)
+}
+
+/// Removes the temporary files a killed writer left in a run folder (ours end in `.tmp`; the
+/// safetensors writer's start with `.tmp`). Called with the folder's lock held, so no live
+/// writer owns them.
+fn remove_debris(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if (name.starts_with(".tmp") || name.ends_with(".tmp"))
+            && entry.file_type().is_ok_and(|t| t.is_file())
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -158,6 +178,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 "--resume: {} holds no run (no config.toml)",
                 a.out.display()
             );
+        }
+        // A finished run has nothing to write: say so even where the folder is read-only.
+        if a.out.join("summary.json").exists() {
+            println!(
+                "{}: the run is finished (summary.json); nothing to resume",
+                a.out.display()
+            );
+            return Ok(());
         }
         let lock = lock_run(&a.out)?;
         let config = match resume_config(&a.out)? {
@@ -216,7 +244,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
 /// Refuses a run the machine's memory cannot hold, before anything is written or allocated.
 fn fits(config: &RunConfig) -> Result<()> {
-    crate::limits::check_memory(
+    randattn_cli::limits::check_memory(
         config.memory_estimate()?,
         &format!(
             "training {} with batch {} (width {}, {} layers)",
@@ -257,8 +285,9 @@ pub fn begin(config: &RunConfig, out: &Path) -> Result<()> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), config.to_toml())
-        .with_context(|| format!("cannot write {}", out.join("config.toml").display()))
+    let path = out.join("config.toml");
+    write_atomic(&path, config.to_toml().as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The configuration of the interrupted run in `out`, with `metrics.jsonl` cut back to the
@@ -289,7 +318,8 @@ pub fn resume_config(out: &Path) -> Result<Option<RunConfig>> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(&metrics, kept.concat())?;
+    write_atomic(&metrics, kept.concat().as_bytes())
+        .with_context(|| format!("cannot write {}", metrics.display()))?;
     Ok(Some(config))
 }
 

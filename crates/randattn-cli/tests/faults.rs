@@ -7,16 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{bin, metrics_without_times, stderr, tiny_train_steps};
-
-fn summary_without_times(dir: &Path) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    for k in ["wall_s", "step_ms", "examples_per_s", "peak_rss_mib"] {
-        v.as_object_mut().unwrap().remove(k);
-    }
-    v
-}
+use common::{bin, metrics_without_times, stderr, summary_without_times, tiny_train_steps};
 
 fn resume(out: &Path) -> std::process::Command {
     let mut c = bin();
@@ -79,7 +70,10 @@ fn a_run_killed_again_and_again_ends_as_the_uninterrupted_one() {
     // No temporary file is left behind.
     for entry in std::fs::read_dir(&killed).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        assert!(!name.ends_with(".tmp"), "left behind: {name}");
+        assert!(
+            !name.ends_with(".tmp") && !name.starts_with(".tmp"),
+            "left behind: {name}"
+        );
     }
 }
 
@@ -112,4 +106,109 @@ fn two_processes_never_write_one_run() {
     );
     again.kill().unwrap();
     again.wait().unwrap();
+}
+
+/// `randattn lra run` on a small suite (recall, two methods, two seeds) into `out`.
+fn small_suite(out: &Path) -> std::process::Command {
+    let mut c = bin();
+    c.args(["lra", "run", "--suite", "lra-lite", "--tasks", "recall"]);
+    c.args([
+        "--methods",
+        "exact,nystrom:landmarks=4",
+        "--seeds",
+        "0,1",
+        "--quiet",
+    ]);
+    for o in common::TINY_RECALL
+        .iter()
+        .chain(&["train.steps=300", "train.eval_every=25"])
+    {
+        c.args(["--override", o]);
+    }
+    c.arg("--out").arg(out);
+    c
+}
+
+/// Every run folder of a suite (relative path) with its summary and metrics, times left out.
+fn suite_figures(out: &Path) -> Vec<(String, serde_json::Value, Vec<serde_json::Value>)> {
+    let mut runs = Vec::new();
+    for method in ["exact", "nystrom:landmarks=4"] {
+        for seed in [0, 1] {
+            let rel = format!("recall/{method}/seed-{seed}");
+            let dir = out.join(&rel);
+            runs.push((
+                rel,
+                summary_without_times(&dir),
+                metrics_without_times(&dir),
+            ));
+        }
+    }
+    runs
+}
+
+#[test]
+fn a_suite_killed_again_and_again_loses_no_run_and_ends_as_the_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
+    let started = Instant::now();
+    let o = small_suite(&whole).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let whole_s = started.elapsed().as_secs_f64();
+
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let (mut kills, mut attempts) = (0, 0);
+    let mut finished_before: Vec<std::path::PathBuf> = Vec::new();
+    loop {
+        attempts += 1;
+        assert!(attempts < 80, "the suite never finished");
+        let mut child = small_suite(&killed).spawn().unwrap();
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let frac = (state >> 11) as f64 / (1u64 << 53) as f64;
+        std::thread::sleep(Duration::from_secs_f64(0.05 + frac * whole_s * 0.3));
+        let done = child.try_wait().unwrap();
+        if done.is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        // A run that had finished stays finished (its figures are compared at the end).
+        for p in &finished_before {
+            assert!(p.exists(), "{} was lost", p.display());
+        }
+        finished_before = glob_summaries(&killed);
+        if done.is_some_and(|s| s.success()) {
+            break;
+        }
+    }
+    eprintln!("{kills} kills in {attempts} starts");
+    assert!(kills >= 4, "only {kills} kills landed");
+    assert_eq!(
+        suite_figures(&whole),
+        suite_figures(&killed),
+        "{kills} kills"
+    );
+    // Nothing is left to do. (A run that outlived a killed suite would have held its folder's
+    // lock and failed the next start, so the loop's clean finish also shows they died with it.)
+    let o = small_suite(&killed).output().unwrap();
+    assert!(
+        stderr(&o).contains("0 runs to do, 4 already complete"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The summaries present under a suite folder.
+fn glob_summaries(out: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for method in ["exact", "nystrom:landmarks=4"] {
+        for seed in [0, 1] {
+            let p = out.join(format!("recall/{method}/seed-{seed}/summary.json"));
+            if p.exists() {
+                found.push(p);
+            }
+        }
+    }
+    found
 }

@@ -63,9 +63,7 @@ impl Summary {
 
     /// Writes it to `path` atomically (a temporary file, then a rename).
     pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)? + "\n";
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        crate::atomic::write_atomic(path, text.as_bytes())
     }
 }

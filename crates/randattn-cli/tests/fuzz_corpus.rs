@@ -46,3 +46,8 @@ fn task_params_corpus() {
 fn checkpoint_corpus() {
     replay("checkpoint", checks::checkpoint);
 }
+
+#[test]
+fn npy_corpus() {
+    replay("npy", checks::npy);
+}
