@@ -88,11 +88,22 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let methods = parse_methods(&a.methods, &everything)?;
 
     for &n in &a.n {
-        // Q, K, V, the output and the saved state; with --backward also the output gradient
-        // and dQ, dK, dV.
-        let tensors = if a.backward { 9 } else { 5 };
-        limits::check_memory(
-            limits::tensor_bytes([a.batch, a.heads, n, a.d], tensors),
+        // The workload (Q, K, V and X, as wide as V), with --backward the output gradient, and
+        // the most demanding method's own needs.
+        let dims = randattn::Dims {
+            batch: a.batch,
+            heads: a.heads,
+            n_q: n,
+            n_k: n,
+            d: a.d,
+            d_v: a.d,
+        };
+        limits::check_methods(
+            &methods,
+            dims,
+            None,
+            a.backward,
+            1 + usize::from(a.backward),
             &format!(
                 "bench at batch {} × heads {} × n {n} × d {}",
                 a.batch, a.heads, a.d

@@ -57,9 +57,22 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         (3, Duration::from_secs(1))
     };
     for &n in &ns {
-        // Q, K, V, the exact output, each method's output and saved state.
-        limits::check_memory(
-            limits::tensor_bytes([a.batch, heads, n, d], 6),
+        // The workload (Q, K, V and X), the exact output kept for the errors, and the most
+        // demanding method's forward.
+        let dims = randattn::Dims {
+            batch: a.batch,
+            heads,
+            n_q: n,
+            n_k: n,
+            d,
+            d_v: d,
+        };
+        limits::check_methods(
+            &methods,
+            dims,
+            None,
+            false,
+            2,
             &format!(
                 "compare at batch {} × heads {heads} × n {n} × d {d}",
                 a.batch

@@ -31,6 +31,63 @@ fn gib(bytes: u128) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u128 << 30) as f64)
 }
 
+/// The sizes of a call on `dims` in the current pool (`d_model`: X's width, if known).
+fn sizes(dims: randattn::Dims, d_model: Option<usize>) -> randattn::Sizes {
+    let mut sizes = randattn::Sizes::new(dims, rayon::current_num_threads());
+    if let Some(w) = d_model {
+        sizes.d_model = w as u128;
+    }
+    sizes
+}
+
+/// A method's own bytes: its forward's, or its forward and backward's.
+fn own_need(method: &randattn::Method, sizes: &randattn::Sizes, backward: bool) -> u128 {
+    let e = method.memory(sizes);
+    if backward {
+        e.forward_backward
+    } else {
+        e.forward
+    }
+}
+
+/// Refuses running each of `methods` on inputs of `dims` (with the backward when `backward`)
+/// when the inputs, `extra_tensors` more output-sized tensors the command keeps, and the most
+/// demanding method's own estimate ([`randattn::Method::memory`]: output, saved state,
+/// gradients, scratch) exceed the memory available now. `d_model` is the width of the value
+/// projection's input for methods that sample it.
+pub fn check_methods(
+    methods: &[randattn::Method],
+    dims: randattn::Dims,
+    d_model: Option<usize>,
+    backward: bool,
+    extra_tensors: usize,
+    what: &str,
+) -> Result<()> {
+    let sizes = sizes(dims, d_model);
+    let (method, name) = methods
+        .iter()
+        .map(|m| (own_need(m, &sizes, backward), m.spec()))
+        .max()
+        .unwrap_or_default();
+    let tensors = 4 * (sizes.q() + sizes.k() + sizes.v() + extra_tensors as u128 * sizes.o());
+    check_memory(tensors + method, &format!("{what} (with {name})"))
+}
+
+/// [`check_methods`] for one method whose inputs are already in memory (they are not counted
+/// again).
+pub fn check_method_beside_inputs(
+    method: &randattn::Method,
+    dims: randattn::Dims,
+    d_model: Option<usize>,
+    backward: bool,
+    extra_tensors: usize,
+    what: &str,
+) -> Result<()> {
+    let sizes = sizes(dims, d_model);
+    let own = own_need(method, &sizes, backward);
+    check_memory(own + 4 * extra_tensors as u128 * sizes.o(), what)
+}
+
 /// Refuses `needed` bytes for `what` when they exceed the memory available now.
 pub fn check_memory(needed: u128, what: &str) -> Result<()> {
     check_memory_against(needed, what, available_bytes())

@@ -74,9 +74,22 @@ struct Layer {
 impl Layer {
     fn load(a: &McaProfileArgs) -> Result<Layer> {
         let (Some(qp), Some(kp), Some(xp), Some(wp)) = (&a.q, &a.k, &a.x, &a.wv) else {
-            // Q, K, V, X (d_model = 384 = 12 × 32), outputs and the sampled projection.
-            randattn_cli::limits::check_memory(
-                randattn_cli::limits::tensor_bytes([1, 12, a.n, 32], 8),
+            // Q, K, V, X (d_model = 384 = 12 × 32), the exact reference, the exact
+            // projection and MCA's own needs (at its worst-case budgets).
+            let dims = Dims {
+                batch: 1,
+                heads: 12,
+                n_q: a.n,
+                n_k: a.n,
+                d: 32,
+                d_v: 32,
+            };
+            randattn_cli::limits::check_methods(
+                &[randattn::Method::from(Mca::default())],
+                dims,
+                Some(384),
+                false,
+                3,
                 &format!("mca-profile at n {}", a.n),
             )?;
             let w: Workload = clustered(1, 12, a.n, 32, a.common.seed);

@@ -136,6 +136,16 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(m) = &query_mask {
         inputs = inputs.with_query_mask(m)?;
     }
+    // The inputs are read; the method's own needs (and, with --grad-out, the output gradient)
+    // must fit beside them.
+    randattn_cli::limits::check_method_beside_inputs(
+        &method,
+        inputs.dims(),
+        projection.as_ref().map(|p| p.1[2]),
+        a.grad_out.is_some(),
+        usize::from(a.grad_out.is_some()),
+        &format!("{} on these inputs", method.name()),
+    )?;
     let fwd = method.forward(&inputs, a.seed)?;
     let out_shape = inputs.dims().out_shape();
     npy::write_f32(&a.out, &fwd.output, &out_shape)?;

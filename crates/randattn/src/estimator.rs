@@ -232,6 +232,9 @@ pub trait Estimator: Params + Clone + fmt::Debug + Send + Sync {
     /// What its forward hands to its backward.
     type Saved: fmt::Debug + Send + Sync + 'static;
 
+    /// What a forward, and a forward followed by a backward, allocate beyond their inputs on
+    /// inputs of sizes `s` (see [`crate::memory`]).
+    fn memory(&self, s: &crate::memory::Sizes) -> crate::memory::Memory;
     /// Rules that tie parameters together (each parameter's own range is checked from its
     /// declaration before this runs).
     fn check(&self) -> Result<()> {

@@ -26,11 +26,13 @@
 
 #![warn(missing_docs)]
 
+pub mod counting;
 pub mod error;
 pub mod estimator;
 pub mod inputs;
 pub mod linalg;
 pub mod matrix;
+pub mod memory;
 pub mod methods;
 pub mod params;
 pub mod pinv;
@@ -47,5 +49,6 @@ pub use estimator::{
     Attention, Estimator, Forward, Grads, HeadGrads, MethodInfo, ParamGrad, Saved, TensorParam,
 };
 pub use inputs::{AttentionInputs, Dims, ValueProjection};
+pub use memory::{Memory, Sizes};
 pub use params::{Auto, ParamInfo};
 pub use registry::{Method, MethodDescription};

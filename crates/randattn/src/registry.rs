@@ -117,6 +117,14 @@ macro_rules! methods {
                 match self { $(Method::$variant(c) => c.uses_seed()),+ }
             }
 
+            /// The memory a forward, and a forward then a backward, need beyond their inputs
+            /// on inputs of sizes `s` (an estimate from the method's buffers: see
+            /// [`crate::memory`]). [`Sizes::new`](crate::memory::Sizes::new) makes `s` from
+            /// the inputs' [`Dims`](crate::Dims) and the thread count.
+            pub fn memory(&self, s: &crate::memory::Sizes) -> crate::memory::Memory {
+                match self { $(Method::$variant(c) => c.memory(s)),+ }
+            }
+
             fn store_tensor(&mut self, name: &str, data: Vec<f32>, shape: &[usize]) -> Result<()> {
                 match self { $(Method::$variant(c) => c.store_tensor(name, data, shape)),+ }
             }

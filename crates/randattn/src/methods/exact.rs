@@ -28,6 +28,7 @@ use crate::estimator::{Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{exp_shifted_sum, row_max, zeroed};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, resolve_scale, scale_rule};
 pub use crate::tiles::{BACKWARD_KEY_TILE, BACKWARD_QUERY_BLOCK, KEY_TILE, QUERY_BLOCK};
 
@@ -116,6 +117,13 @@ impl Estimator for ExactNaive {
         "O(n_q n_k d) time, O(n_q n_k) backward memory",
     );
     type Saved = ();
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        // Per row an f64 probability row; per head the backward's f64 dK, dV and a few rows.
+        let forward = s.o() + s.threads * 2 * s.n_k;
+        let head = 2 * s.n_k * (s.d + s.d_v) + 4 * s.n_k + 2 * s.d;
+        Memory::from_values(s, forward, s.o() + s.grads() + s.threads * head)
+    }
 
     fn forward_saved(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();
@@ -504,6 +512,25 @@ impl HeadBackward<'_> {
     }
 }
 
+/// The exact kernel's memory on sizes `s` (also the inner attention of Linformer, Informer,
+/// RA, MCA and Skeinformer's exact row norms): output, saved output and log-sum-exps, each
+/// thread's streaming tile; then gradients, `D = rowsum(dO ∘ O)`, the per-chunk partial dQ of
+/// heads split over key chunks, and each thread's probability and gradient tiles.
+pub(crate) fn exact_memory(s: &Sizes) -> Memory {
+    let lse = s.bh() * s.n_q;
+    let forward = 2 * s.o() + lse + s.threads * (QUERY_BLOCK as u128) * (KEY_TILE as u128 + 2);
+    let tile = BACKWARD_KEY_TILE as u128;
+    let key_tiles = s.n_k.div_ceil(tile).max(1);
+    let chunks = (BACKWARD_TASKS as u128)
+        .div_ceil(s.bh().max(1))
+        .clamp(1, key_tiles);
+    let chunks = s.n_k.div_ceil(key_tiles.div_ceil(chunks) * tile);
+    let partial = if chunks > 1 { chunks * s.q() } else { 0 };
+    let backward =
+        s.grads() + lse + partial + s.threads * 2 * (BACKWARD_QUERY_BLOCK as u128) * tile;
+    Memory::from_values(s, forward, forward + backward)
+}
+
 impl Estimator for Exact {
     const INFO: MethodInfo = MethodInfo::new(
         "exact",
@@ -511,6 +538,10 @@ impl Estimator for Exact {
         "O(n_q n_k d) time, O(n d) memory",
     );
     type Saved = ExactSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        exact_memory(s)
+    }
 
     fn forward_saved(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<(Vec<f32>, ExactSaved)> {
         let (output, lse) = self.forward_with_lse(x)?;

@@ -41,11 +41,13 @@
 use rand::Rng;
 use rayon::prelude::*;
 
+use super::exact::exact_memory;
 use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo, Saved};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{row_max, row_sum};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, at_least, auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -207,6 +209,22 @@ impl Estimator for Informer {
         )
     };
     type Saved = InformerSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let n_q = s.n_q as usize;
+        let u = self.u.or_else(|| self.factor * ceil_ln(n_q)).min(n_q) as u128;
+        let samples = (self.factor * ceil_ln(s.n_k as usize)) as u128;
+        let block = SAMPLE_BLOCK as u128;
+        // Selection: per head the kept keys, the eligible queries with their sparsity and the
+        // sampled keys' scores; the active queries of every head.
+        let select = 2 * s.bh() * u
+            + s.threads * (s.n_k + 3 * s.n_q + samples * s.d + block * (s.d + samples));
+        let inner = exact_memory(&s.with(u, s.n_k, s.d, s.d_v));
+        let (inner_f, inner_fb) = inner.values(s);
+        let forward = s.o() + select + s.bh() * (u * s.d + u) + inner_f + s.threads * s.d_v;
+        let backward = s.grads() + s.bh() * u * (s.d + s.d_v + 1) + (inner_fb - inner_f);
+        Memory::from_values(s, forward, forward + backward)
+    }
 
     fn saved_bytes(s: &InformerSaved) -> usize {
         4 * s.active.len() + s.exact.as_ref().map_or(0, |e| e.bytes())

@@ -47,6 +47,7 @@ use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
 use crate::linalg::{exp_shifted_sum, row_max, softmax_row};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
 use crate::segments::{Larger, segments};
@@ -472,6 +473,35 @@ impl Estimator for Lara {
         )
     };
     type Saved = ();
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let c = self.proposals as u128;
+        let j = c * if self.antithetic { 2 } else { 1 };
+        // Per head: scaled queries and keys, the samples, proposal log-densities, query
+        // responsibilities, the importance weights (n_q × J twice), key-side features and sums.
+        let head = (s.n_q + s.n_k) * s.d
+            + j * (s.d + c + s.n_k + s.d_v + 1)
+            + c * s.n_q
+            + s.n_q
+            + 2 * s.n_q * j
+            + 2 * c * s.d;
+        let means = s.heads * c * s.d;
+        let forward = s.o() + means + s.parallel_heads() * head;
+        let back_head = head
+            + j * (s.d + s.d_v + c + 2)
+            + (s.n_q + s.n_k) * s.d
+            + 4 * c * s.d
+            + s.n_q * j
+            + 4 * c * s.n_q
+            + j * s.n_k;
+        let given = if self.proposal_means.is_some() {
+            s.bh() * c * s.d + means
+        } else {
+            0
+        };
+        let backward = s.o() + s.grads() + means + given + s.parallel_heads() * back_head;
+        Memory::from_values(s, forward, s.o() + backward)
+    }
 
     fn check(&self) -> Result<()> {
         if let Some(m) = &self.proposal_means

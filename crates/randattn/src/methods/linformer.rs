@@ -35,11 +35,13 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
+use super::exact::exact_memory;
 use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::check_finite;
 use crate::inputs::{AttentionInputs, Dims};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, in_range, scale_rule};
 use crate::rng::stream;
@@ -239,6 +241,22 @@ impl Estimator for Linformer {
         )
     };
     type Saved = LinformerSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let k = self.projections.as_ref().map_or(self.k, |p| {
+            p.e.len() / (s.heads.max(1) as usize * s.n_k.max(1) as usize)
+        }) as u128;
+        let projections = 2 * s.heads * k * s.n_k;
+        let projected = s.bh() * k * (s.d + s.d_v);
+        let masked = s.threads * s.n_k * (s.d + s.d_v);
+        let (inner_f, inner_fb) = exact_memory(&s.with(s.n_q, k, s.d, s.d_v)).values(s);
+        let forward = projections + projected + masked + inner_f;
+        // Backward: K' and V' again, the inner exact forward and backward, dK, dV and the
+        // per-(batch, head) parts of dE and dF (summed over the batch when it is above 1).
+        let parts = 2 * s.bh() * k * s.n_k + if s.batch > 1 { projections } else { 0 };
+        let backward = projected + masked + inner_fb + s.k() + s.v() + parts;
+        Memory::from_values(s, forward, projections + s.o() + backward)
+    }
 
     fn check(&self) -> Result<()> {
         if let Some(p) = &self.projections {

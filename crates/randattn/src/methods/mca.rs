@@ -54,11 +54,13 @@
 use rand_core::RngCore;
 use rayon::prelude::*;
 
+use super::exact::exact_memory;
 use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Forward, Grads, MethodInfo, ParamGrad, Saved};
 use crate::inputs::{AttentionInputs, Dims, ValueProjection};
 use crate::linalg::{multiversion, zeroed};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, Rule, param_error, positive, resolve_scale, scale_rule};
 use crate::rng::{GOLDEN, mix64, stream};
@@ -1004,6 +1006,28 @@ impl Estimator for Mca {
         )
     };
     type Saved = McaSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let dm = s.d_model;
+        // W_V packed per head with its alias tables; budgets; the sampled values and, at
+        // worst (every token's budget reaching d_model), d_model (index, weight) entries per
+        // token; per head the draw's counts and cumulative sums and the exact tokens' rows.
+        let prepared = s.heads * dm * s.d_v + 4 * s.heads * dm;
+        let sampled = s.v() + 2 * s.bh() * s.n_k * dm + 3 * s.bh() * s.n_k + 2 * s.bh() * s.n_k;
+        let head = 6 * dm + s.n_k * (dm + s.d_v) + 2 * s.n_k;
+        let (inner_f, inner_fb) = exact_memory(s).values(s);
+        let forward = prepared + sampled + s.parallel_heads() * head + inner_f + 3 * s.bh();
+        // Backward: the inner exact backward, dX, dW_V, db_V, per head the dense products of
+        // the sampled rows.
+        let x = s.batch * s.n_k * dm;
+        let back_head = 2 * dm * s.d_v + s.n_k * (dm + s.d_v) + SHARED_BLOCK as u128 * dm;
+        let backward = (inner_fb - inner_f)
+            + x
+            + s.heads * dm * s.d_v * 2
+            + s.heads * s.d_v
+            + s.parallel_heads() * back_head;
+        Memory::from_values(s, forward, forward + backward)
+    }
 
     fn check(&self) -> Result<()> {
         if self.draws == Draws::Shared && self.probs == Probs::InputAware {

@@ -43,6 +43,7 @@ use crate::estimator::{Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{softmax_row, softmax_row_backward};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::pinv::{Pinv, pinv};
 use crate::segments::{Larger, segments};
@@ -241,6 +242,27 @@ impl Estimator for Nystrom {
         )
     };
     type Saved = NystromSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let m = (self.landmarks as u128).min(s.n_q).min(s.n_k);
+        let iters = self.pinv_iters as u128;
+        let conv = s.bh() * (self.conv as u128 + 1) + s.heads * self.conv as u128;
+        // Per head: kept indices, landmarks, the three softmax kernels, the pseudo-inverse's
+        // iterates and work matrices, K3·V and Z·(K3·V).
+        let head = 2 * (s.n_q + s.n_k)
+            + 2 * m * s.d
+            + s.n_q * m
+            + m * s.n_k
+            + m * m * (iters + 6)
+            + 2 * m * s.d_v;
+        let forward = s.o() + conv + s.parallel_heads() * head;
+        // Backward: the head again, then the gradients of the kernels, of the pseudo-inverse
+        // (every iterate's) and of the landmarks.
+        let back_head =
+            head + s.n_q * m + m * s.n_k + m * m * (iters + 12) + 2 * m * s.d_v + 2 * m * s.d;
+        let backward = s.o() + s.grads() + conv + s.parallel_heads() * back_head;
+        Memory::from_values(s, forward, s.o() + conv + backward)
+    }
 
     fn saved_bytes(s: &NystromSaved) -> usize {
         4 * s.conv_weights.as_ref().map_or(0, Vec::len)

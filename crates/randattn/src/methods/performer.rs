@@ -49,6 +49,7 @@ use crate::estimator::{Estimator, Grads, HeadGrads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{dot, exp_shifted_sum, row_max};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
 
@@ -537,6 +538,25 @@ impl Estimator for Performer {
         )
     };
     type Saved = ();
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let (t, m) = (TILE as u128, self.features as u128);
+        let w = self.width() as u128;
+        // Directions of every head; Gram–Schmidt keeps a d × d f64 basis per head being drawn.
+        let dirs = s.heads * m * s.d
+            + if self.orthogonal {
+                s.threads * 2 * s.d * s.d
+            } else {
+                0
+            };
+        let stats = t * s.d + t * w + w * s.d_v + w;
+        let forward = s.o() + dirs + s.threads * (stats + t * s.d + t * w + t);
+        // The backward streams key statistics again, then query tiles with their gradients
+        // and the feature backward's products.
+        let head = stats + t * (s.d + 2 * w + 2 * s.d_v) + 2 * (w * s.d_v + w) + t * (m + s.d + 2);
+        let backward = s.o() + s.grads() + dirs + s.threads * head;
+        Memory::from_values(s, forward, s.o() + backward)
+    }
 
     fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();

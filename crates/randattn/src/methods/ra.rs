@@ -37,11 +37,13 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
+use super::exact::exact_memory;
 use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{exp_shifted_sum, row_max, zeroed};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -327,6 +329,22 @@ impl Estimator for Ra {
     };
     type Saved = RaSaved;
 
+    fn memory(&self, s: &Sizes) -> Memory {
+        let sm = self.samples as u128;
+        let da = s.d + 1;
+        let rows = s.bh() * s.n_q * sm;
+        // Draws (per head, then merged), the augmented queries and keys, the inner exact
+        // attention over n_q·S rows; per head the inverse-CDF pass over key tiles.
+        let draws = 2 * rows * (1 + s.d);
+        let augmented = rows * da + s.bh() * s.n_k * da + s.batch * (s.n_q * sm + s.n_k);
+        let (inner_f, inner_fb) = exact_memory(&s.with(s.n_q * sm, s.n_k, da, s.d_v)).values(s);
+        let head = 2 * s.n_q * sm * (1 + s.d) + 3 * s.n_q + (ROW_BLOCK * KEY_TILE) as u128;
+        let forward = s.o() + draws + augmented + inner_f + s.threads * head;
+        let backward =
+            rows * (1 + s.d) + augmented + inner_fb + s.o() + rows * s.d_v + s.q() + s.k();
+        Memory::from_values(s, forward, s.o() + backward)
+    }
+
     fn saved_bytes(s: &RaSaved) -> usize {
         4 * (s.draws.components.len() + s.draws.noise.len())
     }
@@ -387,10 +405,14 @@ impl Estimator for Ra {
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
         let inv = 1.0 / s as f32;
-        let g_rows: Vec<f32> = g
-            .chunks_exact(d_v)
-            .flat_map(|row| (0..s).flat_map(move |_| row.iter().map(move |v| v * inv)))
-            .collect();
+        // Each output row's gradient repeated for its S samples (sized up front: a collect
+        // through flat_map grows by doubling, up to twice this).
+        let mut g_rows = Vec::with_capacity(g.len() * s);
+        for row in g.chunks_exact(d_v) {
+            for _ in 0..s {
+                g_rows.extend(row.iter().map(|v| v * inv));
+            }
+        }
         let sub_grads = exact.backward(&sub, seed, &f.saved, &g_rows)?;
         let da = d + 1;
         let mut grads = Grads {

@@ -58,11 +58,13 @@
 use rand::Rng;
 use rayon::prelude::*;
 
+use super::exact::exact_memory;
 use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{dot, exp_shifted_sum, row_max, row_sum};
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -654,6 +656,28 @@ impl Estimator for Skeinformer {
         )
     };
     type Saved = SkeinSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let c = (self.budget as u128).min(s.n_k);
+        let rows = ROW_BLOCK as u128;
+        // Samples of every head (pilots, columns, column probabilities), the exact pilot rows'
+        // outputs, the saved tables; per head the pilots' n_k-wide probability block and the
+        // gathered columns, per row block the sketched scores.
+        let samples = s.bh() * (s.n_k + 5 * c) + 2 * s.bh() * c * s.d_v;
+        let head = c * s.n_k + 3 * s.n_k + 2 * c * s.d + 2 * c * s.d_v + 3 * rows * (c + 1);
+        let exact_rows = matches!(self.row_norm, RowNorm::Exact | RowNorm::None);
+        let inner = exact_memory(s).values(s);
+        let forward =
+            s.o() + samples + s.threads * head + if exact_rows { s.v() + inner.0 } else { 0 };
+        // Backward: the output gradient split (pilot rows apart), gradients of the sketch
+        // and of the pilot rows, and per head the pilots' block again with the columns'.
+        let backward = s.o()
+            + s.bh() * c * s.d_v
+            + 2 * s.grads()
+            + s.threads * (head + c * (s.d + s.d_v))
+            + if exact_rows { s.v() + inner.1 } else { 0 };
+        Memory::from_values(s, forward, forward + backward)
+    }
 
     fn saved_bytes(s: &SkeinSaved) -> usize {
         4 * (s.pilots.len() + s.columns.len() + s.weights.len())

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::estimator::{Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
+use crate::memory::{Memory, Sizes};
 
 crate::method_params! {
     /// V-Mean `vmean`. See the module documentation.
@@ -67,6 +68,11 @@ impl Estimator for VMean {
         "O(n d_v) time and memory",
     );
     type Saved = ();
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        let small = s.threads * s.d_v;
+        Memory::from_values(s, s.o() + small, s.o() + s.grads() + small)
+    }
 
     fn forward_saved(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();

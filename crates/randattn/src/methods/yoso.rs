@@ -78,6 +78,7 @@ use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::zeroed;
+use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, Rule, auto, in_range, one_of};
 use crate::rng::stream;
 
@@ -284,6 +285,54 @@ impl YosoSaved {
     }
 }
 
+/// YOSO's memory: the output and its saved attention branch, the row norms; YOSO-E's
+/// normalised copies of Q and K; with `m` hashes of `τ` bits (`Some((m, τ))`) the hash codes of every head
+/// (saved), each thread's bucket index (a `2^τ`-slot table while `2^τ ≤ 4·max(n, 1024)`, else
+/// sorted keys) with one sum of `w` values per occupied bucket, and the partial sums of hash
+/// chunks run in parallel; without (YOSO-E) each thread's collision-probability tiles. The
+/// backward, with the output and saved state held, adds the gradients, the output gradient
+/// through the normalisation, the normalised copies and per head its dense gradient rows.
+fn yoso_memory(s: &Sizes, normalize: bool, conv: usize, hashes: Option<(usize, u32)>) -> Memory {
+    let n = s.n_q.max(s.n_k);
+    // YOSO-E normalises copies of Q and K; YOSO's hasher normalises each row as it hashes it.
+    let copies = if normalize && hashes.is_none() {
+        s.q() + s.k()
+    } else {
+        0
+    };
+    let conv = s.bh() * (conv as u128 + 1) + s.heads * conv as u128;
+    let mut held = 2 * s.o() + s.bh() * s.n_q + conv;
+    let (forward, work_b) = match hashes {
+        Some((m, tau)) => {
+            let m = m as u128;
+            let slots = 1u128 << tau;
+            let dense = slots
+                <= (buckets::DENSE_SLOTS_PER_TOKEN as u128)
+                    * n.max(buckets::DENSE_MIN_TOKENS as u128);
+            let index = if dense { slots } else { 4 * n } + 6 * n;
+            let chunks = (TASKS as u128).div_ceil(s.bh().max(1)).clamp(1, m);
+            held += s.bh() * m * (s.n_q + s.n_k);
+            // Codes of a head before they are merged, and a block's projections (≤ 32 bits).
+            let hashing = s.threads * (2 * n * m + 64 * 32 * m);
+            let table = s.threads * (index + n * (s.d_v + 1));
+            let partials = s.parallel_heads() * chunks * s.n_q * s.d_v;
+            let table_b = s.threads * (index + n * (s.d.max(s.d_v) + 1));
+            let partials_b = s.parallel_heads() * chunks * n * (s.d + s.d_v + 1);
+            (
+                held + copies + hashing + table + partials,
+                table_b + partials_b,
+            )
+        }
+        None => {
+            let tiles = s.threads * 3 * (expectation::QUERY_BLOCK * expectation::KEY_TILE) as u128;
+            (held + copies + tiles, tiles)
+        }
+    };
+    let per_head = n * (2 * s.d + s.d_v + 1);
+    let backward = s.grads() + s.o() + copies + work_b + s.parallel_heads() * per_head;
+    Memory::from_values(s, forward, held + backward)
+}
+
 /// `x / max(‖x‖, NORM_EPS)` row by row; returns the normalised rows and the norms.
 fn normalize_rows(x: &[f32], w: usize) -> (Vec<f32>, Vec<f32>) {
     let mut out = x.to_vec();
@@ -437,6 +486,15 @@ impl Estimator for Yoso {
     };
     type Saved = YosoSaved;
 
+    fn memory(&self, s: &Sizes) -> Memory {
+        yoso_memory(
+            s,
+            self.normalize,
+            self.conv,
+            Some((self.m, self.tau.or_else(|| auto_tau(s.n_k as usize)))),
+        )
+    }
+
     fn saved_bytes(s: &YosoSaved) -> usize {
         s.bytes()
     }
@@ -529,6 +587,10 @@ impl Estimator for YosoE {
         )
     };
     type Saved = YosoSaved;
+
+    fn memory(&self, s: &Sizes) -> Memory {
+        yoso_memory(s, self.normalize, self.conv, None)
+    }
 
     fn saved_bytes(s: &YosoSaved) -> usize {
         s.bytes()

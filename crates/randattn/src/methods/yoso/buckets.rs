@@ -17,9 +17,9 @@ use crate::matrix::{MatMut, MatRef, matmul};
 use super::hash::NO_CODE;
 
 /// Dense slot arrays are used while `2^τ` is at most this many slots per token...
-const DENSE_SLOTS_PER_TOKEN: usize = 4;
+pub(crate) const DENSE_SLOTS_PER_TOKEN: usize = 4;
 /// ... counting at least this many tokens (small heads still get the O(1) lookup).
-const DENSE_MIN_TOKENS: usize = 1024;
+pub(crate) const DENSE_MIN_TOKENS: usize = 1024;
 
 /// Tokens of one hash grouped by bucket, plus the code → bucket lookup. Reused across hashes
 /// (all buffers keep their capacity).
