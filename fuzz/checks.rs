@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Var};
 use randattn::Method;
 use randattn_cli::npy;
-use randattn_tasks::TaskSpec;
+use randattn_tasks::{Split, TaskSpec};
 use randattn_train::{RunConfig, checkpoint};
 
 /// Method specs and `--set` settings (the first line the spec, then `key=value` lines): parsed
@@ -40,7 +40,10 @@ pub fn train_config(data: &[u8]) {
     }
 }
 
-/// Task names and parameters (the name, then `key=value` lines): a task or a clear error.
+/// Task names and parameters (the name, then `key=value` lines): a task or a clear error; a
+/// generated task (ListOps, Pathfinder, Recall) with sequences of at most 2048 tokens makes two
+/// examples of each split that
+/// fit its declared length and vocabulary, or says why it cannot.
 pub fn task_params(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -49,8 +52,25 @@ pub fn task_params(data: &[u8]) {
     let name = lines.next().unwrap_or("");
     let settings: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once('=')).collect();
     if let Ok(t) = TaskSpec::parse(name, &settings) {
-        let _ = t.info();
+        let info = t.info();
         let _ = t.params();
+        // The generated tasks' examples come from their parameters (worth fuzzing); image and
+        // text read fixed data files, slow to load at every input.
+        if info.max_len <= 2048 && ["listops", "pathfinder", "recall"].contains(&name) {
+            for split in [Split::Train, Split::Test] {
+                let Ok(examples) = t.examples(7, split, 0..2) else {
+                    continue;
+                };
+                for e in examples {
+                    assert!(e.tokens.len() <= info.max_len, "longer than max_len");
+                    assert!(
+                        e.tokens.iter().all(|&tok| (tok as usize) < info.vocab),
+                        "vocab"
+                    );
+                    assert!((e.label as usize) < info.classes, "label");
+                }
+            }
+        }
     }
 }
 

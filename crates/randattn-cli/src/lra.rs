@@ -192,6 +192,18 @@ fn plan(a: SuiteArgs) -> Result<()> {
     }
 }
 
+/// The executable every run of the suite starts: this very binary. On Linux that is
+/// `/proc/self/exe`, which names the running file even after it was replaced on disk (a
+/// rebuild or an upgrade during a day-long suite: its path then reads "… (deleted)"), so a
+/// suite's runs all use one build.
+fn suite_executable() -> Result<std::path::PathBuf> {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc_exe.exists() {
+        return Ok(proc_exe.to_path_buf());
+    }
+    std::env::current_exe().context("cannot find the randattn executable")
+}
+
 fn run(a: SuiteArgs) -> Result<()> {
     let Status {
         todo,
@@ -201,7 +213,7 @@ fn run(a: SuiteArgs) -> Result<()> {
     for c in &conflicts {
         eprintln!("conflict (skipped): {c}");
     }
-    let exe = std::env::current_exe().context("cannot find the randattn executable")?;
+    let exe = suite_executable()?;
     let total = todo.len();
     eprintln!(
         "suite {}: {total} runs to do, {complete} already complete, into {}",

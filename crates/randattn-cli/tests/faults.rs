@@ -212,3 +212,48 @@ fn glob_summaries(out: &Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+#[test]
+fn a_suite_goes_on_when_its_binary_is_replaced_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the binary, deleted (as a rebuild or an upgrade replaces it) once the suite's
+    // first run is done: the other runs must still start.
+    let exe = dir.path().join("randattn");
+    std::fs::copy(env!("CARGO_BIN_EXE_randattn"), &exe).unwrap();
+    let out = dir.path().join("suite");
+    let mut c = std::process::Command::new(&exe);
+    c.args(["lra", "run", "--suite", "lra-lite", "--tasks", "recall"]);
+    c.args([
+        "--methods",
+        "exact,nystrom:landmarks=4",
+        "--seeds",
+        "0,1",
+        "--quiet",
+    ]);
+    for o in common::TINY_RECALL
+        .iter()
+        .chain(&["train.steps=200", "train.eval_every=100"])
+    {
+        c.args(["--override", o]);
+    }
+    let mut suite = c.arg("--out").arg(&out).spawn().unwrap();
+    let first = out.join("recall/exact/seed-0/summary.json");
+    let started = Instant::now();
+    while !first.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no first run");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::remove_file(&exe).unwrap();
+    assert!(suite.wait().unwrap().success());
+    // Runs are seed-major: the last two started after the binary was gone.
+    for run in [
+        "nystrom:landmarks=4/seed-0",
+        "exact/seed-1",
+        "nystrom:landmarks=4/seed-1",
+    ] {
+        assert!(
+            out.join("recall").join(run).join("summary.json").exists(),
+            "{run}"
+        );
+    }
+}

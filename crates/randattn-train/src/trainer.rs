@@ -307,7 +307,16 @@ pub fn train(
         }
     }
     let (_, test_acc_final) = evaluate(&model, &test_set, config.batch, info.pad, seed)?;
-    let (best_dev_acc, best_step, weights) = best.expect("at least one evaluation");
+    let Some((best_dev_acc, best_step, weights)) = best else {
+        // Every run evaluates at its last step, and a checkpoint is only written after an
+        // evaluation: only an inconsistent checkpoint gets here.
+        return Err(candle_core::Error::Msg(
+            "the run has no evaluation to take the best weights from (its checkpoint records \
+             none: remove checkpoint.safetensors to start the run again)"
+                .to_string(),
+        )
+        .into());
+    };
     for (v, w) in vars.iter().zip(&weights) {
         v.set(w)?;
     }
