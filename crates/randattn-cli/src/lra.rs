@@ -241,6 +241,12 @@ fn run(a: SuiteArgs) -> Result<()> {
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::process::CommandExt;
+            // `ps` and `pkill -f` see the runs under the suite's own name, not /proc/self/exe.
+            cmd.arg0(
+                std::env::args_os()
+                    .next()
+                    .unwrap_or_else(|| "randattn".into()),
+            );
             let suite = std::process::id() as libc::pid_t;
             // SAFETY: prctl, getppid and _exit are async-signal-safe and touch no memory of the
             // parent.
