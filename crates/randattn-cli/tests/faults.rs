@@ -110,7 +110,16 @@ fn two_processes_never_write_one_run() {
 
 /// `randattn lra run` on a small suite (recall, two methods, two seeds) into `out`.
 fn small_suite(out: &Path) -> std::process::Command {
-    let mut c = bin();
+    small_suite_of(bin(), out, "300", "25")
+}
+
+/// The small suite run by the executable of `c`, `steps` long, evaluated every `eval_every`.
+fn small_suite_of(
+    mut c: std::process::Command,
+    out: &Path,
+    steps: &str,
+    eval_every: &str,
+) -> std::process::Command {
     c.args(["lra", "run", "--suite", "lra-lite", "--tasks", "recall"]);
     c.args([
         "--methods",
@@ -119,12 +128,11 @@ fn small_suite(out: &Path) -> std::process::Command {
         "0,1",
         "--quiet",
     ]);
-    for o in common::TINY_RECALL
-        .iter()
-        .chain(&["train.steps=300", "train.eval_every=25"])
-    {
+    for o in common::TINY_RECALL {
         c.args(["--override", o]);
     }
+    c.args(["--override", &format!("train.steps={steps}")]);
+    c.args(["--override", &format!("train.eval_every={eval_every}")]);
     c.arg("--out").arg(out);
     c
 }
@@ -221,22 +229,9 @@ fn a_suite_goes_on_when_its_binary_is_replaced_on_disk() {
     let exe = dir.path().join("randattn");
     std::fs::copy(env!("CARGO_BIN_EXE_randattn"), &exe).unwrap();
     let out = dir.path().join("suite");
-    let mut c = std::process::Command::new(&exe);
-    c.args(["lra", "run", "--suite", "lra-lite", "--tasks", "recall"]);
-    c.args([
-        "--methods",
-        "exact,nystrom:landmarks=4",
-        "--seeds",
-        "0,1",
-        "--quiet",
-    ]);
-    for o in common::TINY_RECALL
-        .iter()
-        .chain(&["train.steps=200", "train.eval_every=100"])
-    {
-        c.args(["--override", o]);
-    }
-    let mut suite = c.arg("--out").arg(&out).spawn().unwrap();
+    let mut suite = small_suite_of(std::process::Command::new(&exe), &out, "200", "100")
+        .spawn()
+        .unwrap();
     let first = out.join("recall/exact/seed-0/summary.json");
     let started = Instant::now();
     while !first.exists() {
