@@ -5,6 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use randattn::Method;
 
+use crate::linformer::TrainableProjections;
 use crate::op::{Masks, ValueLayer, attention, value_projection_attention};
 
 /// Multi-head self-attention whose attention is a randattn [`Method`] (MCA included: it samples
@@ -19,6 +20,9 @@ pub struct MultiHeadSelfAttention {
     head_dim: usize,
     /// The attention estimator (`exact` for the model's own softmax).
     pub method: Method,
+    /// Linformer's `E`, `F` as variables of the model, when it trains them
+    /// ([`Self::with_trainable_projections`]).
+    projections: Option<TrainableProjections>,
 }
 
 /// What one attention call saw and produced, for fidelity reports.
@@ -52,7 +56,23 @@ impl MultiHeadSelfAttention {
             heads,
             head_dim: hidden / heads,
             method,
+            projections: None,
         })
+    }
+
+    /// Makes Linformer's projections trainable variables under `vb` (`projection_e`,
+    /// `projection_f`, `[heads, k, max_len]`; see [`crate::linformer`]) instead of the seeded
+    /// configuration the method draws by itself. A model that trains Linformer needs this: with
+    /// a new seed at every step, seeded projections change at every step. Errors for any other
+    /// method.
+    pub fn with_trainable_projections(mut self, vb: VarBuilder, max_len: usize) -> Result<Self> {
+        self.projections = Some(TrainableProjections::new(
+            vb,
+            &self.method,
+            self.heads,
+            max_len,
+        )?);
+        Ok(self)
     }
 
     /// `[b, n, hidden]` → `[b, heads, n, head_dim]`.
@@ -78,6 +98,10 @@ impl MultiHeadSelfAttention {
         };
         let q = self.split(&self.query.forward(x)?)?;
         let k = self.split(&self.key.forward(x)?)?;
+        if let Some(p) = &self.projections {
+            let v = self.split(&self.value.forward(x)?)?;
+            return Ok((p.attend(&q, &k, &v, mask)?, None));
+        }
         if self.method.info().needs_value_projection {
             // V = X·W_V + b_V with W_V = weightᵀ (candle stores [out, in]).
             let wv = self.value.weight().t()?.contiguous()?;

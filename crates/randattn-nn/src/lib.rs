@@ -4,6 +4,7 @@
 //!   works through it with the forward's samples ([`op::attention`]; for methods that sample
 //!   the value projection, [`op::value_projection_attention`] and [`op::mca`]).
 //! - [`attention::MultiHeadSelfAttention`]: Q/K/V/O projections around a method (MCA included).
+//! - [`linformer::TrainableProjections`]: Linformer with `E`, `F` as trainable variables.
 //! - [`bert::BertModel`]: a compact BERT-family encoder loading Hugging Face safetensors.
 //! - [`model`]: all-MiniLM-L6-v2 offline (fetch with pip, verify, embed sentences).
 //!
@@ -12,6 +13,7 @@
 pub mod attention;
 pub mod bert;
 pub mod linear;
+pub mod linformer;
 pub mod model;
 pub mod op;
 

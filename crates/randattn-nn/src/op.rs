@@ -6,7 +6,8 @@
 //! the forward's saved state (sampled indices, hash codes, softmax statistics), so candle's
 //! `backward()` calls the core backward with the same samples. The method's own parameters
 //! (YOSO-C kernels, LARA proposal means, Linformer projections) are configuration here, not
-//! tensors: their gradients are not propagated.
+//! tensors: their gradients are not propagated (a model that trains Linformer's projections uses
+//! [`crate::linformer`]).
 
 use std::sync::{Arc, Mutex};
 

@@ -326,7 +326,8 @@ impl RunConfig {
 
     /// A lower bound of the memory a training run needs, in bytes: the examples, the
     /// activations one step keeps for its backward (per layer about 12 width-sized and 2
-    /// FFN-sized values per token, the attention's own state excluded), and the weights with
+    /// FFN-sized values per token, the attention's own state excluded), and the weights (Linformer's
+    /// projections included) with
     /// their gradients, AdamW moments and best-dev copy. For refusing a run the machine cannot
     /// hold before it starts.
     pub fn memory_estimate(&self) -> Result<u128, ConfigError> {
@@ -337,8 +338,15 @@ impl RunConfig {
         let examples = (t.train_examples + t.test_examples) as u128 * n * 4;
         let activations = t.batch as u128 * n * (l * (12 * w + 2 * f) + 2 * w) * 4;
         let vocab = task.info().vocab as u128;
-        let weights =
-            (vocab + n) * w + l * (4 * w * w + 2 * w * f) + w * m.classifier_hidden as u128;
+        // Linformer's trainable E and F: [heads, k, max_len] each, per layer.
+        let projections = match self.attention()? {
+            Method::Linformer(lin) => l * 2 * m.heads as u128 * lin.k as u128 * n,
+            _ => 0,
+        };
+        let weights = (vocab + n) * w
+            + l * (4 * w * w + 2 * w * f)
+            + w * m.classifier_hidden as u128
+            + projections;
         Ok(examples + activations + weights * 4 * 5)
     }
 

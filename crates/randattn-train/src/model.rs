@@ -8,9 +8,13 @@
 //! positions as the reference does (padding included after zeroing), or the last token (what
 //! associative recall needs); then Linear → ReLU → Linear to the classes.
 //!
+//! Linformer's projections `E`, `F` are variables of the model (`randattn_nn::linformer`), as in
+//! its paper and the Nyströmformer LRA code: with the per-step attention seed below, seeded
+//! projections would be redrawn at every step and never learned.
+//!
 //! Every weight is drawn from the run's seed (candle's own initialiser cannot be seeded): the
 //! embeddings from `N(0, 0.02)`, Linear weights and biases from `U(±1/√fan_in)` as PyTorch
-//! initialises them, LayerNorm to 1 and 0. Dropout masks come from the seed, the step and the
+//! initialises them, Linformer's projections from `N(0, 1/k)`, LayerNorm to 1 and 0. Dropout masks come from the seed, the step and the
 //! place in the model. The reference's attention-probability dropout has no counterpart for an
 //! estimator that never forms the probabilities, and is left out.
 
@@ -130,15 +134,19 @@ impl LraModel {
         let mut blocks = Vec::with_capacity(config.layers);
         for l in 0..config.layers {
             let b = vb.pp(format!("block{l}"));
+            let mut mhsa = MultiHeadSelfAttention::load(
+                b.pp("attention"),
+                b.pp("attention_output"),
+                w,
+                config.heads,
+                attention.clone(),
+            )?;
+            if matches!(attention, Method::Linformer(_)) {
+                mhsa = mhsa.with_trainable_projections(b.pp("attention"), config.max_len)?;
+            }
             blocks.push(Block {
                 ln1: layer_norm(w, 1e-5, b.pp("ln1"))?,
-                attention: MultiHeadSelfAttention::load(
-                    b.pp("attention"),
-                    b.pp("attention_output"),
-                    w,
-                    config.heads,
-                    attention.clone(),
-                )?,
+                attention: mhsa,
                 ln2: layer_norm(w, 1e-5, b.pp("ln2"))?,
                 ff1: linear(w, config.ffn, b.pp("ff1"))?,
                 ff2: linear(config.ffn, w, b.pp("ff2"))?,
@@ -199,6 +207,13 @@ impl LraModel {
             let values: Vec<f32> = if name.as_str() == "embedding" || name.as_str() == "positions" {
                 (0..n)
                     .map(|_| 0.02 * rng.sample::<f32, _>(StandardNormal))
+                    .collect()
+            } else if name.ends_with("projection_e") || name.ends_with("projection_f") {
+                // Linformer's [heads, k, max_len]: N(0, 1/k), the scale of its seeded sketch.
+                let k = var.dims().get(1).copied().unwrap_or(1);
+                let std = 1.0 / (k as f32).sqrt();
+                (0..n)
+                    .map(|_| std * rng.sample::<f32, _>(StandardNormal))
                     .collect()
             } else if name.contains("ln") {
                 vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]

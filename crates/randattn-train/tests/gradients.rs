@@ -83,3 +83,22 @@ fn every_weight_gets_its_gradient_with_exact_attention() {
 fn every_weight_gets_its_gradient_with_a_linear_attention() {
     check("performer:features=32");
 }
+
+#[test]
+fn every_weight_gets_its_gradient_with_linformer_projections_included() {
+    check("linformer:k=4");
+    let task = common::tiny_recall();
+    let info = task.info();
+    let config = ModelConfig::lra(info.vocab, info.max_len, info.classes);
+    let model = LraModel::new(config, &Method::from_spec("linformer:k=4").unwrap(), 3).unwrap();
+    let names: Vec<String> = model.named_vars().into_iter().map(|(n, _)| n).collect();
+    for want in [
+        "block0.attention.projection_e",
+        "block1.attention.projection_f",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
