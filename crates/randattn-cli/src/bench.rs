@@ -8,7 +8,7 @@ use randattn::workload::clustered;
 use randattn::{Attention, AttentionInputs, Method};
 use serde_json::json;
 
-use crate::report::{mib, ms, progress, table};
+use crate::console::{mib, ms, progress, table};
 use crate::{alloc, limits, parse_methods};
 
 #[derive(Args)]
@@ -59,10 +59,10 @@ fn measure(m: &Method, x: &AttentionInputs<'_>, a: &BenchArgs) -> Result<Timing>
         }
     }
     let peak_extra_bytes = alloc::peak_since(base);
-    let forward_ms = crate::report::median_ms(a.repeats, budget, || m.forward(x, a.common.seed));
+    let forward_ms = crate::console::median_ms(a.repeats, budget, || m.forward(x, a.common.seed));
     let backward_ms = if a.backward {
         let g = vec![1.0f32; x.dims().out_len()];
-        let both = crate::report::median_ms(a.repeats, budget, || -> Result<()> {
+        let both = crate::console::median_ms(a.repeats, budget, || -> Result<()> {
             let f = m.forward(x, a.common.seed)?;
             m.backward(x, a.common.seed, &f.saved, &g)?;
             Ok(())
@@ -134,11 +134,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 .backward_ms
                 .filter(|_| is_exact)
                 .map(|b| (fwd_flops + bwd_flops) / (t.forward_ms + b) / 1e6);
-            let params: serde_json::Map<String, serde_json::Value> = m
-                .params()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect();
+            let params = crate::params_json(m);
             rows.push(vec![
                 m.name().to_string(),
                 n.to_string(),

@@ -8,7 +8,7 @@ use clap::Args;
 use randattn_tasks::{Example, Split, TaskSpec};
 use serde_json::json;
 
-use crate::report::table;
+use crate::console::table;
 
 #[derive(Args)]
 pub struct DataArgs {

@@ -10,7 +10,7 @@ use randattn::Method;
 use randattn_nn::model::{DEFAULT_MAX_LEN, SentenceEmbedder, cache_dir};
 use serde_json::json;
 
-use crate::report::{progress, table};
+use crate::console::{progress, table};
 
 /// The built-in corpus: six paragraphs written for this project (about 200 tokens each, near
 /// the model card's 256-token maximum, so attention is non-trivial).
@@ -155,11 +155,7 @@ pub fn fidelity(a: FidelityArgs) -> Result<()> {
             format!("{:.2}x", exact_s / secs),
             params.join(" "),
         ]);
-        let pmap: serde_json::Map<String, serde_json::Value> = m
-            .params()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
+        let pmap = crate::params_json(m);
         results.push(json!({
             "method": m.name(), "spec": m.spec(), "params": pmap, "cosine_mean": cos_mean, "cosine_min": cos_min,
             "layer_rel_error": layer_err, "seconds": secs, "exact_seconds": exact_s,

@@ -196,7 +196,7 @@ fn plan(a: SuiteArgs) -> Result<()> {
 /// `/proc/self/exe`, which names the running file even after it was replaced on disk (a
 /// rebuild or an upgrade during a day-long suite: its path then reads "… (deleted)"), so a
 /// suite's runs all use one build.
-fn suite_executable() -> Result<std::path::PathBuf> {
+pub(crate) fn self_executable() -> Result<std::path::PathBuf> {
     let proc_exe = std::path::Path::new("/proc/self/exe");
     if cfg!(target_os = "linux") && proc_exe.exists() {
         return Ok(proc_exe.to_path_buf());
@@ -213,7 +213,7 @@ fn run(a: SuiteArgs) -> Result<()> {
     for c in &conflicts {
         eprintln!("conflict (skipped): {c}");
     }
-    let exe = suite_executable()?;
+    let exe = self_executable()?;
     let total = todo.len();
     eprintln!(
         "suite {}: {total} runs to do, {complete} already complete, into {}",
@@ -431,8 +431,8 @@ fn collect_table(a: CollectArgs) -> Result<()> {
         say!(
             a.json,
             "{}{legend}\n\n{}{cost_legend}",
-            crate::report::table(&h, &acc),
-            crate::report::table(&hc, &cost)
+            crate::console::table(&h, &acc),
+            crate::console::table(&hc, &cost)
         );
     }
     Ok(())

@@ -7,10 +7,13 @@
 mod alloc;
 mod bench;
 mod compare;
+mod console;
 mod data;
 mod embed;
 mod fidelity;
+mod layer;
 mod lra;
+mod machine;
 mod mca_profile;
 mod report;
 mod run;
@@ -69,6 +72,10 @@ enum Command {
     /// Every softmax-approximating method in every layer of the pretrained MiniLM: cosine of
     /// sentence embeddings and per-layer attention error vs exact, and time.
     Fidelity(fidelity::FidelityArgs),
+    /// An offline HTML report of charts (error vs budget, time and memory vs n, accuracy vs
+    /// cost, training curves, the LRA matrix, fidelity) from other commands' JSON, or from a
+    /// small sweep it runs itself.
+    Report(report::ReportCmdArgs),
 }
 
 /// Options shared by the commands that run a workload and report on it.
@@ -100,12 +107,17 @@ impl JsonArg {
         self.target.as_deref() == Some("-")
     }
 
-    /// Writes `value` where `--json` said, if it was given.
+    /// Writes `value` where `--json` said, if it was given, with the provenance block
+    /// [`machine::meta`] added as its `meta` member (when `value` is an object without one).
     pub fn write(&self, value: &serde_json::Value) -> Result<()> {
         if self.target.is_none() {
             return Ok(());
         }
-        self.write_text(serde_json::to_string_pretty(value)?)
+        let mut value = value.clone();
+        if let Some(object) = value.as_object_mut() {
+            object.entry("meta").or_insert_with(machine::meta);
+        }
+        self.write_text(serde_json::to_string_pretty(&value)?)
     }
 
     /// Writes JSON text (and a newline) where `--json` said, if it was given.
@@ -170,6 +182,17 @@ pub fn parse_methods(list: &str, default_all: &[&str]) -> Result<Vec<Method>> {
     Ok(methods)
 }
 
+/// A method's parameters as a JSON object (`{"features": "64", ...}`), as every `--json` output
+/// records them.
+pub fn params_json(m: &Method) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = m
+        .params()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
 fn methods(json: JsonArg) -> Result<()> {
     let catalog = Method::catalog();
     if json.target.is_some() {
@@ -180,6 +203,7 @@ fn methods(json: JsonArg) -> Result<()> {
                     "name": m.name, "summary": m.summary, "cost": m.cost, "random": m.random,
                     "approximates_softmax": m.approximates_softmax,
                     "needs_value_projection": m.needs_value_projection,
+                    "budget": m.budget,
                     "params": m.params.iter().map(|p| serde_json::json!({
                         "name": p.name, "default": p.default, "range": p.range, "help": p.help,
                     })).collect::<Vec<_>>(),
@@ -268,6 +292,7 @@ fn main() -> ExitCode {
         Command::Data(args) => data::data(args),
         Command::Train(args) => train::run(args),
         Command::Lra(cmd) => lra::lra(cmd),
+        Command::Report(args) => report::report(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

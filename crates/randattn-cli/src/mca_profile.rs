@@ -14,7 +14,7 @@ use randattn::{Attention, AttentionInputs, Dims, Estimator};
 use serde_json::json;
 
 use crate::alloc;
-use crate::report::{median_ms, ms, progress, table};
+use crate::console::{median_ms, ms, progress, table};
 use randattn_cli::npy;
 
 #[derive(Args)]

@@ -9,7 +9,7 @@ use randattn_train::atomic::write_atomic;
 use randattn_train::{Metric, Observer, RunConfig, Suite, Summary, train};
 use serde_json::json;
 
-use crate::report::progress;
+use crate::console::progress;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -80,40 +80,6 @@ impl Observer for Watch {
             self.error.get_or_insert(e);
         }
     }
-}
-
-/// The CPU model (Linux `/proc/cpuinfo`), its widest vector extension and the threads used:
-/// step times are only comparable on one machine.
-fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("unknown CPU", |(_, m)| m.trim());
-    format!(
-        "{model} ({}), {} threads",
-        simd(),
-        rayon::current_num_threads()
-    )
-}
-
-/// The widest vector extension the kernels use here.
-#[cfg(target_arch = "x86_64")]
-fn simd() -> &'static str {
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        "AVX-512"
-    } else if std::arch::is_x86_feature_detected!("avx2") {
-        "AVX2"
-    } else {
-        "SSE2"
-    }
-}
-
-/// The architecture, where there is no x86 extension to name.
-#[cfg(not(target_arch = "x86_64"))]
-fn simd() -> &'static str {
-    std::env::consts::ARCH
 }
 
 /// Peak resident memory in MiB (Linux `VmHWM`).
@@ -379,7 +345,8 @@ pub fn execute(config: &RunConfig, out: &Path, quiet: bool) -> Result<Summary> {
         wall_s: s.wall_s,
         params: s.params,
         test_examples: Some(s.test_examples),
-        machine: Some(machine()),
+        machine: Some(crate::machine::machine().describe()),
+        finished_at: Some(crate::machine::now()),
     };
     // Written last, and atomically: its presence means the run finished.
     summary

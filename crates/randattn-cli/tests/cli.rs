@@ -6,7 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{assert_fails, bin, metrics_without_times, stderr, tiny_train_steps};
+use common::{
+    assert_fails, bin, metrics_without_times, stderr, summary_without_times, tiny_train_steps,
+};
 
 fn npy(descr: &str, fortran: bool, shape: &[usize], payload: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
@@ -1000,16 +1002,10 @@ fn a_killed_run_resumed_ends_as_the_uninterrupted_one() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let read = |p: &Path| -> serde_json::Value {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(p.join("summary.json")).unwrap())
-                .unwrap();
-        for k in ["wall_s", "step_ms", "examples_per_s", "peak_rss_mib"] {
-            v.as_object_mut().unwrap().remove(k);
-        }
-        v
-    };
-    assert_eq!(read(&whole), read(&killed));
+    assert_eq!(
+        summary_without_times(&whole),
+        summary_without_times(&killed)
+    );
     // The resumed run's wall time and step-time median include the time before the kill.
     let wall = |p: &Path| -> f64 {
         let v: serde_json::Value =

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{TINY_RECALL, assert_fails, bin, stderr};
+use common::{TINY_RECALL, assert_fails, bin, stderr, summary_without_times as summary};
 
 /// `randattn lra VERB` on the tiny recall suite with `methods` and `seeds` into `out`.
 fn suite(verb: &str, out: &Path, methods: &str, seeds: &str) -> Command {
@@ -33,15 +33,6 @@ fn collect_json(dirs: &[&Path]) -> serde_json::Value {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn summary(dir: &Path) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    for k in ["wall_s", "step_ms", "examples_per_s", "peak_rss_mib"] {
-        v.as_object_mut().unwrap().remove(k);
-    }
-    v
 }
 
 #[test]

@@ -41,6 +41,10 @@ pub struct Summary {
     /// summaries written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// When the run finished, RFC 3339 UTC (absent in summaries written before it was
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }
 
 impl Summary {

@@ -206,6 +206,10 @@ pub struct MethodInfo {
     pub needs_value_projection: bool,
     /// The tensor parameters it accepts.
     pub tensor_params: &'static [TensorParam],
+    /// The parameter that sets how much the method spends (samples, features, landmarks,
+    /// projected rows): the x-axis of an error-vs-budget sweep. `None` for methods without one
+    /// (exact, V-Mean, YOSO-E) and for MCA, whose `alpha` is an error target, not a count.
+    pub budget: Option<&'static str>,
 }
 
 impl MethodInfo {
@@ -219,6 +223,7 @@ impl MethodInfo {
             approximates_softmax: true,
             needs_value_projection: false,
             tensor_params: &[],
+            budget: None,
         }
     }
 }

@@ -225,6 +225,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_budget_is_a_count_parameter_of_its_method() {
+        let mut with_budget = 0;
+        for info in Method::catalog() {
+            let Some(budget) = info.budget else { continue };
+            with_budget += 1;
+            let p = info.params.iter().find(|p| p.name == budget);
+            let p = p.unwrap_or_else(|| panic!("{}: budget `{budget}` is no parameter", info.name));
+            assert!(
+                p.default.parse::<u64>().is_ok(),
+                "{}: {}",
+                info.name,
+                p.default
+            );
+            // A budget of 8 is valid for every method that has one.
+            Method::parse(info.name, &[(budget, "8")]).unwrap();
+        }
+        assert!(with_budget >= 8, "{with_budget} methods with a budget");
+    }
+
+    #[test]
     fn every_catalogued_method_parses_with_defaults_and_lists_its_params() {
         for info in Method::catalog() {
             let m = Method::parse::<&str>(info.name, &[]).unwrap();

@@ -71,7 +71,13 @@ pub fn metrics_without_times(p: &Path) -> Vec<serde_json::Value> {
 pub fn summary_without_times(dir: &Path) -> serde_json::Value {
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    for k in ["wall_s", "step_ms", "examples_per_s", "peak_rss_mib"] {
+    for k in [
+        "wall_s",
+        "step_ms",
+        "examples_per_s",
+        "peak_rss_mib",
+        "finished_at",
+    ] {
         v.as_object_mut().unwrap().remove(k);
     }
     v

@@ -201,6 +201,7 @@ fn active_slots(active: &[u32], heads: usize, u_max: usize, batch: usize) -> Vec
 
 impl Estimator for Informer {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("factor"),
         random: true,
         ..MethodInfo::new(
             "informer",

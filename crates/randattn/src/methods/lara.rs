@@ -460,6 +460,7 @@ impl Lara {
 
 impl Estimator for Lara {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("proposals"),
         random: true,
         tensor_params: &[TensorParam {
             name: "proposal_means",

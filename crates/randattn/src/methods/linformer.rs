@@ -221,6 +221,7 @@ fn masked<'a>(
 
 impl Estimator for Linformer {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("k"),
         random: true,
         tensor_params: &[
             TensorParam {

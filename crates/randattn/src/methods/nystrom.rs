@@ -229,6 +229,7 @@ impl Nystrom {
 
 impl Estimator for Nystrom {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("landmarks"),
         random: false,
         tensor_params: &[TensorParam {
             name: "conv_weights",

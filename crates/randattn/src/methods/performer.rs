@@ -530,6 +530,7 @@ fn feature_backward(
 
 impl Estimator for Performer {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("features"),
         random: true,
         ..MethodInfo::new(
             "performer",

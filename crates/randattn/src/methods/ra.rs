@@ -320,6 +320,7 @@ impl Ra {
 
 impl Estimator for Ra {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("samples"),
         random: true,
         ..MethodInfo::new(
             "ra",

@@ -648,6 +648,7 @@ impl Skeinformer {
 
 impl Estimator for Skeinformer {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("budget"),
         random: true,
         ..MethodInfo::new(
             "skeinformer",

@@ -475,6 +475,7 @@ fn finish_forward(
 
 impl Estimator for Yoso {
     const INFO: MethodInfo = MethodInfo {
+        budget: Some("m"),
         random: true,
         approximates_softmax: false,
         tensor_params: &[CONV_WEIGHTS],
