@@ -83,9 +83,15 @@ impl MultiHeadSelfAttention {
             .contiguous()
     }
 
-    /// Attention over `x` (`[batch, n, hidden]`) with an optional key-padding mask
-    /// (`[batch, n]`, `true` = token): the output before the output projection (and MCA's FLOP
-    /// fraction).
+    /// Attention over `x` (`[batch, n, hidden]`) with an optional padding mask (`[batch, n]`,
+    /// `true` = token): the output before the output projection (and MCA's FLOP fraction).
+    ///
+    /// In self-attention a padding token is neither a key nor a query, so the mask is both: a
+    /// padded row's output is zero, and the methods that build shared structures from the
+    /// queries leave padding out of them (Nyström's landmarks, Informer's active queries,
+    /// Skeinformer's pilot rows). With the key mask alone, padding diluted those structures:
+    /// Nyström's error on the real rows of MiniLM layer 0 (300 tokens padded to 384) was 1.01
+    /// instead of the 0.67 it has on the same tokens unpadded.
     pub fn attend(
         &self,
         x: &Tensor,
@@ -94,7 +100,7 @@ impl MultiHeadSelfAttention {
     ) -> Result<(Tensor, Option<f64>)> {
         let masks = Masks {
             key: mask.map(<[bool]>::to_vec),
-            query: None,
+            query: mask.map(<[bool]>::to_vec),
         };
         let q = self.split(&self.query.forward(x)?)?;
         let k = self.split(&self.key.forward(x)?)?;
