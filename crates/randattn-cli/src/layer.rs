@@ -1,6 +1,7 @@
 //! A real attention layer from `.npy` files, the way `fixtures/minilm` stores them:
 //! `PREFIX-q.npy`, `PREFIX-k.npy`, `PREFIX-v.npy` (`[batch, heads, n, d]`), and where present the
-//! key-padding mask `PREFIX-mask.npy` (`[batch, n]`) and the layer input with its value
+//! padding mask `PREFIX-mask.npy` (`[batch, n]`; self-attention, so it masks keys and queries:
+//! padded rows output zero and the error is that of the real rows) and the layer input with its value
 //! projection, `PREFIX-x.npy` (`[batch, n, d_model]`), `PREFIX-wv.npy` (`[d_model, heads·d_v]`)
 //! and `PREFIX-bv.npy` (`[heads·d_v]`), which MCA needs.
 
@@ -144,8 +145,9 @@ impl Layer {
                 Some(&p.bv),
             )?;
         }
+        // Self-attention: a padding token is neither a key nor a query.
         if let Some(m) = &self.mask {
-            x = x.with_key_mask(m)?;
+            x = x.with_key_mask(m)?.with_query_mask(m)?;
         }
         Ok(x)
     }
