@@ -310,13 +310,16 @@ pub fn report(a: ReportCmdArgs) -> Result<()> {
     // A suite's runs: the matrix `lra collect` prints, kept as data/ JSON like any source.
     if !found.run_roots.is_empty() {
         let c = randattn_train::collect(&found.run_roots).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let value = serde_json::json!({
-            "meta": {"command": format!("randattn lra collect {}", found.run_roots.iter()
-                .map(|r| r.display().to_string()).collect::<Vec<_>>().join(" ")),
-                "version": env!("CARGO_PKG_VERSION"), "measured_at": null},
-            "results": c.results, "chance": c.chance, "majority": c.majority,
-            "average": c.average, "runs": c.runs, "wall_s_total": c.wall_s_total,
-            "machines": c.machines,
+        // The collection as `lra collect --json` writes it, with a `meta` naming the folders.
+        let mut value = serde_json::to_value(&c)?;
+        let roots: Vec<String> = found
+            .run_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        value["meta"] = serde_json::json!({
+            "command": format!("randattn lra collect {}", roots.join(" ")),
+            "version": env!("CARGO_PKG_VERSION"),
         });
         let path = data.join("lra-collect.json");
         let text = serde_json::to_string_pretty(&value)? + "\n";
