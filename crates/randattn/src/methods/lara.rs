@@ -94,25 +94,142 @@ struct Head {
     k_idx: Vec<u32>,
     q_segs: Vec<std::ops::Range<usize>>,
     k_segs: Vec<std::ops::Range<usize>>,
-    /// `q̃` (or the given means) and `μ`, `c × d`.
-    q_land: Vec<f32>,
+    /// `μ`, `c × d`.
     mu: Vec<f32>,
-    /// Samples `ω`, `j × d`; the sign of each sample's noise (0 in eval mode).
-    omega: Vec<f32>,
+    /// The samples `ω` (`j × d`) stacked on `q̃` (or the given means, `c × d`): the right
+    /// factor of the one GEMM over the queries, `x [ω; q̃]ᵀ`.
+    stacked: Vec<f32>,
     /// Key softmaxes `softmax_m(A_k)`, `j × n_k`; `F` (`j × d_v`).
     pk: Vec<f32>,
     f: Vec<f32>,
     /// `L = ω μᵀ − ½‖μ‖²`, `j × c`; `BH` (`j`).
     l: Vec<f32>,
     bh: Vec<f32>,
-    /// `r`, `c × n_q` (zero columns for masked queries).
-    r: Vec<f32>,
-    /// Unclamped `α`, `n_q × j`.
-    alpha: Vec<f32>,
-    /// `W = softmax_j(ℓ)`, `n_q × j`.
-    w: Vec<f32>,
+    /// One row per query, `j + c` wide: `W = softmax_j(ℓ)` in the first `j` columns, `r_nc` in
+    /// the last `c` (zero for masked queries).
+    wr: Vec<f32>,
+    /// `mean_c r_nc` (`n_q`).
+    r_mean: Vec<f32>,
     /// Kept queries.
     query_kept: Vec<bool>,
+}
+
+impl Head {
+    fn j_n(&self) -> usize {
+        self.c * self.reps
+    }
+    fn d(&self) -> usize {
+        self.x.len() / self.query_kept.len()
+    }
+    fn omega(&self) -> &[f32] {
+        &self.stacked[..self.j_n() * self.d()]
+    }
+    /// `α_nj` of one query row (unclamped), into `alpha` (`j`).
+    fn alpha_row(&self, lambda: f32, row: &[f32], r_mean: f32, alpha: &mut [f32]) {
+        let (j_n, reps) = (self.j_n(), self.reps);
+        alpha_row(
+            &self.bh,
+            &row[j_n..],
+            r_mean,
+            lambda / reps as f32,
+            reps,
+            alpha,
+        );
+    }
+}
+
+crate::linalg::multiversion! {
+    /// `α_j = (BH_j + λ (r_{c(j)} − mean_c r_c)) / reps` for one query row (`c(j) = j / reps`).
+    fn alpha_row(bh: &[f32], r: &[f32], r_mean: f32, lambda_reps: f32, reps: usize, alpha: &mut [f32]) {
+        alpha_row_inline(bh, r, r_mean, lambda_reps, reps, alpha)
+    }
+}
+
+/// [`alpha_row`]'s body, inlined into vectorised callers.
+#[inline(always)]
+fn alpha_row_inline(
+    bh: &[f32],
+    r: &[f32],
+    r_mean: f32,
+    lambda_reps: f32,
+    reps: usize,
+    alpha: &mut [f32],
+) {
+    {
+        let inv_reps = 1.0 / reps as f32;
+        if reps == 1 {
+            for ((a, b), rv) in alpha.iter_mut().zip(bh).zip(r) {
+                *a = b * inv_reps + lambda_reps * (rv - r_mean);
+            }
+        } else {
+            for (j, (a, b)) in alpha.iter_mut().zip(bh).enumerate() {
+                *a = b * inv_reps + lambda_reps * (r[j / reps] - r_mean);
+            }
+        }
+    }
+}
+
+crate::linalg::multiversion! {
+    /// The per-query part of LARA's forward over the `n_q × (j + c)` rows of `x [ω; q̃]ᵀ`: the
+    /// query softmax `r_c = softmax over kept queries of q̃_c·x` (in place in the last `c`
+    /// columns, whose column statistics are vectors over `c`), `mean_c r`, and then each row's
+    /// `ℓ_j = ω_j·x + log max(α_j, α_min) + z_j − own_j` and `W = softmax_j(ℓ)` in the first `j`
+    /// columns.
+    fn query_rows(
+        wr: &mut [f32],
+        query_kept: &[bool],
+        bh: &[f32],
+        z_own: &[f32],
+        lambda: f32,
+        reps: usize,
+        r_mean: &mut [f32],
+    ) {
+        let j_n = bh.len();
+        let mut alpha = vec![0.0f32; j_n];
+        let width = wr.len() / query_kept.len();
+        let c = width - j_n;
+        let mut col_max = vec![f32::NEG_INFINITY; c];
+        for (row, _) in wr.chunks_exact(width).zip(query_kept).filter(|(_, k)| **k) {
+            for (m, v) in col_max.iter_mut().zip(&row[j_n..]) {
+                *m = m.max(*v);
+            }
+        }
+        let mut col_sum = vec![0.0f32; c];
+        for (row, kept) in wr.chunks_exact_mut(width).zip(query_kept) {
+            let r = &mut row[j_n..];
+            if *kept {
+                for ((v, m), s) in r.iter_mut().zip(&col_max).zip(col_sum.iter_mut()) {
+                    *v = crate::linalg::exp_approx(*v - m);
+                    *s += *v;
+                }
+            } else {
+                r.fill(0.0);
+            }
+        }
+        let inv: Vec<f32> = col_sum.iter().map(|s| 1.0 / s).collect();
+        let (lambda_reps, inv_c) = (lambda / reps as f32, 1.0 / c as f32);
+        for (row, mean) in wr.chunks_exact_mut(width).zip(r_mean.iter_mut()) {
+            // Loops without reductions, and reductions with partial sums, so that each
+            // vectorises (a float sum in a loop keeps the whole loop scalar).
+            let (w, r) = row.split_at_mut(j_n);
+            for (v, i) in r.iter_mut().zip(&inv) {
+                *v *= i;
+            }
+            *mean = crate::linalg::sum_lanes(r) * inv_c;
+            alpha_row_inline(bh, r, *mean, lambda_reps, reps, &mut alpha);
+            for ((wv, a), zo) in w.iter_mut().zip(alpha.iter()).zip(z_own) {
+                *wv += crate::linalg::ln_approx(a.max(ALPHA_MIN)) + zo;
+            }
+            let max = crate::linalg::max_lanes(w);
+            for v in w.iter_mut() {
+                *v = crate::linalg::exp_approx(*v - max);
+            }
+            let inv_total = 1.0 / crate::linalg::sum_lanes(w);
+            for v in w.iter_mut() {
+                *v *= inv_total;
+            }
+        }
+    }
 }
 
 impl Lara {
@@ -171,10 +288,10 @@ impl Lara {
                 (c, q_segs, k_segs, q_land, mu)
             }
         };
-        // Samples ω_j = μ_{c(j)} ± ε_{c(j)}.
+        // Samples ω_j = μ_{c(j)} ± ε_{c(j)}, stacked on q̃.
         let reps = if self.antithetic && !self.eval { 2 } else { 1 };
         let j_n = c * reps;
-        let mut omega = vec![0.0f32; j_n * d];
+        let mut stacked = vec![0.0f32; (j_n + c) * d];
         let mut rng = stream(seed, b, h, "lara/noise");
         for cc in 0..c {
             let eps: Vec<f32> = (0..d)
@@ -188,13 +305,15 @@ impl Lara {
                 } else {
                     -1.0
                 };
-                let row = &mut omega[(cc * reps + rep) * d..(cc * reps + rep + 1) * d];
+                let row = &mut stacked[(cc * reps + rep) * d..(cc * reps + rep + 1) * d];
                 for ((o, m), e) in row.iter_mut().zip(&mu[cc * d..(cc + 1) * d]).zip(&eps) {
                     *o = m + sign * e;
                 }
             }
         }
-        let (pk, z, f) = key_side(&omega, &ys, keep, x.v_head(bh), d, d_v);
+        stacked[j_n * d..].copy_from_slice(&q_land);
+        let omega = &stacked[..j_n * d];
+        let (pk, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
         // L = ω μᵀ − ½‖μ‖², BH_j = softmax_c(L_j)[c(j)].
         let half_mu: Vec<f32> = mu
             .chunks_exact(d)
@@ -204,7 +323,7 @@ impl Lara {
         matmul(
             MatMut::new(&mut l, j_n, c),
             false,
-            MatRef::new(&omega, j_n, d),
+            MatRef::new(omega, j_n, d),
             MatRef::new(&mu, c, d).t(),
             1.0,
         );
@@ -217,62 +336,27 @@ impl Lara {
             let sum: f32 = row.iter().map(|a| (a - max).exp()).sum();
             bh_w[j] = (row[j / reps] - max).exp() / sum;
         }
-        // r_c· = softmax over kept queries of q̃_c·x.
-        let mut r = vec![0.0f32; c * n_q];
+        let z_own: Vec<f32> = (0..j_n).map(|j| z[j] - l[j * c + j / reps]).collect();
+        // One GEMM for both query-side products: x [ω; q̃]ᵀ, then r, ℓ and W row by row.
+        let width = j_n + c;
+        let mut wr = crate::linalg::zeroed(n_q * width);
         matmul(
-            MatMut::new(&mut r, c, n_q),
-            false,
-            MatRef::new(&q_land, c, d),
-            MatRef::new(&xs, n_q, d).t(),
-            1.0,
-        );
-        for row in r.chunks_exact_mut(n_q) {
-            let max = row
-                .iter()
-                .zip(&query_kept)
-                .filter(|(_, k)| **k)
-                .map(|(a, _)| *a)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for (a, k) in row.iter_mut().zip(&query_kept) {
-                *a = if *k { (*a - max).exp() } else { 0.0 };
-                sum += *a;
-            }
-            for a in row.iter_mut() {
-                *a /= sum;
-            }
-        }
-        // α_jn = (BH_j + λ (r_{c(j)} n − mean_c r_cn)) / reps; ℓ and W = softmax_j(ℓ).
-        let mut r_mean = vec![0.0f32; n_q];
-        for row in r.chunks_exact(n_q) {
-            for (a, v) in r_mean.iter_mut().zip(row) {
-                *a += v / c as f32;
-            }
-        }
-        // ℓ and W = softmax_j(ℓ), one row per query (`n_q × j`).
-        let mut w = vec![0.0f32; n_q * j_n];
-        matmul(
-            MatMut::new(&mut w, n_q, j_n),
+            MatMut::new(&mut wr, n_q, width),
             false,
             MatRef::new(&xs, n_q, d),
-            MatRef::new(&omega, j_n, d).t(),
+            MatRef::new(&stacked, width, d).t(),
             1.0,
         );
-        let mut alpha = vec![0.0f32; n_q * j_n];
-        let own: Vec<f32> = (0..j_n).map(|j| l[j * c + j / reps]).collect();
-        for ((wrow, arow), n) in w
-            .chunks_exact_mut(j_n)
-            .zip(alpha.chunks_exact_mut(j_n))
-            .zip(0..n_q)
-        {
-            for j in 0..j_n {
-                let cj = j / reps;
-                let a = (bh_w[j] + self.lambda * (r[cj * n_q + n] - r_mean[n])) / reps as f32;
-                arow[j] = a;
-                wrow[j] += a.max(ALPHA_MIN).ln() + z[j] - own[j];
-            }
-            softmax_row(wrow);
-        }
+        let mut r_mean = vec![0.0f32; n_q];
+        query_rows(
+            &mut wr,
+            &query_kept,
+            &bh_w,
+            &z_own,
+            self.lambda,
+            reps,
+            &mut r_mean,
+        );
         Some(Head {
             x: xs,
             y: ys,
@@ -282,16 +366,14 @@ impl Lara {
             k_idx,
             q_segs,
             k_segs,
-            q_land,
             mu,
-            omega,
+            stacked,
             pk,
             f,
             l,
             bh: bh_w,
-            r,
-            alpha,
-            w,
+            wr,
+            r_mean,
             query_kept,
         })
     }
@@ -534,11 +616,11 @@ impl Estimator for Lara {
             .enumerate()
             .for_each(|(bh, out)| {
                 if let Some(h) = self.head(x, bh, seed) {
-                    let j_n = h.c * h.reps;
+                    let j_n = h.j_n();
                     matmul(
                         MatMut::new(out, n_q, d_v),
                         false,
-                        MatRef::new(&h.w, n_q, j_n),
+                        MatRef::strided(&h.wr, n_q, j_n, j_n + h.c),
                         MatRef::new(&h.f, j_n, d_v),
                         1.0,
                     );

@@ -26,12 +26,12 @@ struct HeadBackward<'a> {
     d_v: usize,
     c: usize,
     j_n: usize,
-    /// `∂L/∂ω` (`j × d`), `∂L/∂x` (`n_q × d`), `∂L/∂y` (`n_k × d`), `∂L/∂μ` and `∂L/∂q̃` (`c × d`).
-    domega: Vec<f32>,
+    /// `∂L/∂[ω; q̃]` (`(j + c) × d`: `∂L/∂ω` on `∂L/∂q̃`), `∂L/∂x` (`n_q × d`), `∂L/∂y`
+    /// (`n_k × d`), `∂L/∂μ` (`c × d`).
+    dstacked: Vec<f32>,
     dx: Vec<f32>,
     dy: Vec<f32>,
     dmu: Vec<f32>,
-    dq_land: Vec<f32>,
 }
 
 /// The gradient of `log α` and of `ℓ`'s other terms (stage 2's results).
@@ -40,8 +40,6 @@ struct LogWeightGrads {
     dz: Vec<f32>,
     /// `∂L/∂BH_j`.
     dbh: Vec<f32>,
-    /// `∂L/∂r` (`c × n_q`).
-    dr: Vec<f32>,
     /// `∂L/∂L` (`j × c`), so far from `own_j`.
     dlmat: Vec<f32>,
 }
@@ -58,8 +56,8 @@ pub(super) fn head(
     out: HeadGrads<'_>,
     dmu_out: &mut [f32],
 ) {
-    let (n_q, d) = (h.query_kept.len(), h.x.len() / h.query_kept.len());
-    let (c, j_n) = (h.c, h.c * h.reps);
+    let (n_q, d) = (h.query_kept.len(), h.d());
+    let (c, j_n) = (h.c, h.j_n());
     let (n_k, d_v) = (h.y.len() / d, h.f.len() / j_n);
     let mut b = HeadBackward {
         h,
@@ -70,17 +68,17 @@ pub(super) fn head(
         d_v,
         c,
         j_n,
-        domega: vec![0.0f32; j_n * d],
+        dstacked: vec![0.0f32; (j_n + c) * d],
         dx: vec![0.0f32; n_q * d],
         dy: vec![0.0f32; n_k * d],
         dmu: vec![0.0f32; c * d],
-        dq_land: vec![0.0f32; c * d],
     };
-    let (dl, df) = b.output(g);
-    let mut lw = b.log_weights(&dl);
+    let (mut dlt, df) = b.output(g);
+    let mut lw = b.log_weights(&mut dlt);
+    b.query_side(&dlt);
+    drop(dlt);
     b.balance(&mut lw);
     b.proposal_logits(&lw.dlmat);
-    b.query_softmax(&lw.dr);
     b.key_side(&df, &lw.dz, v, out.dv);
     b.samples();
     b.means(dmu_out);
@@ -94,12 +92,14 @@ pub(super) fn head(
 
 impl HeadBackward<'_> {
     /// `out = W F` (`W` is `n × j`): `dW = G Fᵀ`, `dF = Wᵀ G`; then `W = softmax_j(ℓ)` row by
-    /// row: `dℓ = W ⊙ (dW − Σ_j W dW)`. Adds `ℓ ⊃ ω·x` to `dω` and `dx`; returns `(dℓ, dF)`.
+    /// row: `dℓ = W ⊙ (dW − Σ_j W dW)`. Returns `dℓ` in the first `j` columns of an
+    /// `n × (j + c)` buffer (the rest is for `∂L/∂t`, see [`Self::log_weights`]) and `dF`.
     fn output(&mut self, g: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let (h, n_q, j_n, d_v, d) = (self.h, self.n_q, self.j_n, self.d_v, self.d);
-        let mut dw = vec![0.0f32; n_q * j_n];
+        let (h, n_q, j_n, d_v, c) = (self.h, self.n_q, self.j_n, self.d_v, self.c);
+        let width = j_n + c;
+        let mut dlt = crate::linalg::zeroed(n_q * width);
         matmul(
-            MatMut::new(&mut dw, n_q, j_n),
+            MatMut::strided(&mut dlt, n_q, j_n, width),
             false,
             MatRef::new(g, n_q, d_v),
             MatRef::new(&h.f, j_n, d_v).t(),
@@ -109,75 +109,81 @@ impl HeadBackward<'_> {
         matmul(
             MatMut::new(&mut df, j_n, d_v),
             false,
-            MatRef::new(&h.w, n_q, j_n).t(),
+            MatRef::strided(&h.wr, n_q, j_n, width).t(),
             MatRef::new(g, n_q, d_v),
             1.0,
         );
-        for (dr_, wr) in dw.chunks_exact_mut(j_n).zip(h.w.chunks_exact(j_n)) {
-            softmax_row_backward(dr_, wr);
+        for (drow, wrow) in dlt.chunks_exact_mut(width).zip(h.wr.chunks_exact(width)) {
+            softmax_row_backward(&mut drow[..j_n], &wrow[..j_n]);
         }
-        let dl = dw;
-        // ℓ ⊃ ω·x: dω += dℓᵀ x, dx += dℓ ω.
+        (dlt, df)
+    }
+
+    /// `ℓ ⊃ z_j − own_j` and `log α`: `dα = dℓ / α` where `α` was not clamped, split into `BH`
+    /// and `r` (the mean over proposals in `α` takes `λ/C` of every sample's `dα`). Then
+    /// `r = softmax over kept queries of t = q̃ xᵀ`, a column softmax of the rows' last `c`
+    /// entries: `dt = r ⊙ (dr − Σ_n r dr)`, left in those columns of `dlt`.
+    fn log_weights(&self, dlt: &mut [f32]) -> LogWeightGrads {
+        let (h, c, j_n) = (self.h, self.c, self.j_n);
+        let width = j_n + c;
+        let mut dz = vec![0.0f32; j_n];
+        let mut dbh = vec![0.0f32; j_n];
+        let mut col = vec![0.0f32; c];
+        let mut da = vec![0.0f32; j_n];
+        for ((drow, wrrow), r_mean) in dlt
+            .chunks_exact_mut(width)
+            .zip(h.wr.chunks_exact(width))
+            .zip(&h.r_mean)
+        {
+            h.alpha_row(self.lambda, wrrow, *r_mean, &mut da);
+            let (dl, dr) = drow.split_at_mut(j_n);
+            let mean_share = log_weight_row(dl, &mut da, &mut dz, &mut dbh, h.reps);
+            let lambda = self.lambda;
+            let share = lambda * mean_share / c as f32;
+            if h.reps == 1 {
+                for (t, a) in dr.iter_mut().zip(&da) {
+                    *t = lambda * a - share;
+                }
+            } else {
+                dr.fill(-share);
+                for (j, a) in da.iter().enumerate() {
+                    dr[j / h.reps] += lambda * a;
+                }
+            }
+            for ((s, t), r) in col.iter_mut().zip(dr.iter()).zip(&wrrow[j_n..]) {
+                *s += t * r;
+            }
+        }
+        for (drow, wrrow) in dlt.chunks_exact_mut(width).zip(h.wr.chunks_exact(width)) {
+            for ((t, r), s) in drow[j_n..].iter_mut().zip(&wrrow[j_n..]).zip(&col) {
+                *t = r * (*t - s);
+            }
+        }
+        let mut dlmat = vec![0.0f32; j_n * c];
+        for j in 0..j_n {
+            dlmat[j * c + j / h.reps] -= dz[j];
+        }
+        LogWeightGrads { dz, dbh, dlmat }
+    }
+
+    /// The query side's two products, `ℓ ⊃ ω·x` and `t = q̃ xᵀ`, as one: with
+    /// `D = [dℓ | dt]` (`n × (j + c)`), `d[ω; q̃] += Dᵀ x` and `dx += D [ω; q̃]`.
+    fn query_side(&mut self, dlt: &[f32]) {
+        let (h, n_q, d, width) = (self.h, self.n_q, self.d, self.j_n + self.c);
         matmul(
-            MatMut::new(&mut self.domega, j_n, d),
+            MatMut::new(&mut self.dstacked, width, d),
             true,
-            MatRef::new(&dl, n_q, j_n).t(),
+            MatRef::new(dlt, n_q, width).t(),
             MatRef::new(&h.x, n_q, d),
             1.0,
         );
         matmul(
             MatMut::new(&mut self.dx, n_q, d),
             true,
-            MatRef::new(&dl, n_q, j_n),
-            MatRef::new(&h.omega, j_n, d),
+            MatRef::new(dlt, n_q, width),
+            MatRef::new(&h.stacked, width, d),
             1.0,
         );
-        (dl, df)
-    }
-
-    /// `ℓ ⊃ z_j − own_j` and `log α`: `dα = dℓ / α` where `α` was not clamped, split into `BH`
-    /// and `r` (the mean over proposals in `α` takes `λ/C` of every sample's `dα`).
-    fn log_weights(&self, dl: &[f32]) -> LogWeightGrads {
-        let (h, n_q, c, j_n) = (self.h, self.n_q, self.c, self.j_n);
-        let reps = h.reps;
-        let mut dz = vec![0.0f32; j_n];
-        let mut dlmat = vec![0.0f32; j_n * c];
-        let mut dbh = vec![0.0f32; j_n];
-        // dR is [c, n_q]; it is gathered per query in a [n_q, c] buffer (contiguous per query, the
-        // same additions in the same order) and transposed once: the strided updates missed the
-        // cache on every access.
-        let mut dr_t = vec![0.0f32; n_q * c];
-        for ((drow, arow), dr_row) in dl
-            .chunks_exact(j_n)
-            .zip(h.alpha.chunks_exact(j_n))
-            .zip(dr_t.chunks_exact_mut(c))
-        {
-            let mut mean_share = 0.0f32;
-            for j in 0..j_n {
-                dz[j] += drow[j];
-                let a = arow[j];
-                if a <= ALPHA_MIN {
-                    continue;
-                }
-                let da = drow[j] / a / reps as f32;
-                dbh[j] += da;
-                dr_row[j / reps] += self.lambda * da;
-                mean_share += self.lambda * da / c as f32;
-            }
-            for v in dr_row.iter_mut() {
-                *v -= mean_share;
-            }
-        }
-        let mut dr = vec![0.0f32; c * n_q];
-        for (n, dr_row) in dr_t.chunks_exact(c).enumerate() {
-            for (cc, v) in dr_row.iter().enumerate() {
-                dr[cc * n_q + n] = *v;
-            }
-        }
-        for j in 0..j_n {
-            dlmat[j * c + j / reps] -= dz[j];
-        }
-        LogWeightGrads { dz, dbh, dr, dlmat }
     }
 
     /// `BH_j = softmax_c(L_j)[c(j)]`: adds `dBH_j · BH_j (δ − p)` to `dL_j`.
@@ -200,7 +206,7 @@ impl HeadBackward<'_> {
     fn proposal_logits(&mut self, dlmat: &[f32]) {
         let (h, c, j_n, d) = (self.h, self.c, self.j_n, self.d);
         matmul(
-            MatMut::new(&mut self.domega, j_n, d),
+            MatMut::new(&mut self.dstacked[..j_n * d], j_n, d),
             true,
             MatRef::new(dlmat, j_n, c),
             MatRef::new(&h.mu, c, d),
@@ -210,7 +216,7 @@ impl HeadBackward<'_> {
             MatMut::new(&mut self.dmu, c, d),
             true,
             MatRef::new(dlmat, j_n, c).t(),
-            MatRef::new(&h.omega, j_n, d),
+            MatRef::new(h.omega(), j_n, d),
             1.0,
         );
         for cc in 0..c {
@@ -221,41 +227,11 @@ impl HeadBackward<'_> {
         }
     }
 
-    /// `r = softmax over kept queries of q̃ xᵀ`: `dq̃ = dT x`, `dx += dTᵀ q̃`.
-    fn query_softmax(&mut self, dr: &[f32]) {
-        let (h, n_q, c, d) = (self.h, self.n_q, self.c, self.d);
-        let mut dt = vec![0.0f32; c * n_q];
-        for cc in 0..c {
-            let dt_c = &mut dt[cc * n_q..(cc + 1) * n_q];
-            dt_c.copy_from_slice(&dr[cc * n_q..(cc + 1) * n_q]);
-            softmax_row_backward(dt_c, &h.r[cc * n_q..(cc + 1) * n_q]);
-            for (t, kept) in dt_c.iter_mut().zip(&h.query_kept) {
-                if !kept {
-                    *t = 0.0;
-                }
-            }
-        }
-        matmul(
-            MatMut::new(&mut self.dq_land, c, d),
-            false,
-            MatRef::new(&dt, c, n_q),
-            MatRef::new(&h.x, n_q, d),
-            1.0,
-        );
-        matmul(
-            MatMut::new(&mut self.dx, n_q, d),
-            true,
-            MatRef::new(&dt, c, n_q).t(),
-            MatRef::new(&h.q_land, c, d),
-            1.0,
-        );
-    }
-
     /// `F = softmax(A_k) V`, `z = LSE(A_k)`: `dA_k = P ⊙ (dF Vᵀ − dF·F + dz)` and `dV += Pᵀ dF`;
     /// then `A_k = ω yᵀ − ½‖y‖²`: `dω += dA y`, `dy += dAᵀ ω − (Σ_j dA) y`.
     fn key_side(&mut self, df: &[f32], dz: &[f32], v: &[f32], dv: &mut [f32]) {
         let (h, n_k, j_n, d, d_v) = (self.h, self.n_k, self.j_n, self.d, self.d_v);
-        let mut dak = vec![0.0f32; j_n * n_k];
+        let mut dak = crate::linalg::zeroed(j_n * n_k);
         matmul(
             MatMut::new(&mut dak, j_n, n_k),
             false,
@@ -263,16 +239,15 @@ impl HeadBackward<'_> {
             MatRef::new(v, n_k, d_v).t(),
             1.0,
         );
-        for j in 0..j_n {
-            let dff: f32 = df[j * d_v..(j + 1) * d_v]
-                .iter()
-                .zip(&h.f[j * d_v..(j + 1) * d_v])
-                .map(|(a, b)| a * b)
-                .sum();
-            for m in 0..n_k {
-                let p = h.pk[j * n_k + m];
-                dak[j * n_k + m] = p * (dak[j * n_k + m] - dff + dz[j]);
-            }
+        let mut col = vec![0.0f32; n_k];
+        for (((row, p), (dfr, fr)), dzj) in dak
+            .chunks_exact_mut(n_k)
+            .zip(h.pk.chunks_exact(n_k))
+            .zip(df.chunks_exact(d_v).zip(h.f.chunks_exact(d_v)))
+            .zip(dz)
+        {
+            let shift = dzj - crate::linalg::dot(dfr, fr);
+            key_row(row, p, shift, &mut col);
         }
         matmul(
             MatMut::new(dv, n_k, d_v),
@@ -282,7 +257,7 @@ impl HeadBackward<'_> {
             1.0,
         );
         matmul(
-            MatMut::new(&mut self.domega, j_n, d),
+            MatMut::new(&mut self.dstacked[..j_n * d], j_n, d),
             true,
             MatRef::new(&dak, j_n, n_k),
             MatRef::new(&h.y, n_k, d),
@@ -292,13 +267,17 @@ impl HeadBackward<'_> {
             MatMut::new(&mut self.dy, n_k, d),
             true,
             MatRef::new(&dak, j_n, n_k).t(),
-            MatRef::new(&h.omega, j_n, d),
+            MatRef::new(h.omega(), j_n, d),
             1.0,
         );
-        for m in 0..n_k {
-            let col: f32 = (0..j_n).map(|j| dak[j * n_k + m]).sum();
-            for t in 0..d {
-                self.dy[m * d + t] -= col * h.y[m * d + t];
+        for ((dyr, yr), cm) in self
+            .dy
+            .chunks_exact_mut(d)
+            .zip(h.y.chunks_exact(d))
+            .zip(&col)
+        {
+            for (a, b) in dyr.iter_mut().zip(yr) {
+                *a -= cm * b;
             }
         }
     }
@@ -309,7 +288,7 @@ impl HeadBackward<'_> {
         for j in 0..self.j_n {
             let cj = j / reps;
             for t in 0..d {
-                self.dmu[cj * d + t] += self.domega[j * d + t];
+                self.dmu[cj * d + t] += self.dstacked[j * d + t];
             }
         }
     }
@@ -318,8 +297,9 @@ impl HeadBackward<'_> {
     /// given means (`dmu_out` not empty) they stand for `μ` and for `q̃` in `r`.
     fn means(&mut self, dmu_out: &mut [f32]) {
         let (h, d) = (self.h, self.d);
+        let dq_land = &self.dstacked[self.j_n * d..];
         if !dmu_out.is_empty() {
-            for ((o, a), b) in dmu_out.iter_mut().zip(&self.dmu).zip(&self.dq_land) {
+            for ((o, a), b) in dmu_out.iter_mut().zip(&self.dmu).zip(dq_land) {
                 *o = a + b;
             }
             return;
@@ -329,7 +309,7 @@ impl HeadBackward<'_> {
             for &i in &h.q_idx[seg.clone()] {
                 for t in 0..d {
                     self.dx[i as usize * d + t] +=
-                        (self.dmu[cc * d + t] + self.dq_land[cc * d + t]) * inv;
+                        (self.dmu[cc * d + t] + dq_land[cc * d + t]) * inv;
                 }
             }
         }
@@ -340,6 +320,33 @@ impl HeadBackward<'_> {
                     self.dy[m as usize * d + t] += self.dmu[cc * d + t] * inv;
                 }
             }
+        }
+    }
+}
+
+crate::linalg::multiversion! {
+    /// One query row of `log α`'s backward: `dz += dℓ`; `da_j = dℓ_j / (α_j·reps)` where `α_j`
+    /// was not clamped, 0 where it was, in place of `α` in `alpha`; `dBH += da`. Returns
+    /// `Σ_j da_j`.
+    fn log_weight_row(dl: &[f32], alpha: &mut [f32], dz: &mut [f32], dbh: &mut [f32], reps: usize) -> f32 {
+        let inv_reps = 1.0 / reps as f32;
+        for (((a, g), z), b) in alpha.iter_mut().zip(dl).zip(dz.iter_mut()).zip(dbh.iter_mut()) {
+            *z += g;
+            let v = if *a > ALPHA_MIN { g / *a * inv_reps } else { 0.0 };
+            *a = v;
+            *b += v;
+        }
+        crate::linalg::sum_lanes(alpha)
+    }
+}
+
+crate::linalg::multiversion! {
+    /// One sample's row of the key softmax's backward: `dA = P ⊙ (dF Vᵀ + shift)` in place
+    /// (`shift = dz_j − dF_j·F_j`), and its entries added to the column sums `col`.
+    fn key_row(row: &mut [f32], p: &[f32], shift: f32, col: &mut [f32]) {
+        for ((a, pv), s) in row.iter_mut().zip(p).zip(col.iter_mut()) {
+            *a = pv * (*a + shift);
+            *s += *a;
         }
     }
 }
