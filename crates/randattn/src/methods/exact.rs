@@ -60,7 +60,7 @@ crate::method_params! {
 
 /// What the exact backward needs: per-row log-sum-exp of the scaled logits (`+∞` for rows with
 /// no attended key or a masked query) and the output, for FlashAttention-2's `D = rowsum(dO∘O)`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ExactSaved {
     lse: Vec<f32>,
     output: Vec<f32>,

@@ -35,9 +35,9 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use super::exact::exact_memory;
+use super::exact::{ExactSaved, exact_memory};
 use crate::error::{Error, Result};
-use crate::estimator::{Attention, Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
+use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::check_finite;
 use crate::inputs::{AttentionInputs, Dims};
 use crate::matrix::{MatMut, MatRef, matmul};
@@ -92,6 +92,11 @@ impl PartialEq for Linformer {
 #[derive(Debug, Clone)]
 pub struct LinformerSaved {
     projections: Arc<Projections>,
+    /// `K' = E (K ⊙ M)` and `V' = F (V ⊙ M)` (`[batch, heads, k, d]`, `[…, d_v]`) and the inner
+    /// exact attention's saved state, so the backward does not recompute them.
+    kp: Vec<f32>,
+    vp: Vec<f32>,
+    inner: ExactSaved,
 }
 
 /// Seeded `N(0, 1/k)` projections for `heads` heads of `k × n_k`.
@@ -259,6 +264,10 @@ impl Estimator for Linformer {
         Memory::from_values(s, forward, projections + s.o() + backward)
     }
 
+    fn saved_bytes(saved: &LinformerSaved) -> usize {
+        4 * (saved.kp.len() + saved.vp.len()) + Exact::saved_bytes(&saved.inner)
+    }
+
     fn check(&self) -> Result<()> {
         if let Some(p) = &self.projections {
             if p.e.is_empty() || p.f.is_empty() || p.e.len() != p.f.len() {
@@ -311,8 +320,16 @@ impl Estimator for Linformer {
         if let Some(m) = x.query_mask() {
             sub = sub.with_query_mask(m)?;
         }
-        let output = self.exact().forward(&sub, seed)?.output;
-        Ok((output, LinformerSaved { projections: p }))
+        let (output, inner) = self.exact().forward_saved(&sub, seed)?;
+        Ok((
+            output,
+            LinformerSaved {
+                projections: p,
+                kp,
+                vp,
+                inner,
+            },
+        ))
     }
 
     fn backward_saved(
@@ -333,21 +350,20 @@ impl Estimator for Linformer {
                 message: format!("holds projections for another k than k={k}"),
             });
         }
-        let (kp, vp) = self.project(x, p);
         let mut sub = AttentionInputs::new(
             x.q(),
             dims.q_shape(),
-            &kp,
+            &s.kp,
             [dims.batch, heads, k, d],
-            &vp,
+            &s.vp,
             [dims.batch, heads, k, d_v],
         )?;
         if let Some(m) = x.query_mask() {
             sub = sub.with_query_mask(m)?;
         }
-        let exact = self.exact();
-        let f = exact.forward(&sub, seed)?;
-        let sub_grads = exact.backward(&sub, seed, &f.saved, grad_output)?;
+        let sub_grads = self
+            .exact()
+            .backward_saved(&sub, seed, &s.inner, grad_output)?;
         // K' = E (K ⊙ M): dK = M ⊙ Eᵀ dK', dE += dK' (K ⊙ M)ᵀ (summed over the batch).
         let bhs = dims.batch_heads();
         let mut dk = vec![0.0f32; x.k().len()];
