@@ -102,7 +102,8 @@ def peer(a, row, n, env):
 
 def ours(a, spec, n, env):
     cmd = [a.randattn, "bench", "--methods", spec, "--n", str(n), "--heads", str(a.heads),
-           "--d", str(a.d), "--batch", str(a.batch), "--backward", "--quiet", "--json", "-"]
+           "--d", str(a.d), "--batch", str(a.batch), "--backward", "--no-baseline", "--quiet",
+           "--json", "-"]
     env = {**env, "RAYON_NUM_THREADS": str(a.threads)}
     # bench also times `exact` (its speed-up column's baseline): take the named method's row
     name = spec.split(":")[0]

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Minimum timed runs per measurement (after one warm-up); more are taken within ~2 s.
     #[arg(long, default_value_t = 5, value_parser = limits::size(10_000))]
     repeats: usize,
+    /// Do not time `exact` as the speed-up baseline (unless it is named in --methods): for long
+    /// sequences, where exact attention takes minutes. The speed-up column is then empty.
+    #[arg(long)]
+    no_baseline: bool,
     #[command(flatten)]
     common: crate::ReportArgs,
 }
@@ -78,6 +82,12 @@ fn measure(m: &Method, x: &AttentionInputs<'_>, a: &BenchArgs) -> Result<Timing>
     })
 }
 
+/// Whether `exact` itself is one of the comma-separated specs of `--methods`.
+fn named_exact(list: &str) -> bool {
+    list.split(',')
+        .any(|s| s.trim() == "exact" || s.trim().starts_with("exact:"))
+}
+
 pub fn bench(a: BenchArgs) -> Result<()> {
     let reuse = alloc::keep_freed_memory();
     let everything: Vec<&str> = Method::catalog()
@@ -85,7 +95,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .map(|m| m.name)
         .filter(|n| *n != "exact-naive")
         .collect();
-    let methods = parse_methods(&a.methods, &everything)?;
+    let mut methods = parse_methods(&a.methods, &everything)?;
+    if a.no_baseline && !named_exact(&a.methods) {
+        methods.remove(0);
+    }
 
     for &n in &a.n {
         // The workload (Q, K, V and X, as wide as V), with --backward the output gradient, and
@@ -123,7 +136,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if m.name() == "exact" {
                 exact_ms = t.forward_ms;
             }
-            let speedup = exact_ms / t.forward_ms;
+            let speedup = Some(exact_ms / t.forward_ms).filter(|s| s.is_finite());
             // Forward: Q Kᵀ and P V; backward: recomputed Q Kᵀ, dV, dP, dK, dQ.
             let pairs = (a.batch * a.heads * n * n) as f64;
             let fwd_flops = 2.0 * pairs * (2 * a.d) as f64;
@@ -141,7 +154,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 ms(t.forward_ms),
                 t.backward_ms.map_or("-".into(), ms),
                 t.backward_ms.map_or("-".into(), |b| ms(t.forward_ms + b)),
-                format!("{speedup:.2}x"),
+                speedup.map_or("-".into(), |s| format!("{s:.2}x")),
                 gflops.map_or("-".into(), |g| format!("{g:.1}")),
                 gflops_bwd.map_or("-".into(), |g| format!("{g:.1}")),
                 mib(t.peak_extra_bytes),

@@ -430,6 +430,33 @@ fn compare_and_bench_write_the_documented_json() {
     ] {
         assert!(rows.iter().all(|r| r.get(key).is_some()), "missing {key}");
     }
+
+    // --no-baseline leaves exact out unless it is named; the speed-up is then null.
+    let args = [
+        "bench",
+        "--n",
+        "64",
+        "--heads",
+        "1",
+        "--d",
+        "8",
+        "--repeats",
+        "1",
+        "--quiet",
+    ];
+    let (_, v) = run_json(&[&args[..], &["--methods", "vmean", "--no-baseline"]].concat());
+    let solo = v["results"].as_array().unwrap();
+    assert_eq!(solo.len(), 1, "{v}");
+    assert_eq!(solo[0]["method"], "vmean");
+    assert!(solo[0]["speedup_vs_exact"].is_null(), "{v}");
+    let (_, v) = run_json(&[&args[..], &["--methods", "exact,vmean", "--no-baseline"]].concat());
+    let names: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["exact", "vmean"]);
     assert!(rows[0]["backward_ms"].is_number());
     assert!(rows[0]["peak_extra_bytes"].as_u64().unwrap() > 0);
     assert_fails(
