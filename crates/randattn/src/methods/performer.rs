@@ -44,7 +44,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, HeadGrads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{dot, exp_shifted_sum, row_max};
@@ -81,6 +81,32 @@ crate::method_params! {
     }
 }
 
+/// What the backward reuses from the forward: the random directions of every head (`m × d`
+/// each), so Gram–Schmidt runs once per forward + backward.
+#[derive(Debug, Clone)]
+pub struct PerformerSaved {
+    directions: Vec<Vec<f32>>,
+}
+
+/// `a · b` in f64 with eight partial sums (vectorises; the order differs from a sequential sum
+/// only in f64 rounding).
+fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 impl Performer {
     /// The `m × d` directions of head `h` for `seed` (what the forward uses).
     pub fn directions(&self, d: usize, seed: u64, h: usize) -> Vec<f32> {
@@ -101,12 +127,12 @@ impl Performer {
                         .map(|x| *x as f64)
                         .collect();
                     for b in &basis {
-                        let p: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
+                        let p = dot_f64(&v, b);
                         for (x, y) in v.iter_mut().zip(b) {
                             *x -= p * y;
                         }
                     }
-                    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
+                    let norm = dot_f64(&v, &v).sqrt().max(1e-30);
                     for x in v.iter_mut() {
                         *x /= norm;
                     }
@@ -538,7 +564,7 @@ impl Estimator for Performer {
             "O(n m (d + d_v)) time, O(n m) memory",
         )
     };
-    type Saved = ();
+    type Saved = PerformerSaved;
 
     fn memory(&self, s: &Sizes) -> Memory {
         let (t, m) = (TILE as u128, self.features as u128);
@@ -559,7 +585,15 @@ impl Estimator for Performer {
         Memory::from_values(s, forward, s.o() + backward)
     }
 
-    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, ())> {
+    fn saved_bytes(saved: &PerformerSaved) -> usize {
+        4 * saved.directions.iter().map(Vec::len).sum::<usize>()
+    }
+
+    fn forward_saved(
+        &self,
+        x: &AttentionInputs<'_>,
+        seed: u64,
+    ) -> Result<(Vec<f32>, PerformerSaved)> {
         let dims = x.dims();
         let Dims {
             heads, n_q, d_v, ..
@@ -571,21 +605,29 @@ impl Estimator for Performer {
             .enumerate()
             .for_each(|(bh, out)| self.head_forward(x, bh, &dirs[bh % heads], out));
         x.zero_masked_queries(&mut output);
-        Ok((output, ()))
+        Ok((output, PerformerSaved { directions: dirs }))
     }
 
     fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
-        seed: u64,
-        _: &(),
+        _seed: u64,
+        saved: &PerformerSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
         let dims = x.dims();
         let Dims {
-            heads, n_q, d_v, ..
+            heads, n_q, d, d_v, ..
         } = dims;
-        let dirs = self.all_directions(dims, seed);
+        let dirs = &saved.directions;
+        if dirs.len() != heads || dirs.iter().any(|h| h.len() != self.features * d) {
+            return Err(Error::Saved {
+                message: format!(
+                    "holds directions for other sizes than {heads} heads of {} × {d}",
+                    self.features
+                ),
+            });
+        }
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
         let mut grads = Grads::zeros(x);
