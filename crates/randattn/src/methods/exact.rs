@@ -66,6 +66,15 @@ pub struct ExactSaved {
     output: Vec<f32>,
 }
 
+impl ExactSaved {
+    /// A saved state from per-row log-sum-exps (`[batch, heads, n_q]`, the convention above)
+    /// and outputs (`[batch, heads, n_q, d_v]`) computed elsewhere, e.g. by a method that runs
+    /// exact attention on some of its rows.
+    pub(crate) fn from_parts(lse: Vec<f32>, output: Vec<f32>) -> Self {
+        ExactSaved { lse, output }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Naive reference
 // ---------------------------------------------------------------------------------------------

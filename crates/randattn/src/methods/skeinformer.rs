@@ -58,7 +58,7 @@
 use rand::Rng;
 use rayon::prelude::*;
 
-use super::exact::exact_memory;
+use super::exact::{ExactSaved, exact_memory};
 use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
@@ -132,6 +132,9 @@ pub struct SkeinSaved {
     /// `[batch·heads][c_max]` the weights `1/(d_c·p_j)` of `row_norm=none` (else empty).
     weights: Vec<f32>,
     c_max: usize,
+    /// With pilot reuse: the exact pilot rows' outputs and log-sum-exps, so the backward of
+    /// those rows does not recompute them.
+    pilot_rows: Option<ExactSaved>,
 }
 
 /// What the backward of one head's sketched rows accumulates over its row blocks: the gradients
@@ -143,10 +146,17 @@ struct SketchGrads {
     scratch: Vec<f32>,
 }
 
+/// The exact pilot rows of every head: outputs `[batch, heads, p_max, d_v]` and log-sum-exps
+/// `[batch, heads, p_max]`.
+type PilotRows = (Vec<f32>, Vec<f32>);
+
 /// The exact pilot rows of one head.
 struct PilotHead {
     /// `p_max × d_v` outputs `B_J V` (zero rows in unused slots).
     output: Vec<f32>,
+    /// `p_max` log-sum-exps of the pilot rows' scaled logits, `+∞` for unused slots and rows
+    /// with no unmasked key (the exact kernel's convention).
+    lse: Vec<f32>,
     /// `Σ_t c_t · B_J[t, j]²` per column.
     col_sq: Vec<f32>,
 }
@@ -201,7 +211,7 @@ impl Skeinformer {
         &self,
         x: &AttentionInputs<'_>,
         seed: u64,
-    ) -> Result<(Samples, Option<Vec<f32>>)> {
+    ) -> Result<(Samples, Option<PilotRows>)> {
         self.validate()?;
         let dims = x.dims();
         let (pilots, pilot_draws) = self.draw_pilots(x, seed);
@@ -223,15 +233,16 @@ impl Skeinformer {
             .collect();
         let mut columns = Vec::with_capacity(per_head.len());
         let mut probabilities = Vec::with_capacity(per_head.len());
-        let mut pilot_out = Vec::new();
+        let (mut pilot_out, mut pilot_lse) = (Vec::new(), Vec::new());
         for (cols, prob, pilot) in per_head {
             columns.push(cols);
             probabilities.push(prob);
             if let Some(p) = pilot {
                 pilot_out.extend_from_slice(&p.output);
+                pilot_lse.extend_from_slice(&p.lse);
             }
         }
-        let pilot_rows = need_pilot_rows.then_some(pilot_out);
+        let pilot_rows = need_pilot_rows.then_some((pilot_out, pilot_lse));
         Ok((
             Samples {
                 pilots,
@@ -309,8 +320,13 @@ impl Skeinformer {
         let p = pilots.len();
         let mut output = vec![0.0f32; p_max * d_v];
         let mut col_sq = vec![0.0f32; n_k];
+        let mut lse = vec![f32::INFINITY; p_max];
         if p == 0 {
-            return PilotHead { output, col_sq };
+            return PilotHead {
+                output,
+                lse,
+                col_sq,
+            };
         }
         let q_pilot: Vec<f32> = pilots
             .iter()
@@ -324,7 +340,7 @@ impl Skeinformer {
             MatRef::new(k, n_k, d).t(),
             scale,
         );
-        for (row, &c) in probs.chunks_exact_mut(n_k).zip(draws) {
+        for ((row, &c), l) in probs.chunks_exact_mut(n_k).zip(draws).zip(lse.iter_mut()) {
             if let Some(keep) = keep {
                 for (x, kept) in row.iter_mut().zip(keep) {
                     if !kept {
@@ -337,7 +353,9 @@ impl Skeinformer {
                 row.fill(0.0); // no unmasked key: the row outputs 0
                 continue;
             }
-            let inv = 1.0 / exp_shifted_sum(row, max);
+            let sum = exp_shifted_sum(row, max);
+            *l = max + sum.ln();
+            let inv = 1.0 / sum;
             let c = c as f32;
             for (b, acc) in row.iter_mut().zip(col_sq.iter_mut()) {
                 *b *= inv;
@@ -351,7 +369,11 @@ impl Skeinformer {
             MatRef::new(v, n_k, d_v),
             1.0,
         );
-        PilotHead { output, col_sq }
+        PilotHead {
+            output,
+            lse,
+            col_sq,
+        }
     }
 }
 
@@ -664,7 +686,7 @@ impl Estimator for Skeinformer {
         // Samples of every head (pilots, columns, column probabilities), the exact pilot rows'
         // outputs, the saved tables; per head the pilots' n_k-wide probability block and the
         // gathered columns, per row block the sketched scores.
-        let samples = s.bh() * (s.n_k + 5 * c) + 2 * s.bh() * c * s.d_v;
+        let samples = s.bh() * (s.n_k + 6 * c) + 2 * s.bh() * c * s.d_v;
         let head = c * s.n_k + 3 * s.n_k + 2 * c * s.d + 2 * c * s.d_v + 3 * rows * (c + 1);
         let exact_rows = matches!(self.row_norm, RowNorm::Exact | RowNorm::None);
         let inner = exact_memory(s).values(s);
@@ -682,6 +704,7 @@ impl Estimator for Skeinformer {
 
     fn saved_bytes(s: &SkeinSaved) -> usize {
         4 * (s.pilots.len() + s.columns.len() + s.weights.len())
+            + s.pilot_rows.as_ref().map_or(0, Exact::saved_bytes)
     }
 
     fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, SkeinSaved)> {
@@ -707,12 +730,13 @@ impl Estimator for Skeinformer {
         } else {
             Vec::new()
         };
-        let saved = SkeinSaved {
+        let mut saved = SkeinSaved {
             pilots,
             p_max,
             columns,
             weights,
             c_max,
+            pilot_rows: None,
         };
         let scale = resolve_scale(self.scale, d);
         let mut output = match self.row_norm {
@@ -764,7 +788,7 @@ impl Estimator for Skeinformer {
                 self.exact().forward(&sub, seed)?.output
             }
         };
-        if let (true, Some(exact_rows)) = (self.pilot_reuse, &pilot_rows) {
+        if let (true, Some((exact_rows, _))) = (self.pilot_reuse, &pilot_rows) {
             output
                 .par_chunks_mut(n_q * d_v)
                 .zip(exact_rows.par_chunks(p_max * d_v))
@@ -783,6 +807,9 @@ impl Estimator for Skeinformer {
                 });
         }
         x.zero_masked_queries(&mut output);
+        if self.pilot_reuse {
+            saved.pilot_rows = pilot_rows.map(|(out, lse)| ExactSaved::from_parts(lse, out));
+        }
         Ok((output, saved))
     }
 

@@ -9,7 +9,7 @@ use super::{
     NONE, ROW_BLOCK, RowNorm, SkeinSaved, Skeinformer, SketchGrads, SketchHead, gather_columns,
 };
 use crate::error::Result;
-use crate::estimator::{Attention, Grads, HeadGrads};
+use crate::estimator::{Attention, Estimator, Grads, HeadGrads};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::vmean::mean_backward;
 use crate::params::resolve_scale;
@@ -227,8 +227,15 @@ impl Skeinformer {
             dims.v_shape(),
         )?;
         let sub = Self::with_masks(x, sub, Some(&slots))?;
-        let f = self.exact().forward(&sub, seed)?;
-        let pg = self.exact().backward(&sub, seed, &f.saved, g_pilot)?;
+        // The forward kept the pilot rows' outputs and log-sum-exps; an older saved state
+        // without them has them recomputed.
+        let pg = match &s.pilot_rows {
+            Some(rows) => self.exact().backward_saved(&sub, seed, rows, g_pilot)?,
+            None => {
+                let f = self.exact().forward(&sub, seed)?;
+                self.exact().backward(&sub, seed, &f.saved, g_pilot)?
+            }
+        };
         for (a, b) in grads.dk.iter_mut().zip(&pg.dk) {
             *a += *b;
         }
