@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,11 @@ def ours(a, spec, n, env):
     return r["forward_ms"], r["forward_ms"] + r["backward_ms"]
 
 
+def median_pair(pairs):
+    """Median forward and median forward + backward over several runs."""
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--skeinformer", help="clone of pkuzengqi/Skeinformer")
@@ -125,6 +131,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", help="comma-separated labels (default: all)")
     p.add_argument("--ours-only", action="store_true")
+    p.add_argument("--runs", type=int, default=1,
+                   help="fresh processes per measurement, peer and ours; the median is reported")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     if not os.path.exists(a.randattn):
@@ -144,11 +152,11 @@ def main():
         for row in ROWS:
             if row[0] not in chosen:
                 continue
-            of, ofb = ours(a, row[2], n, env)
+            of, ofb = median_pair([ours(a, row[2], n, env) for _ in range(a.runs)])
             pf = pfb = None
             if not a.ours_only:
                 try:
-                    pf, pfb = peer(a, row, n, env)
+                    pf, pfb = median_pair([peer(a, row, n, env) for _ in range(a.runs)])
                 except RuntimeError as e:
                     print(f"peer of {row[0]} failed: {e}", file=sys.stderr)
             ratio = (lambda x, y: f"{x / y:.2f}" if x else "-")
