@@ -12,8 +12,8 @@ it is in this repository. Not part of CI.
 
 Methods and budgets (the LRA configuration of the repository's `src/config.py`, budgets as in
 our defaults): `skeinformer` (`nb_features` = budget, default 256; `kernel_RS_SM`, accumulation 1,
-sampling factor 4), `nystrom` (`num_landmarks`, 64), `linformer` (`linformer_k`, 256; E is a
-parameter, so forward + backward computes its gradient, as ours returns those of E and F), `informer` (factor c = 5,
+sampling factor 4), `nystrom` (`num_landmarks`, 64), `linformer` (`linformer_k`, 256; E is held
+fixed, without a gradient, as our Linformer's seeded projections are), `informer` (factor c = 5,
 our default; its constructor derives c from `in_nb_features`, so c is set on the instance),
 `softmax` (the repository's own softmax attention). The mask is all ones.
 """
@@ -47,6 +47,8 @@ def build(a, budget):
     module = attn_selector(a.method, config)
     if a.method == "informer":
         module.factor = budget
+    if a.method == "linformer":
+        module.E.requires_grad_(False)
     module.eval()
     return module
 

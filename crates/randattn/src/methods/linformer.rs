@@ -22,8 +22,9 @@
 //! `".../f"`, shared by the batch). Drawing them is `2·heads·k·n_k` Gaussian samples — more work
 //! than the attention itself at `k = 256` — so the seeded ones are cached per
 //! `(seed, heads, k, n_k)` inside the config, as a model would hold its parameters; results do not
-//! depend on the cache. The backward returns `∂L/∂E` and `∂L/∂F` as the parameter gradients `e`
-//! and `f`.
+//! depend on the cache. With given projections the backward returns `∂L/∂E` and `∂L/∂F` as the
+//! parameter gradients `e` and `f`; seeded ones are fixed draws and get none (their gradients
+//! are `heads·k·n_k` floats each: 1 GiB together at n = 65536, B·H = 8, k = 256).
 //!
 //! With `k = n_k` and `E = F = I` this is exact attention (without masks: masked rows project to
 //! zero vectors, which still take part in the softmax, as in the reference).
@@ -259,7 +260,12 @@ impl Estimator for Linformer {
         let forward = projections + projected + masked + inner_f;
         // Backward: K' and V' again, the inner exact forward and backward, dK, dV and the
         // per-(batch, head) parts of dE and dF (summed over the batch when it is above 1).
-        let parts = 2 * s.bh() * k * s.n_k + if s.batch > 1 { projections } else { 0 };
+        // Only given projections get gradients (seeded ones are fixed draws).
+        let parts = if self.projections.is_some() {
+            2 * s.bh() * k * s.n_k + if s.batch > 1 { projections } else { 0 }
+        } else {
+            0
+        };
         let backward = projected + masked + inner_fb + s.k() + s.v() + parts;
         Memory::from_values(s, forward, projections + s.o() + backward)
     }
@@ -368,14 +374,25 @@ impl Estimator for Linformer {
         let bhs = dims.batch_heads();
         let mut dk = vec![0.0f32; x.k().len()];
         let mut dv = vec![0.0f32; x.v().len()];
-        let mut de_parts = vec![0.0f32; bhs * k * n_k];
-        let mut df_parts = vec![0.0f32; bhs * k * n_k];
+        // Given projections are parameters and get gradients; seeded ones are fixed draws (a
+        // model that learns them passes them in), so their n_k-wide gradients are not computed.
+        let learn = self.projections.is_some();
+        let part_len = if learn { bhs * k * n_k } else { 0 };
+        let (mut de_parts, mut df_parts) = (vec![0.0f32; part_len], vec![0.0f32; part_len]);
+        let parts: Vec<Option<(&mut [f32], &mut [f32])>> = if learn {
+            de_parts
+                .chunks_mut(k * n_k)
+                .zip(df_parts.chunks_mut(k * n_k))
+                .map(Some)
+                .collect()
+        } else {
+            (0..bhs).map(|_| None).collect()
+        };
         dk.par_chunks_mut(n_k * d)
             .zip(dv.par_chunks_mut(n_k * d_v))
-            .zip(de_parts.par_chunks_mut(k * n_k))
-            .zip(df_parts.par_chunks_mut(k * n_k))
+            .zip(parts.into_par_iter())
             .enumerate()
-            .for_each(|(bh, (((dk, dv), de), df))| {
+            .for_each(|(bh, ((dk, dv), parts))| {
                 let h = bh % heads;
                 let keep = x.key_mask_row(bh / heads);
                 let e = &p.e[h * k * n_k..(h + 1) * k * n_k];
@@ -405,20 +422,22 @@ impl Estimator for Linformer {
                         }
                     }
                 }
-                matmul(
-                    MatMut::new(de, k, n_k),
-                    false,
-                    MatRef::new(dkp, k, d),
-                    MatRef::new(&km, n_k, d).t(),
-                    1.0,
-                );
-                matmul(
-                    MatMut::new(df, k, n_k),
-                    false,
-                    MatRef::new(dvp, k, d_v),
-                    MatRef::new(&vm, n_k, d_v).t(),
-                    1.0,
-                );
+                if let Some((de, df)) = parts {
+                    matmul(
+                        MatMut::new(de, k, n_k),
+                        false,
+                        MatRef::new(dkp, k, d),
+                        MatRef::new(&km, n_k, d).t(),
+                        1.0,
+                    );
+                    matmul(
+                        MatMut::new(df, k, n_k),
+                        false,
+                        MatRef::new(dvp, k, d_v),
+                        MatRef::new(&vm, n_k, d_v).t(),
+                        1.0,
+                    );
+                }
             });
         // Parameters are shared by the batch: sum the batch elements' parts (with one batch
         // element the parts already are the gradients).
@@ -435,11 +454,8 @@ impl Estimator for Linformer {
             }
             out
         };
-        Ok(Grads {
-            dq: sub_grads.dq,
-            dk,
-            dv,
-            params: vec![
+        let params = if learn {
+            vec![
                 ParamGrad {
                     name: "e",
                     shape: vec![heads, k, n_k],
@@ -450,7 +466,15 @@ impl Estimator for Linformer {
                     shape: vec![heads, k, n_k],
                     grad: sum_heads(df_parts),
                 },
-            ],
+            ]
+        } else {
+            Vec::new()
+        };
+        Ok(Grads {
+            dq: sub_grads.dq,
+            dk,
+            dv,
+            params,
         })
     }
 }
