@@ -79,13 +79,8 @@ def main():
     p = peer_timing.base_parser(__doc__.splitlines()[1], sorted(BUDGETS))
     a = p.parse_args()
     peer_timing.require_torch()
-    if not a.repo:
-        p.error("--repo: the folder of a clone of HKUNLP/efficient-attention")
-    src = os.path.join(a.repo, "efficient-attention")
-    if not os.path.isdir(os.path.join(src, "efficient_attention")):
-        p.error(f"--repo: {src}/efficient_attention not found; point --repo at a clone of "
-                "HKUNLP/efficient-attention")
-    sys.path.insert(0, src)
+    peer_timing.import_repo(p, a.repo, "HKUNLP/efficient-attention", "efficient-attention",
+                            "efficient_attention")
     stub_timm()
     budget = a.budget if a.budget is not None else BUDGETS[a.method]
     call = build(a, budget)

@@ -12,6 +12,7 @@ without them, fresh-page faults of PyTorch's large temporaries dominate some met
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -48,6 +49,17 @@ def base_parser(description, methods):
     p.add_argument("--forward-only", action="store_true", help="skip forward + backward")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
+
+
+def import_repo(parser, repo, name, subdir, package):
+    """Puts `repo/subdir` (holding `package`) first on the import path, or stops with an error
+    naming the repository `name` to clone."""
+    if not repo:
+        parser.error(f"--repo: the folder of a clone of {name}")
+    src = os.path.join(repo, subdir)
+    if not os.path.isdir(os.path.join(src, package)):
+        parser.error(f"--repo: {src}/{package} not found; point --repo at a clone of {name}")
+    sys.path.insert(0, src)
 
 
 def median_ms(fn, samples):

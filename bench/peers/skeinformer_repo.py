@@ -59,12 +59,7 @@ def main():
     peer_timing.require_torch()
     import torch
 
-    if not a.repo:
-        p.error("--repo: the folder of a clone of pkuzengqi/Skeinformer")
-    src = os.path.join(a.repo, "src")
-    if not os.path.isdir(os.path.join(src, "models")):
-        p.error(f"--repo: {src}/models not found; point --repo at a clone of pkuzengqi/Skeinformer")
-    sys.path.insert(0, src)
+    peer_timing.import_repo(p, a.repo, "pkuzengqi/Skeinformer", "src", "models")
     budget = a.budget if a.budget is not None else BUDGETS[a.method]
     if a.method == "nystrom" and a.n % budget:
         p.error(f"the peer's Nystrom needs n divisible by the landmarks ({a.n} % {budget})")

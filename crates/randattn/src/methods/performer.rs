@@ -88,25 +88,6 @@ pub struct PerformerSaved {
     directions: Vec<Vec<f32>>,
 }
 
-/// `a · b` in f64 with eight partial sums (vectorises; the order differs from a sequential sum
-/// only in f64 rounding).
-fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
-
 impl Performer {
     /// The `m × d` directions of head `h` for `seed` (what the forward uses).
     pub fn directions(&self, d: usize, seed: u64, h: usize) -> Vec<f32> {
@@ -127,12 +108,12 @@ impl Performer {
                         .map(|x| *x as f64)
                         .collect();
                     for b in &basis {
-                        let p = dot_f64(&v, b);
+                        let p = crate::linalg::dot_f64(&v, b);
                         for (x, y) in v.iter_mut().zip(b) {
                             *x -= p * y;
                         }
                     }
-                    let norm = dot_f64(&v, &v).sqrt().max(1e-30);
+                    let norm = crate::linalg::dot_f64(&v, &v).sqrt().max(1e-30);
                     for x in v.iter_mut() {
                         *x /= norm;
                     }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::{
     NONE, ROW_BLOCK, RowNorm, SkeinSaved, Skeinformer, SketchGrads, SketchHead, gather_columns,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Grads, HeadGrads};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::methods::vmean::mean_backward;
@@ -227,15 +227,13 @@ impl Skeinformer {
             dims.v_shape(),
         )?;
         let sub = Self::with_masks(x, sub, Some(&slots))?;
-        // The forward kept the pilot rows' outputs and log-sum-exps; an older saved state
-        // without them has them recomputed.
-        let pg = match &s.pilot_rows {
-            Some(rows) => self.exact().backward_saved(&sub, seed, rows, g_pilot)?,
-            None => {
-                let f = self.exact().forward(&sub, seed)?;
-                self.exact().backward(&sub, seed, &f.saved, g_pilot)?
-            }
+        // The forward kept the pilot rows' outputs and log-sum-exps (whenever it reuses pilots).
+        let Some(rows) = &s.pilot_rows else {
+            return Err(Error::Saved {
+                message: "holds no pilot rows, but this configuration reuses them".to_string(),
+            });
         };
+        let pg = self.exact().backward_saved(&sub, seed, rows, g_pilot)?;
         for (a, b) in grads.dk.iter_mut().zip(&pg.dk) {
             *a += *b;
         }
