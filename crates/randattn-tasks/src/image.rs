@@ -168,7 +168,13 @@ impl Task for Image {
         Ok([TRAIN_FILE_IMAGES - DEV_IMAGES, DEV_IMAGES, 10_000])
     }
 
-    fn examples(&self, _seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
+    fn examples_within(
+        &self,
+        _seed: u64,
+        split: Split,
+        range: Range<usize>,
+        _max_candidates: usize,
+    ) -> Result<Vec<Example>> {
         self.validate()?;
         let (prefix, within) = Self::source(split);
         let idx = read_idx(Path::new(&self.dir), prefix)?;

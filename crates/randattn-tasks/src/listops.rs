@@ -157,10 +157,22 @@ impl Task for ListOps {
         Ok([96_000, 2_000, 2_000])
     }
 
-    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
+    fn examples_within(
+        &self,
+        seed: u64,
+        split: Split,
+        range: Range<usize>,
+        max_candidates: usize,
+    ) -> Result<Vec<Example>> {
         self.validate()?;
-        generate(Self::NAME, seed, split, range, [78, 11, 11], |rng| {
-            self.candidate(rng)
-        })
+        generate(
+            Self::NAME,
+            seed,
+            split,
+            range,
+            [78, 11, 11],
+            max_candidates,
+            |rng| self.candidate(rng),
+        )
     }
 }

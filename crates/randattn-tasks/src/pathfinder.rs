@@ -633,28 +633,42 @@ impl Task for Pathfinder {
         Ok([160_000, 20_000, 20_000])
     }
 
-    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
+    fn examples_within(
+        &self,
+        seed: u64,
+        split: Split,
+        range: Range<usize>,
+        max_candidates: usize,
+    ) -> Result<Vec<Example>> {
         self.validate()?;
         let shift = u32::from(!self.pad_black);
-        generate(Self::NAME, seed, split, range, WEIGHTS, |rng| {
-            let d = self.draw(rng);
-            let lens: Vec<String> = d
-                .targets
-                .iter()
-                .map(|t| t.dashes.len().to_string())
-                .collect();
-            let marker = |p: Point| format!("[{}, {}]", p.0.floor(), p.1.floor());
-            Some(Example {
-                tokens: d.pixels.iter().map(|p| *p as u32 + shift).collect(),
-                label: d.label,
-                text: None,
-                meta: Some(format!(
-                    "{{\"markers\": [{}, {}], \"target_lengths\": [{}]}}",
-                    marker(d.markers[0]),
-                    marker(d.markers[1]),
-                    lens.join(", ")
-                )),
-            })
-        })
+        generate(
+            Self::NAME,
+            seed,
+            split,
+            range,
+            WEIGHTS,
+            max_candidates,
+            |rng| {
+                let d = self.draw(rng);
+                let lens: Vec<String> = d
+                    .targets
+                    .iter()
+                    .map(|t| t.dashes.len().to_string())
+                    .collect();
+                let marker = |p: Point| format!("[{}, {}]", p.0.floor(), p.1.floor());
+                Some(Example {
+                    tokens: d.pixels.iter().map(|p| *p as u32 + shift).collect(),
+                    label: d.label,
+                    text: None,
+                    meta: Some(format!(
+                        "{{\"markers\": [{}, {}], \"target_lengths\": [{}]}}",
+                        marker(d.markers[0]),
+                        marker(d.markers[1]),
+                        lens.join(", ")
+                    )),
+                })
+            },
+        )
     }
 }

@@ -131,10 +131,22 @@ impl Task for Recall {
         Ok([50_000, 2_000, 2_000])
     }
 
-    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
+    fn examples_within(
+        &self,
+        seed: u64,
+        split: Split,
+        range: Range<usize>,
+        max_candidates: usize,
+    ) -> Result<Vec<Example>> {
         self.validate()?;
-        generate(Self::NAME, seed, split, range, [72, 14, 14], |rng| {
-            Some(self.candidate(rng))
-        })
+        generate(
+            Self::NAME,
+            seed,
+            split,
+            range,
+            [72, 14, 14],
+            max_candidates,
+            |rng| Some(self.candidate(rng)),
+        )
     }
 }

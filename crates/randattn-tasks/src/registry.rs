@@ -96,6 +96,11 @@ macro_rules! tasks {
             pub fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
                 match self { $(TaskSpec::$variant(t) => t.examples(seed, split, range)),+ }
             }
+
+            /// [`Task::examples_within`]: at most `max_candidates` candidates per example.
+            pub fn examples_within(&self, seed: u64, split: Split, range: Range<usize>, max_candidates: usize) -> Result<Vec<Example>> {
+                match self { $(TaskSpec::$variant(t) => t.examples_within(seed, split, range, max_candidates)),+ }
+            }
         }
     };
 }

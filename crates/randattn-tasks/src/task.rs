@@ -68,7 +68,21 @@ pub trait Task: Params + Clone + std::fmt::Debug + Send + Sync {
 
     /// Examples `range` of `split`. Example `i` depends only on `(seed, split, i)` and the
     /// parameters (loaders ignore the seed where the data fixes the example).
-    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>>;
+    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
+        self.examples_within(seed, split, range, MAX_CANDIDATES)
+    }
+
+    /// [`Task::examples`], giving up (with [`Error::NoExample`]) after `max_candidates`
+    /// candidates for one example instead of [`MAX_CANDIDATES`]: a quick answer to "can these
+    /// parameters produce examples at all?". The same examples as [`Task::examples`] wherever
+    /// both succeed. Loaders draw no candidates and ignore it.
+    fn examples_within(
+        &self,
+        seed: u64,
+        split: Split,
+        range: Range<usize>,
+        max_candidates: usize,
+    ) -> Result<Vec<Example>>;
 }
 
 /// Candidates drawn for one example before giving up: parameters that (almost) never produce
@@ -84,13 +98,14 @@ pub(crate) fn generate(
     split: Split,
     range: Range<usize>,
     weights: [u32; 3],
+    max_candidates: usize,
     candidate: impl Fn(&mut randattn::rng::StreamRng) -> Option<Example> + Sync,
 ) -> Result<Vec<Example>> {
     range
         .into_par_iter()
         .map(|i| {
             let mut rng = randattn::rng::stream(seed, split.index(), i, task);
-            for _ in 0..MAX_CANDIDATES {
+            for _ in 0..max_candidates {
                 if let Some(ex) = candidate(&mut rng)
                     && Split::of_tokens(&ex.tokens, weights) == split
                 {
@@ -100,7 +115,7 @@ pub(crate) fn generate(
             Err(Error::NoExample {
                 task,
                 split: split.name(),
-                candidates: MAX_CANDIDATES,
+                candidates: max_candidates,
             })
         })
         .collect()

@@ -129,7 +129,13 @@ impl Task for Text {
         Ok([20_000, 2_000, 2_000])
     }
 
-    fn examples(&self, seed: u64, split: Split, range: Range<usize>) -> Result<Vec<Example>> {
+    fn examples_within(
+        &self,
+        seed: u64,
+        split: Split,
+        range: Range<usize>,
+        _max_candidates: usize,
+    ) -> Result<Vec<Example>> {
         self.validate()?;
         let pools = self.pools(split)?;
         if let Some(c) = pools.iter().position(|p| p.is_empty()) {

@@ -263,3 +263,36 @@ fn an_unreachable_length_window_is_an_error_not_an_endless_loop() {
         "{err}"
     );
 }
+
+#[test]
+fn a_candidate_budget_answers_quickly_and_changes_no_example() {
+    let unreachable = TaskSpec::parse(
+        "listops",
+        &[
+            ("max_depth", "1"),
+            ("min_length", "1"),
+            ("max_length", "10"),
+        ],
+    )
+    .unwrap();
+    let err = unreachable
+        .examples_within(0, Split::Test, 0..1, 100)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("task `listops` found no test example in 100 candidates"),
+        "{err}"
+    );
+    for (name, settings) in [
+        ("listops", vec![("min_length", "30"), ("max_length", "200")]),
+        ("recall", vec![]),
+        ("pathfinder", vec![("size", "32")]),
+    ] {
+        let task = TaskSpec::parse(name, &settings).unwrap();
+        assert_eq!(
+            task.examples_within(3, Split::Dev, 0..20, 10_000).unwrap(),
+            task.examples(3, Split::Dev, 0..20).unwrap(),
+            "{name}: a budget that suffices draws the same examples"
+        );
+    }
+}

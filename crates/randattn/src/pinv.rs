@@ -46,6 +46,7 @@ fn pinv_step(a: &[f32], z: &[f32], m: usize, [az, x1, x2, x3]: [&mut Vec<f32>; 4
 
 /// The iterates `Z₀ … Z_T` of the Moore–Penrose iteration for `a` (`m × m`), and the scale `c`
 /// of `Z₀ = aᵀ / c` (the largest column sum) with its column.
+#[derive(Debug, Clone)]
 pub struct Pinv {
     /// `Z₀ … Z_T`, each `m × m`.
     pub iterates: Vec<Vec<f32>>,

@@ -38,7 +38,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{softmax_row, softmax_row_backward};
@@ -75,10 +75,29 @@ crate::method_params! {
     }
 }
 
-/// What the backward needs beyond the inputs: the conv kernels used.
+/// What the backward needs beyond the inputs: the conv kernels used and, per head, the
+/// `O(T·m² + m·d_v)` products of the forward that need no `n`-long work to keep (the
+/// pseudo-inverse's iterates, `K3 V` and `Z (K3 V)`), so the backward recomputes only the two
+/// `n × m` kernels (keeping those would be `O(n·m)` per head).
 #[derive(Debug, Clone)]
 pub struct NystromSaved {
     conv_weights: Option<Vec<f32>>,
+    heads: Vec<Option<Small>>,
+}
+
+/// The small products of one head (see [`NystromSaved`]).
+#[derive(Debug, Clone)]
+struct Small {
+    pinv: Pinv,
+    /// K3 V and Z (K3 V), `m × d_v`.
+    w: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Small {
+    fn values(&self) -> usize {
+        self.pinv.iterates.iter().map(Vec::len).sum::<usize>() + self.w.len() + self.y.len()
+    }
 }
 
 /// Means of the rows `idx[seg]` of `rows` (`w` wide), one per segment.
@@ -106,7 +125,7 @@ fn softmax_backward(dp: &mut [f32], p: &[f32], cols: usize) {
 }
 
 /// One head's approximation, with everything its backward needs.
-struct Head {
+struct Head<'a> {
     m: usize,
     q_idx: Vec<u32>,
     k_idx: Vec<u32>,
@@ -120,15 +139,30 @@ struct Head {
     k2: Vec<f32>,
     /// softmax(s Q̃ Kᵀ + M), `m × n_k`.
     k3: Vec<f32>,
-    pinv: Pinv,
-    /// K3 V and Z (K3 V), `m × d_v`.
-    w: Vec<f32>,
-    y: Vec<f32>,
+    small: std::borrow::Cow<'a, Small>,
 }
 
 impl Nystrom {
-    /// The approximation of head `bh`; `None` when it has no unmasked query or key.
-    fn head(&self, x: &AttentionInputs<'_>, bh: usize) -> Option<Head> {
+    /// The landmark count of the heads of batch `b`: capped by its unmasked queries and keys.
+    fn landmarks_of(&self, x: &AttentionInputs<'_>, b: usize) -> usize {
+        let Dims { n_q, n_k, .. } = x.dims();
+        let kept = |mask: Option<&[bool]>, n: usize| {
+            mask.map_or(n, |mk| mk.iter().filter(|&&k| k).count())
+        };
+        self.landmarks
+            .min(kept(x.query_mask_row(b), n_q))
+            .min(kept(x.key_mask_row(b), n_k))
+    }
+
+    /// The approximation of head `bh`; `None` when it has no unmasked query or key. With
+    /// `small` (the forward's, for the same inputs) the pseudo-inverse and `K3 V` are not
+    /// recomputed.
+    fn head<'a>(
+        &self,
+        x: &AttentionInputs<'_>,
+        bh: usize,
+        small: Option<&'a Small>,
+    ) -> Option<Head<'a>> {
         let Dims {
             heads,
             n_q,
@@ -191,24 +225,30 @@ impl Nystrom {
             }
             softmax_row(row);
         }
-        let pinv = pinv(&k2, m, self.pinv_iters);
-        let mut w = vec![0.0f32; m * d_v];
-        matmul(
-            MatMut::new(&mut w, m, d_v),
-            false,
-            MatRef::new(&k3, m, n_k),
-            MatRef::new(v, n_k, d_v),
-            1.0,
-        );
-        let mut y = vec![0.0f32; m * d_v];
-        let z = pinv.iterates.last().expect("Z is there");
-        matmul(
-            MatMut::new(&mut y, m, d_v),
-            false,
-            MatRef::new(z, m, m),
-            MatRef::new(&w, m, d_v),
-            1.0,
-        );
+        let small = match small {
+            Some(small) => std::borrow::Cow::Borrowed(small),
+            None => {
+                let pinv = pinv(&k2, m, self.pinv_iters);
+                let mut w = vec![0.0f32; m * d_v];
+                matmul(
+                    MatMut::new(&mut w, m, d_v),
+                    false,
+                    MatRef::new(&k3, m, n_k),
+                    MatRef::new(v, n_k, d_v),
+                    1.0,
+                );
+                let mut y = vec![0.0f32; m * d_v];
+                let z = pinv.iterates.last().expect("Z is there");
+                matmul(
+                    MatMut::new(&mut y, m, d_v),
+                    false,
+                    MatRef::new(z, m, m),
+                    MatRef::new(&w, m, d_v),
+                    1.0,
+                );
+                std::borrow::Cow::Owned(Small { pinv, w, y })
+            }
+        };
         Some(Head {
             m,
             q_idx,
@@ -220,9 +260,7 @@ impl Nystrom {
             k1,
             k2,
             k3,
-            pinv,
-            w,
-            y,
+            small,
         })
     }
 }
@@ -256,17 +294,20 @@ impl Estimator for Nystrom {
             + m * s.n_k
             + m * m * (iters + 6)
             + 2 * m * s.d_v;
-        let forward = s.o() + conv + s.parallel_heads() * head;
+        // Kept for the backward: every head's pseudo-inverse iterates, K3·V and Z·(K3·V).
+        let saved = s.bh() * (m * m * (iters + 1) + 2 * m * s.d_v);
+        let forward = s.o() + conv + saved + s.parallel_heads() * head;
         // Backward: the head again, then the gradients of the kernels, of the pseudo-inverse
         // (every iterate's) and of the landmarks.
         let back_head =
             head + s.n_q * m + m * s.n_k + m * m * (iters + 12) + 2 * m * s.d_v + 2 * m * s.d;
-        let backward = s.o() + s.grads() + conv + s.parallel_heads() * back_head;
+        let backward = s.o() + s.grads() + conv + saved + s.parallel_heads() * back_head;
         Memory::from_values(s, forward, s.o() + conv + backward)
     }
 
     fn saved_bytes(s: &NystromSaved) -> usize {
-        4 * s.conv_weights.as_ref().map_or(0, Vec::len)
+        4 * (s.conv_weights.as_ref().map_or(0, Vec::len)
+            + s.heads.iter().flatten().map(Small::values).sum::<usize>())
     }
 
     fn check(&self) -> Result<()> {
@@ -292,25 +333,32 @@ impl Estimator for Nystrom {
         let conv_weights =
             conv::kernels(Self::INFO.name, self.conv, &self.conv_weights, dims, seed)?;
         let mut output = vec![0.0f32; dims.out_len()];
-        output
+        let heads = output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
-            .for_each(|(bh, out)| {
-                if let Some(h) = self.head(x, bh) {
-                    matmul(
-                        MatMut::new(out, n_q, d_v),
-                        false,
-                        MatRef::new(&h.k1, n_q, h.m),
-                        MatRef::new(&h.y, h.m, d_v),
-                        1.0,
-                    );
-                }
-            });
+            .map(|(bh, out)| {
+                let h = self.head(x, bh, None)?;
+                matmul(
+                    MatMut::new(out, n_q, d_v),
+                    false,
+                    MatRef::new(&h.k1, n_q, h.m),
+                    MatRef::new(&h.small.y, h.m, d_v),
+                    1.0,
+                );
+                Some(h.small.into_owned())
+            })
+            .collect();
         if let Some(w) = &conv_weights {
             conv::add_forward(x, &mut output, w);
         }
         x.zero_masked_queries(&mut output);
-        Ok((output, NystromSaved { conv_weights }))
+        Ok((
+            output,
+            NystromSaved {
+                conv_weights,
+                heads,
+            },
+        ))
     }
 
     fn backward_saved(
@@ -322,12 +370,32 @@ impl Estimator for Nystrom {
     ) -> Result<Grads> {
         let dims = x.dims();
         let Dims { n_q, d, d_v, .. } = dims;
+        let bhs = dims.batch * dims.heads;
+        let fits = |bh: usize, h: &Option<Small>| {
+            let m = self.landmarks_of(x, bh / dims.heads);
+            match h {
+                None => m == 0,
+                Some(h) => {
+                    h.w.len() == m * d_v
+                        && h.y.len() == m * d_v
+                        && h.pinv.iterates.len() == self.pinv_iters + 1
+                        && h.pinv.iterates.iter().all(|z| z.len() == m * m)
+                }
+            }
+        };
+        if s.heads.len() != bhs || s.heads.iter().enumerate().any(|(bh, h)| !fits(bh, h)) {
+            return Err(Error::Saved {
+                message: format!(
+                    "holds products for other inputs than these {bhs} heads (landmarks, masks)"
+                ),
+            });
+        }
         let scale = resolve_scale(self.scale, d);
         let mut g = grad_output.to_vec();
         x.zero_masked_queries(&mut g);
         let mut grads = Grads::zeros(x);
         grads.par_heads(dims).enumerate().for_each(|(bh, hg)| {
-            if let Some(h) = self.head(x, bh) {
+            if let Some(h) = self.head(x, bh, s.heads[bh].as_ref()) {
                 let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
                 backward::head(&h, x, bh, gh, scale, hg);
             }

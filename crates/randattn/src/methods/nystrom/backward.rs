@@ -22,7 +22,7 @@ struct KernelGrads {
 /// The backward of head `bh` given its output gradient `g` (masked query rows zeroed): adds to
 /// its `dq`, `dk`, `dv`.
 pub(super) fn head(
-    h: &Head,
+    h: &Head<'_>,
     x: &AttentionInputs<'_>,
     bh: usize,
     g: &[f32],
@@ -40,17 +40,17 @@ pub(super) fn head(
 
 /// `out = K1 Y`: `dK1 = G Yᵀ`, `dY = K1ᵀ G`; `Y = Z W`: `dZ = dY Wᵀ`, `dW = Zᵀ dY`;
 /// `W = K3 V`: `dK3 = dW Vᵀ`, `dV += K3ᵀ dW`; `Z = pinv(K2)`.
-fn products(h: &Head, v: &[f32], g: &[f32], dv: &mut [f32]) -> KernelGrads {
+fn products(h: &Head<'_>, v: &[f32], g: &[f32], dv: &mut [f32]) -> KernelGrads {
     let m = h.m;
-    let d_v = h.w.len() / m;
+    let d_v = h.small.w.len() / m;
     let (n_q, n_k) = (h.k1.len() / m, h.k3.len() / m);
-    let z = h.pinv.iterates.last().expect("Z is there");
+    let z = h.small.pinv.iterates.last().expect("Z is there");
     let mut dk1 = vec![0.0f32; n_q * m];
     matmul(
         MatMut::new(&mut dk1, n_q, m),
         false,
         MatRef::new(g, n_q, d_v),
-        MatRef::new(&h.y, m, d_v).t(),
+        MatRef::new(&h.small.y, m, d_v).t(),
         1.0,
     );
     let mut dy = vec![0.0f32; m * d_v];
@@ -66,7 +66,7 @@ fn products(h: &Head, v: &[f32], g: &[f32], dv: &mut [f32]) -> KernelGrads {
         MatMut::new(&mut dz, m, m),
         false,
         MatRef::new(&dy, m, d_v),
-        MatRef::new(&h.w, m, d_v).t(),
+        MatRef::new(&h.small.w, m, d_v).t(),
         1.0,
     );
     let mut dw = vec![0.0f32; m * d_v];
@@ -92,14 +92,14 @@ fn products(h: &Head, v: &[f32], g: &[f32], dv: &mut [f32]) -> KernelGrads {
         MatRef::new(&dw, m, d_v),
         1.0,
     );
-    let dk2 = pinv_backward(&h.k2, m, &h.pinv, &dz);
+    let dk2 = pinv_backward(&h.k2, m, &h.small.pinv, &dz);
     KernelGrads { dk1, dk2, dk3 }
 }
 
 /// The logits `L1 = s Q K̃ᵀ`, `L2 = s Q̃ K̃ᵀ`, `L3 = s Q̃ Kᵀ` (masked columns have zero
 /// probability, hence zero gradient): adds to `dq`, `dk`; returns `(dQ̃, dK̃)`.
 fn logits(
-    h: &Head,
+    h: &Head<'_>,
     x: &AttentionInputs<'_>,
     bh: usize,
     kg: &KernelGrads,
@@ -161,7 +161,7 @@ fn logits(
 
 /// The landmarks are segment means of the kept queries and keys: each landmark's gradient is
 /// shared out over its segment.
-fn landmarks(h: &Head, dq_land: &[f32], dk_land: &[f32], dq: &mut [f32], dk: &mut [f32]) {
+fn landmarks(h: &Head<'_>, dq_land: &[f32], dk_land: &[f32], dq: &mut [f32], dk: &mut [f32]) {
     let d = h.q_land.len() / h.m;
     for (seg, grad) in h.q_segs.iter().zip(dq_land.chunks_exact(d)) {
         let inv = 1.0 / seg.len() as f32;
