@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 
 use common::{bin, metrics_without_times, stderr, summary_without_times, tiny_train_steps};
 
+/// The start of a test's kill sequence: fixed, so that a failure replays, unless
+/// `RANDATTN_FAULT_SEED` asks for another one (a soak runs the tests over many seeds).
+fn kill_sequence(fixed: u64) -> u64 {
+    match std::env::var("RANDATTN_FAULT_SEED") {
+        Ok(s) => fixed ^ s.parse::<u64>().expect("RANDATTN_FAULT_SEED is an integer"),
+        Err(_) => fixed,
+    }
+}
+
 fn resume(out: &Path) -> std::process::Command {
     let mut c = bin();
     c.args(["train", "--task", "recall", "--resume", "--quiet", "--out"])
@@ -28,7 +37,7 @@ fn a_run_killed_again_and_again_ends_as_the_uninterrupted_one() {
 
     // Kill at pseudo-random moments spread over the run's length (a fixed sequence, so a
     // failure can be replayed; where in the code each kill lands is up to the scheduler).
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut state = kill_sequence(0x9E37_79B9_7F4A_7C15);
     let (mut kills, mut attempts) = (0, 0);
     while !killed.join("summary.json").exists() && attempts < 60 {
         attempts += 1;
@@ -163,7 +172,7 @@ fn a_suite_killed_again_and_again_loses_no_run_and_ends_as_the_uninterrupted_one
     assert!(o.status.success(), "{}", stderr(&o));
     let whole_s = started.elapsed().as_secs_f64();
 
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut state = kill_sequence(0x2545_F491_4F6C_DD1D);
     let (mut kills, mut attempts) = (0, 0);
     let mut finished_before: Vec<std::path::PathBuf> = Vec::new();
     loop {

@@ -287,8 +287,9 @@ impl YosoSaved {
 
 /// YOSO's memory: the output and its saved attention branch, the row norms; YOSO-E's
 /// normalised copies of Q and K; with `m` hashes of `τ` bits (`Some((m, τ))`) the hash codes of every head
-/// (saved), each thread's bucket index (a `2^τ`-slot table while `2^τ ≤ 4·max(n, 1024)`, else
-/// sorted keys) with one sum of `w` values per occupied bucket, and the partial sums of hash
+/// (saved), each thread's bucket index (a `2^τ`-slot table and a group of hashes' bucket ids
+/// while `2^τ ≤ 4·max(n, 1024)`, else sorted keys) with at most `n` bucket sums of `w` values
+/// (one per occupied bucket, over a group's hashes), and the partial sums of hash
 /// chunks run in parallel; without (YOSO-E) each thread's collision-probability tiles. The
 /// backward, with the output and saved state held, adds the gradients, the output gradient
 /// through the normalisation, the normalised copies and per head its dense gradient rows.
@@ -309,7 +310,12 @@ fn yoso_memory(s: &Sizes, normalize: bool, conv: usize, hashes: Option<(usize, u
             let dense = slots
                 <= (buckets::DENSE_SLOTS_PER_TOKEN as u128)
                     * n.max(buckets::DENSE_MIN_TOKENS as u128);
-            let index = if dense { slots } else { 4 * n } + 6 * n;
+            // Dense: the slot array and a group's bucket ids; sorted: keys, ids and bounds.
+            let index = if dense {
+                slots + 2 * buckets::MAX_GROUP as u128 * n
+            } else {
+                10 * n
+            };
             let chunks = (TASKS as u128).div_ceil(s.bh().max(1)).clamp(1, m);
             held += s.bh() * m * (s.n_q + s.n_k);
             // Codes of a head before they are merged, and a block's projections (≤ 32 bits).
