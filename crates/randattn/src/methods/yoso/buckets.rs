@@ -261,7 +261,10 @@ fn compact_cumulate(
     let mut flush = |src_ids: &[u32], dst_ids: &[u32], counts: &[usize], sums: &mut Vec<f32>| {
         let rows: usize = counts.iter().sum();
         if sums.len() < rows * w {
-            sums.resize(rows * w, 0.0);
+            // Sized once to the budget, the old table freed first: a growing `Vec` would double
+            // its capacity and copy.
+            *sums = Vec::new();
+            sums.resize(n_src.max(rows) * w, 0.0);
         }
         let ids = BucketIds {
             src: src_ids,
