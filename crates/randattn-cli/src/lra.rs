@@ -2,12 +2,14 @@
 //! print the `train` command of each missing run for other job runners, and collect finished
 //! runs into the attention × task table.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use randattn::Method;
+use randattn_tasks::Split;
 use randattn_train::suite::{DEFAULT_METHODS, DEFAULT_SEEDS, run_state};
 use randattn_train::{Collection, RunId, RunState, Suite, collect};
 use serde_json::json;
@@ -204,6 +206,33 @@ pub(crate) fn self_executable() -> Result<std::path::PathBuf> {
     std::env::current_exe().context("cannot find the randattn executable")
 }
 
+/// Every task the suite still has to run gets one example drawn before the first run starts, so
+/// a data set that is not installed (the real-data tasks read Debian packages) or a task setting
+/// that cannot work is an error now, naming every such task, not hours later when its turn
+/// comes.
+fn check_task_data(a: &SuiteArgs, todo: &[(RunId, Todo)]) -> Result<()> {
+    let suite = Suite::named(&a.suite)?;
+    let mut seen = BTreeSet::new();
+    let mut problems = Vec::new();
+    for (run, _) in todo {
+        if !seen.insert(run.task.as_str()) {
+            continue;
+        }
+        let spec = suite.config(run, &a.overrides)?.task_spec()?;
+        if let Err(e) = spec.examples(0, Split::Dev, 0..1) {
+            problems.push(format!("\n  {}: {e}", run.task));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} of the suite's tasks cannot run (nothing was started):{}",
+            problems.len(),
+            problems.concat()
+        );
+    }
+    Ok(())
+}
+
 fn run(a: SuiteArgs) -> Result<()> {
     let Status {
         todo,
@@ -213,6 +242,7 @@ fn run(a: SuiteArgs) -> Result<()> {
     for c in &conflicts {
         eprintln!("conflict (skipped): {c}");
     }
+    check_task_data(&a, &todo)?;
     let exe = self_executable()?;
     let total = todo.len();
     eprintln!(

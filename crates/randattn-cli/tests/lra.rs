@@ -145,6 +145,41 @@ fn plan_prints_train_commands_that_do_the_same_runs() {
     assert!(run7.join("summary.json").exists());
 }
 
+/// A suite whose real-data tasks cannot find their data says so for each of them before it
+/// starts anything (not when each task's turn comes, hours into the suite).
+#[test]
+fn missing_data_stops_a_suite_before_its_first_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, empty) = (dir.path().join("s"), dir.path().join("nothing-here"));
+    std::fs::create_dir(&empty).unwrap();
+    let o = bin()
+        .args(["lra", "run", "--suite", "lra-lite", "--tasks", "image,text"])
+        .args([
+            "--methods",
+            "exact",
+            "--seeds",
+            "0",
+            "--quiet",
+            "--override",
+        ])
+        .arg(format!("task.params.dir={}", empty.display()))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_fails(o, "2 of the suite's tasks cannot run (nothing was started)");
+    for needle in [
+        "image: ",
+        "apt-get install dataset-fashion-mnist",
+        "text: ",
+        "apt-get install fortunes",
+    ] {
+        assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+    }
+    assert!(!out.join("image").exists() && !out.join("text").exists());
+}
+
 #[test]
 fn conflicts_bad_suites_and_untrustworthy_results_are_errors() {
     let dir = tempfile::tempdir().unwrap();
