@@ -307,16 +307,25 @@ fn run(a: SuiteArgs) -> Result<()> {
         }
     }
     if !failed.is_empty() || !conflicts.is_empty() {
-        bail!(
-            "{} runs failed and {} folders conflict; `randattn lra run` again retries the failed \
-             ones{}",
-            failed.len(),
-            conflicts.len(),
-            failed
-                .iter()
-                .map(|p| format!("\n  {}", p.display()))
-                .collect::<String>()
-        );
+        let mut what = Vec::new();
+        if !failed.is_empty() {
+            what.push(format!(
+                "{} runs failed (`randattn lra run` again retries them):{}",
+                failed.len(),
+                failed
+                    .iter()
+                    .map(|p| format!("\n  {}", p.display()))
+                    .collect::<String>()
+            ));
+        }
+        if !conflicts.is_empty() {
+            what.push(format!(
+                "{} run folders conflict with the suite and were skipped (each listed above with \
+                 what to do)",
+                conflicts.len()
+            ));
+        }
+        bail!("{}", what.join("\n"));
     }
     eprintln!("suite {}: every run complete", a.suite);
     Ok(())

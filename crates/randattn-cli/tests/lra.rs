@@ -180,6 +180,29 @@ fn missing_data_stops_a_suite_before_its_first_run() {
     assert!(!out.join("image").exists() && !out.join("text").exists());
 }
 
+/// A folder holding a checkpoint without the configuration that made it is a conflict the
+/// suite names (with what to do), not a run it starts, fails and "retries" forever.
+#[test]
+fn a_checkpoint_without_its_configuration_is_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let run = out.join("recall").join("exact").join("seed-0");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("checkpoint.safetensors"), "not a checkpoint").unwrap();
+    let o = suite("run", &out, "exact", "0").output().unwrap();
+    let err = stderr(&o);
+    assert_fails(o, "1 run folders conflict with the suite and were skipped");
+    assert!(
+        err.contains("has checkpoint.safetensors but no config.toml") && !err.contains("retries"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&run).unwrap().count(),
+        1,
+        "the folder was touched"
+    );
+}
+
 #[test]
 fn conflicts_bad_suites_and_untrustworthy_results_are_errors() {
     let dir = tempfile::tempdir().unwrap();

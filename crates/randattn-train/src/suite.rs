@@ -195,10 +195,21 @@ pub enum RunState {
 pub fn run_state(dir: &Path, expected: &RunConfig) -> RunState {
     let config = dir.join("config.toml");
     if !config.exists() {
-        return if dir.join("summary.json").exists() || dir.join("metrics.jsonl").exists() {
-            RunState::Conflict(format!("{} has outputs but no config.toml", dir.display()))
-        } else {
+        // Outputs without the configuration that made them: neither a run to start there (train
+        // refuses a folder that holds one) nor one to resume (its settings are unknown).
+        let outputs: Vec<&str> = ["summary.json", "metrics.jsonl", "checkpoint.safetensors"]
+            .into_iter()
+            .filter(|f| dir.join(f).exists())
+            .collect();
+        return if outputs.is_empty() {
             RunState::Missing
+        } else {
+            RunState::Conflict(format!(
+                "{} has {} but no config.toml: not a run the suite can start or resume; move it \
+                 away",
+                dir.display(),
+                outputs.join(", ")
+            ))
         };
     }
     let found = match std::fs::read_to_string(&config)
@@ -318,6 +329,17 @@ mod tests {
         let config = lite.config(&run, &[]).unwrap();
         assert_eq!(run_state(&dir, &config), RunState::Missing);
         std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(run_state(&dir, &config), RunState::Missing);
+        // A checkpoint whose configuration is gone can be neither started over nor resumed.
+        std::fs::write(dir.join("checkpoint.safetensors"), "x").unwrap();
+        match run_state(&dir, &config) {
+            RunState::Conflict(m) => assert!(
+                m.contains("has checkpoint.safetensors but no config.toml") && m.contains("move"),
+                "{m}"
+            ),
+            s => panic!("{s:?}"),
+        }
+        std::fs::remove_file(dir.join("checkpoint.safetensors")).unwrap();
         std::fs::write(dir.join("config.toml"), config.to_toml()).unwrap();
         assert_eq!(run_state(&dir, &config), RunState::Partial);
         std::fs::write(dir.join("summary.json"), "{}").unwrap();
