@@ -455,6 +455,22 @@ fn zero_row(a: &mut [f32], zero: f32) {
     }
 }
 
+/// Asks the CPU to bring `row` into the cache (every 64-byte line), ahead of its use.
+#[inline(always)]
+fn prefetch_row(row: &[f32]) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: prefetching is a hint; the address is that of a live slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+}
+
 /// `a += b` for rows of equal length, sixteen floats at a time.
 #[inline(always)]
 fn add_row(a: &mut [f32], b: &[f32]) {
@@ -726,6 +742,19 @@ crate::linalg::multiversion! {
         let Coefs { coef, dv_coef } = coefs;
         let (d, d_v, qs, ks) = (rows.d, rows.d_v, rows.q_stride, rows.k_stride);
         for b in 0..index.buckets() {
+            // The next bucket's rows are random rows of arrays far larger than the cache (at
+            // n = 65536 a head's pair rows are 112 MiB): fetch them while this one is walked.
+            if b + 1 < index.buckets() {
+                let next = &grouped[group_bounds[b + 1] as usize..group_bounds[b + 2] as usize];
+                if !next.is_empty() {
+                    for &i in next {
+                        prefetch_row(&rows.queries[i as usize * qs..(i as usize + 1) * qs]);
+                    }
+                    for &j in index.members(b + 1) {
+                        prefetch_row(&rows.keys[j as usize * ks..(j as usize + 1) * ks]);
+                    }
+                }
+            }
             let queries = &grouped[group_bounds[b] as usize..group_bounds[b + 1] as usize];
             if queries.is_empty() {
                 continue;
