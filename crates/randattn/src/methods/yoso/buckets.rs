@@ -216,8 +216,7 @@ pub(crate) fn cumulate(
 }
 
 /// Bucket ids of the sources and destinations of several hashes (hash-major, [`NO_CODE`] for
-/// tokens without a bucket) and the bucket count of each hash; no counts means the ids are dense
-/// codes whose rows are zeroed on use.
+/// tokens without a bucket) and the bucket count of each hash.
 struct BucketIds<'a> {
     src: &'a [u32],
     dst: &'a [u32],
@@ -397,7 +396,8 @@ crate::linalg::multiversion! {
 pub(crate) const MAX_GROUP: usize = 4;
 
 crate::linalg::multiversion! {
-    /// The scatter-add and gather of [`cumulate`], hash by hash, whole rows at a time.
+    /// The scatter-add and gather of [`cumulate`] for sorted codes, hash by hash, whole rows at
+    /// a time.
     fn scatter_gather(
         ids: &BucketIds<'_>,
         src_vals: &[f32],
@@ -410,15 +410,7 @@ crate::linalg::multiversion! {
         for h in 0..hashes {
             let src = &ids.src[h * ids.n_src..(h + 1) * ids.n_src];
             let dst = &ids.dst[h * ids.n_dst..(h + 1) * ids.n_dst];
-            if let Some(&count) = ids.counts.get(h) {
-                sums[..count * w].fill(0.0);
-            } else {
-                for &b in src.iter().chain(dst) {
-                    if b != NO_CODE {
-                        zero_row(&mut sums[b as usize * w..(b as usize + 1) * w], zero);
-                    }
-                }
-            }
+            sums[..ids.counts[h] * w].fill(0.0);
             for (v, &b) in src_vals.chunks_exact(w).zip(src) {
                 if b != NO_CODE {
                     add_row(&mut sums[b as usize * w..(b as usize + 1) * w], v);
