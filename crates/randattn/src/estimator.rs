@@ -43,9 +43,9 @@ impl Grads {
     /// Zero gradients of the shapes of `x`'s Q, K and V, with no parameter gradients.
     pub fn zeros(x: &AttentionInputs<'_>) -> Grads {
         Grads {
-            dq: crate::linalg::zeroed(x.q().len()),
-            dk: crate::linalg::zeroed(x.k().len()),
-            dv: crate::linalg::zeroed(x.v().len()),
+            dq: crate::linalg::par_zeroed(x.q().len()),
+            dk: crate::linalg::par_zeroed(x.k().len()),
+            dv: crate::linalg::par_zeroed(x.v().len()),
             params: Vec::new(),
         }
     }

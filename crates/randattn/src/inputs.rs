@@ -418,6 +418,17 @@ impl<'a> AttentionInputs<'a> {
             .is_none_or(|m| m[i])
     }
 
+    /// An output-shaped tensor (an output gradient) with the rows of masked queries zeroed:
+    /// borrowed as it is when there is no query mask, copied otherwise.
+    pub fn without_masked_queries<'g>(&self, rows: &'g [f32]) -> std::borrow::Cow<'g, [f32]> {
+        if self.query_mask.is_none() {
+            return std::borrow::Cow::Borrowed(rows);
+        }
+        let mut owned = rows.to_vec();
+        self.zero_masked_queries(&mut owned);
+        std::borrow::Cow::Owned(owned)
+    }
+
     /// Zeroes the rows of masked queries in an output-shaped tensor (`[batch, heads, n_q, d_v]`).
     pub fn zero_masked_queries(&self, rows: &mut [f32]) {
         let Dims {

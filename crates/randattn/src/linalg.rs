@@ -73,6 +73,20 @@ pub fn zeroed(len: usize) -> Vec<f32> {
     v
 }
 
+/// [`zeroed`], written by the thread pool: for the large per-call buffers of a backward (the
+/// gradients of Q, K and V are `B·H·n·d` each), whose first touch is a page fault per 4 KiB and
+/// whose zeroing, done by one thread, would otherwise sit in front of the parallel work.
+/// Below 256 KiB one thread zeroes it: splitting costs more than it saves.
+pub fn par_zeroed(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if len < 1 << 16 {
+        return zeroed(len);
+    }
+    rayon::iter::repeat_n(0.0f32, len)
+        .with_min_len(1 << 14)
+        .collect()
+}
+
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;

@@ -138,7 +138,7 @@ impl Estimator for ExactNaive {
         let dims = x.dims();
         let Dims { n_q, d, d_v, .. } = dims;
         let scale = resolve_scale(self.scale, d) as f64;
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()

@@ -252,7 +252,7 @@ impl Estimator for Informer {
             slots[..sel.len()].copy_from_slice(sel);
         }
         // Lazy rows: the mean of the unmasked values; masked queries: 0.
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()

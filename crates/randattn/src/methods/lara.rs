@@ -495,7 +495,7 @@ impl Lara {
             });
         }
         let root = resolve_scale(self.scale, d).sqrt();
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
@@ -610,7 +610,7 @@ impl Estimator for Lara {
         let dims = x.dims();
         self.check_means(dims)?;
         let Dims { n_q, d_v, .. } = dims;
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
@@ -643,8 +643,7 @@ impl Estimator for Lara {
             heads, n_q, d, d_v, ..
         } = dims;
         let root = resolve_scale(self.scale, d).sqrt();
-        let mut g = grad_output.to_vec();
-        x.zero_masked_queries(&mut g);
+        let g = x.without_masked_queries(grad_output);
         let bhs = dims.batch_heads();
         let mut grads = Grads::zeros(x);
         let c_given = self.proposal_means.as_ref().map(|_| self.proposals);

@@ -372,8 +372,8 @@ impl Estimator for Linformer {
             .backward_saved(&sub, seed, &s.inner, grad_output)?;
         // K' = E (K ⊙ M): dK = M ⊙ Eᵀ dK', dE += dK' (K ⊙ M)ᵀ (summed over the batch).
         let bhs = dims.batch_heads();
-        let mut dk = vec![0.0f32; x.k().len()];
-        let mut dv = vec![0.0f32; x.v().len()];
+        let mut dk = crate::linalg::par_zeroed(x.k().len());
+        let mut dv = crate::linalg::par_zeroed(x.v().len());
         // Given projections are parameters and get gradients; seeded ones are fixed draws (a
         // model that learns them passes them in), so their n_k-wide gradients are not computed.
         let learn = self.projections.is_some();

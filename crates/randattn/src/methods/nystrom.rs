@@ -332,7 +332,7 @@ impl Estimator for Nystrom {
         let Dims { n_q, d_v, .. } = dims;
         let conv_weights =
             conv::kernels(Self::INFO.name, self.conv, &self.conv_weights, dims, seed)?;
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         let heads = output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
@@ -391,8 +391,7 @@ impl Estimator for Nystrom {
             });
         }
         let scale = resolve_scale(self.scale, d);
-        let mut g = grad_output.to_vec();
-        x.zero_masked_queries(&mut g);
+        let g = x.without_masked_queries(grad_output);
         let mut grads = Grads::zeros(x);
         grads.par_heads(dims).enumerate().for_each(|(bh, hg)| {
             if let Some(h) = self.head(x, bh, s.heads[bh].as_ref()) {

@@ -580,7 +580,7 @@ impl Estimator for Performer {
             heads, n_q, d_v, ..
         } = dims;
         let dirs = self.all_directions(dims, seed);
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
@@ -609,8 +609,7 @@ impl Estimator for Performer {
                 ),
             });
         }
-        let mut g = grad_output.to_vec();
-        x.zero_masked_queries(&mut g);
+        let g = x.without_masked_queries(grad_output);
         let mut grads = Grads::zeros(x);
         grads.par_heads(dims).enumerate().for_each(|(bh, hg)| {
             let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];

@@ -246,7 +246,7 @@ impl Ra {
         let root = self.root(d);
         let da = d + 1;
         let bhs = batch * heads;
-        let mut qa = vec![0.0f32; bhs * n_q * s * da];
+        let mut qa = crate::linalg::par_zeroed(bhs * n_q * s * da);
         qa.par_chunks_mut(n_q * s * da)
             .enumerate()
             .for_each(|(bh, qa)| {
@@ -265,7 +265,7 @@ impl Ra {
                     row[d] = 1.0;
                 }
             });
-        let mut ka = vec![0.0f32; bhs * n_k * da];
+        let mut ka = crate::linalg::par_zeroed(bhs * n_k * da);
         ka.par_chunks_mut(n_k * da)
             .enumerate()
             .for_each(|(bh, ka)| {
@@ -361,7 +361,7 @@ impl Estimator for Ra {
         }
         .forward(&sub, seed)?
         .output;
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         let inv = 1.0 / s as f32;
         output
             .par_chunks_mut(d_v)
@@ -403,8 +403,7 @@ impl Estimator for Ra {
         };
         let f = exact.forward(&sub, seed)?;
         // Each sample row carries G / S.
-        let mut g = grad_output.to_vec();
-        x.zero_masked_queries(&mut g);
+        let g = x.without_masked_queries(grad_output);
         let inv = 1.0 / s as f32;
         // Each output row's gradient repeated for its S samples (sized up front: a collect
         // through flat_map grows by doubling, up to twice this).

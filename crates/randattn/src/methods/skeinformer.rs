@@ -623,7 +623,7 @@ impl Skeinformer {
     /// `row_norm=exact`, `1/(d_c·p_j)` for `none`): the exact kernel on it gives those rows.
     fn weighted_values(&self, x: &AttentionInputs<'_>, s: &SkeinSaved) -> Vec<f32> {
         let Dims { n_k, d_v, .. } = x.dims();
-        let mut v = vec![0.0f32; x.v().len()];
+        let mut v = crate::linalg::par_zeroed(x.v().len());
         v.par_chunks_mut(n_k * d_v)
             .enumerate()
             .for_each(|(bh, out)| {
@@ -741,7 +741,7 @@ impl Estimator for Skeinformer {
         let scale = resolve_scale(self.scale, d);
         let mut output = match self.row_norm {
             RowNorm::Adaptive | RowNorm::Simple => {
-                let mut output = vec![0.0f32; dims.out_len()];
+                let mut output = crate::linalg::par_zeroed(dims.out_len());
                 output
                     .par_chunks_mut(n_q * d_v)
                     .enumerate()

@@ -77,7 +77,7 @@ impl Estimator for VMean {
     fn forward_saved(&self, x: &AttentionInputs<'_>, _seed: u64) -> Result<(Vec<f32>, ())> {
         let dims = x.dims();
         let Dims { n_q, d_v, .. } = dims;
-        let mut output = vec![0.0f32; dims.out_len()];
+        let mut output = crate::linalg::par_zeroed(dims.out_len());
         output
             .par_chunks_mut(n_q * d_v)
             .enumerate()

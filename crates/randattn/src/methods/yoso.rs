@@ -536,7 +536,7 @@ impl Estimator for Yoso {
         let mut q_codes = vec![0u32; bhs * m * n_q];
         let mut k_codes = vec![0u32; bhs * m * n_k];
         // Every row is written by the cumulation before it is read.
-        let mut raw = vec![0.0f32; dims.out_len()];
+        let mut raw = crate::linalg::par_zeroed(dims.out_len());
         raw.par_chunks_mut(n_q * d_v)
             .zip(q_codes.par_chunks_mut(m * n_q))
             .zip(k_codes.par_chunks_mut(m * n_k))

@@ -18,22 +18,21 @@ impl Skeinformer {
     /// The output gradient split by where it goes: masked queries pass nothing, and with pilot
     /// reuse the pilot rows' gradient goes to the exact path (returned over the pilot table,
     /// `[batch, heads, p_max, d_v]`) and is zeroed in the sketched one.
-    pub(super) fn split_output_gradient(
+    pub(super) fn split_output_gradient<'g>(
         &self,
         x: &AttentionInputs<'_>,
         s: &SkeinSaved,
-        grad_output: &[f32],
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        grad_output: &'g [f32],
+    ) -> (std::borrow::Cow<'g, [f32]>, Option<Vec<f32>>) {
         let Dims {
             heads, n_q, d_v, ..
         } = x.dims();
         let p_max = s.p_max;
-        let mut g = grad_output.to_vec();
-        x.zero_masked_queries(&mut g);
+        let mut g = x.without_masked_queries(grad_output);
         let g_pilot = (self.pilot_reuse && p_max > 0)
             .then(|| Skeinformer::pilot_rows(x, &s.pilots, p_max, &g, d_v).0);
         if self.pilot_reuse {
-            for (bh, gh) in g.chunks_exact_mut(n_q * d_v).enumerate() {
+            for (bh, gh) in g.to_mut().chunks_exact_mut(n_q * d_v).enumerate() {
                 let b = bh / heads;
                 for &i in &s.pilots[b * p_max..(b + 1) * p_max] {
                     if i != NONE {
@@ -171,7 +170,7 @@ impl Skeinformer {
         let f = self.exact().forward(&sub, seed)?;
         let mut grads = self.exact().backward(&sub, seed, &f.saved, g)?;
         // V' = w ⊙ V on the sampled columns, 0 elsewhere.
-        let mut dv = vec![0.0f32; x.v().len()];
+        let mut dv = crate::linalg::par_zeroed(x.v().len());
         dv.par_chunks_mut(n_k * d_v)
             .zip(grads.dv.par_chunks(n_k * d_v))
             .enumerate()
