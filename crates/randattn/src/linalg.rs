@@ -82,9 +82,13 @@ pub fn par_zeroed(len: usize) -> Vec<f32> {
     if len < 1 << 16 {
         return zeroed(len);
     }
-    rayon::iter::repeat_n(0.0f32, len)
-        .with_min_len(1 << 14)
-        .collect()
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(1 << 14)
+        .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above wrote every one of the first `len` elements.
+    unsafe { v.set_len(len) };
+    v
 }
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -180,7 +184,7 @@ pub fn sum_lanes(row: &[f32]) -> f32 {
     sum_impl(row)
 }
 
-/// Maximum with eight partial maxima (−∞ for an empty row), inlined like [`sum_lanes`].
+/// Maximum with 64 partial maxima (−∞ for an empty row), inlined like [`sum_lanes`].
 #[inline(always)]
 pub fn max_lanes(row: &[f32]) -> f32 {
     row_max_impl(row)
@@ -201,17 +205,28 @@ fn sum_impl(row: &[f32]) -> f32 {
 
 #[inline(always)]
 fn row_max_impl(row: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = row.chunks_exact(8);
+    // Four registers' worth of independent partial maxima (a single chain is bound by the
+    // latency of max, not by loads), and `>` rather than `f32::max`, which also handles NaN
+    // and costs a compare and a blend per step: a NaN is skipped either way.
+    let mut acc = [f32::NEG_INFINITY; 64];
+    let chunks = row.chunks_exact(64);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, x) in acc.iter_mut().zip(c) {
-            *a = a.max(*x);
+            *a = if *x > *a { *x } else { *a };
         }
     }
-    rest.iter()
-        .chain(acc.iter())
-        .fold(f32::NEG_INFINITY, |m, x| m.max(*x))
+    // Halve the partial maxima in steps (vector maxima, not 64 scalar ones: rows as short as a
+    // register or two are common).
+    let mut width = 32;
+    while width > 0 {
+        let (lo, hi) = acc.split_at_mut(width);
+        for (a, x) in lo.iter_mut().zip(&hi[..width]) {
+            *a = if *x > *a { *x } else { *a };
+        }
+        width /= 2;
+    }
+    rest.iter().fold(acc[0], |m, x| if *x > m { *x } else { m })
 }
 
 /// Defines a function whose body is compiled three times — for AVX-512F, for AVX2 + FMA and for
@@ -264,6 +279,14 @@ mod x86 {
     pub fn row_max_avx2(row: &[f32]) -> f32 {
         super::row_max_impl(row)
     }
+    #[target_feature(enable = "avx512f,fma")]
+    pub fn softmax_row_avx512(row: &mut [f32]) {
+        super::softmax_row_impl::<true>(row)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub fn softmax_row_avx2(row: &mut [f32]) {
+        super::softmax_row_impl::<true>(row)
+    }
 }
 
 /// Replaces every `x` of `row` by `e^(x − shift)` and returns their sum (vectorised; picks
@@ -283,9 +306,11 @@ pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f32 {
     exp_shifted_sum_impl::<false>(row, shift)
 }
 
-/// Sum of `row` with sixteen partial sums (vectorises; not sequential order).
-pub fn row_sum(row: &[f32]) -> f32 {
-    sum_impl(row)
+multiversion! {
+    /// Sum of `row` with sixteen partial sums (vectorises; not sequential order).
+    pub fn row_sum(row: &[f32]) -> f32 {
+        sum_impl(row)
+    }
 }
 
 /// Maximum of `row` (−∞ for an empty or all −∞ row), vectorised like [`exp_shifted_sum`].
@@ -306,25 +331,45 @@ pub fn row_max(row: &[f32]) -> f32 {
 
 /// Numerically stable softmax of one row, in place: subtracts the row maximum before `exp`.
 /// Entries equal to −∞ are masked out; a row with no finite entry becomes all zeros (not NaN).
+/// Vectorised like [`exp_shifted_sum`], whose exponentials it shares.
 pub fn softmax_row(row: &mut [f32]) {
-    let max = row_max(row);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return unsafe { x86::softmax_row_avx512(row) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::softmax_row_avx2(row) };
+        }
+    }
+    softmax_row_impl::<false>(row)
+}
+
+#[inline(always)]
+fn softmax_row_impl<const FMA: bool>(row: &mut [f32]) {
+    let max = row_max_impl(row);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
     }
-    let sum = exp_shifted_sum(row, max);
+    let sum = exp_shifted_sum_impl::<FMA>(row, max);
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
     }
 }
 
-/// Backward of a softmax row in place: given `p = softmax(x)` and `dp = ∂L/∂p`, leaves
-/// `∂L/∂x = p ⊙ (dp − ⟨p, dp⟩)` in `dp`. Entries where `p` is 0 (masked) get 0.
-pub fn softmax_row_backward(dp: &mut [f32], p: &[f32]) {
-    let inner: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-    for (d, pv) in dp.iter_mut().zip(p) {
-        *d = pv * (*d - inner);
+multiversion! {
+    /// Backward of a softmax row in place: given `p = softmax(x)` and `dp = ∂L/∂p`, leaves
+    /// `∂L/∂x = p ⊙ (dp − ⟨p, dp⟩)` in `dp` (the inner product with [`dot`]'s sixteen partial
+    /// sums). Entries where `p` is 0 (masked) get 0.
+    pub fn softmax_row_backward(dp: &mut [f32], p: &[f32]) {
+        let inner = dot(dp, p);
+        for (d, pv) in dp.iter_mut().zip(p) {
+            *d = pv * (*d - inner);
+        }
     }
 }
 

@@ -33,6 +33,24 @@ pub fn segments(len: usize, parts: usize, larger: Larger) -> Vec<Range<usize>> {
         .collect()
 }
 
+crate::linalg::multiversion! {
+    /// Means of the rows `idx[seg]` of `rows` (each `w` wide), one row per segment of `segs`
+    /// (zeros for an empty segment).
+    pub fn segment_means(rows: &[f32], w: usize, idx: &[u32], segs: &[Range<usize>]) -> Vec<f32> {
+        let mut out = vec![0.0f32; segs.len() * w];
+        for (o, seg) in out.chunks_exact_mut(w).zip(segs) {
+            let inv = 1.0 / seg.len() as f32;
+            for &i in &idx[seg.clone()] {
+                let row = &rows[i as usize * w..(i as usize + 1) * w];
+                for (a, b) in o.iter_mut().zip(row) {
+                    *a += *b * inv;
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,7 +50,7 @@ use crate::matrix::{MatMut, MatRef, matmul};
 use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
-use crate::segments::{Larger, segments};
+use crate::segments::{Larger, segment_means, segments};
 
 mod backward;
 
@@ -173,8 +173,9 @@ crate::linalg::multiversion! {
     /// The per-query part of LARA's forward over the `n_q × (j + c)` rows of `x [ω; q̃]ᵀ`: the
     /// query softmax `r_c = softmax over kept queries of q̃_c·x` (in place in the last `c`
     /// columns, whose column statistics are vectors over `c`), `mean_c r`, and then each row's
-    /// `ℓ_j = ω_j·x + log max(α_j, α_min) + z_j − own_j` and `W = softmax_j(ℓ)` in the first `j`
-    /// columns.
+    /// `W = softmax_j(ℓ)`, `ℓ_j = ω_j·x + log max(α_j, α_min) + z_j − own_j`, in the first `j`
+    /// columns, computed without a logarithm as `max(α_j, α_min)·e^{s_j − max s}` normalised
+    /// (`s_j = ω_j·x + z_j − own_j`).
     fn query_rows(
         wr: &mut [f32],
         query_kept: &[bool],
@@ -217,12 +218,14 @@ crate::linalg::multiversion! {
             }
             *mean = crate::linalg::sum_lanes(r) * inv_c;
             alpha_row_inline(bh, r, *mean, lambda_reps, reps, &mut alpha);
-            for ((wv, a), zo) in w.iter_mut().zip(alpha.iter()).zip(z_own) {
-                *wv += crate::linalg::ln_approx(a.max(ALPHA_MIN)) + zo;
+            // softmax_j(log α_j + s_j) = α_j e^{s_j − max s} / Σ: no logarithm needed. The
+            // largest s keeps a term of at least α_min, so the sum stays a normal float.
+            for (wv, zo) in w.iter_mut().zip(z_own) {
+                *wv += zo;
             }
             let max = crate::linalg::max_lanes(w);
-            for v in w.iter_mut() {
-                *v = crate::linalg::exp_approx(*v - max);
+            for (v, a) in w.iter_mut().zip(alpha.iter()) {
+                *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
             }
             let inv_total = 1.0 / crate::linalg::sum_lanes(w);
             for v in w.iter_mut() {
@@ -267,23 +270,8 @@ impl Lara {
                 let c = self.proposals.min(q_idx.len()).min(k_idx.len());
                 let q_segs = segments(q_idx.len(), c, Larger::Last);
                 let k_segs = segments(k_idx.len(), c, Larger::Last);
-                let mean = |rows: &[f32], idx: &[u32], segs: &[std::ops::Range<usize>]| {
-                    let mut out = vec![0.0f32; segs.len() * d];
-                    for (o, seg) in out.chunks_exact_mut(d).zip(segs) {
-                        let inv = 1.0 / seg.len() as f32;
-                        for &i in &idx[seg.clone()] {
-                            for (a, v) in o
-                                .iter_mut()
-                                .zip(&rows[i as usize * d..(i as usize + 1) * d])
-                            {
-                                *a += v * inv;
-                            }
-                        }
-                    }
-                    out
-                };
-                let q_land = mean(&xs, &q_idx, &q_segs);
-                let k_land = mean(&ys, &k_idx, &k_segs);
+                let q_land = segment_means(&xs, d, &q_idx, &q_segs);
+                let k_land = segment_means(&ys, d, &k_idx, &k_segs);
                 let mu: Vec<f32> = q_land.iter().zip(&k_land).map(|(a, b)| a + b).collect();
                 (c, q_segs, k_segs, q_land, mu)
             }

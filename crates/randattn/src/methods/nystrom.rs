@@ -46,7 +46,7 @@ use crate::matrix::{MatMut, MatRef, matmul};
 use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::pinv::{Pinv, pinv};
-use crate::segments::{Larger, segments};
+use crate::segments::{Larger, segment_means, segments};
 
 mod backward;
 
@@ -98,23 +98,6 @@ impl Small {
     fn values(&self) -> usize {
         self.pinv.iterates.iter().map(Vec::len).sum::<usize>() + self.w.len() + self.y.len()
     }
-}
-
-/// Means of the rows `idx[seg]` of `rows` (`w` wide), one per segment.
-fn segment_means(rows: &[f32], w: usize, idx: &[u32], segs: &[std::ops::Range<usize>]) -> Vec<f32> {
-    let mut out = vec![0.0f32; segs.len() * w];
-    for (o, seg) in out.chunks_exact_mut(w).zip(segs) {
-        let inv = 1.0 / seg.len() as f32;
-        for &i in &idx[seg.clone()] {
-            for (a, b) in o
-                .iter_mut()
-                .zip(&rows[i as usize * w..(i as usize + 1) * w])
-            {
-                *a += *b * inv;
-            }
-        }
-    }
-    out
 }
 
 /// Softmax backward in place, row by row (`cols` wide): see [`softmax_row_backward`].

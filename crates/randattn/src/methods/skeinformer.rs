@@ -355,12 +355,7 @@ impl Skeinformer {
             }
             let sum = exp_shifted_sum(row, max);
             *l = max + sum.ln();
-            let inv = 1.0 / sum;
-            let c = c as f32;
-            for (b, acc) in row.iter_mut().zip(col_sq.iter_mut()) {
-                *b *= inv;
-                *acc += c * *b * *b;
-            }
+            normalise_and_square(row, 1.0 / sum, c as f32, &mut col_sq);
         }
         matmul(
             MatMut::new(&mut output, p, d_v),
@@ -373,6 +368,29 @@ impl Skeinformer {
             output,
             lse,
             col_sq,
+        }
+    }
+}
+
+crate::linalg::multiversion! {
+    /// One pilot row: `b ← b · inv` (the softmax normalisation) and `col_sq += c · b²`.
+    fn normalise_and_square(row: &mut [f32], inv: f32, c: f32, col_sq: &mut [f32]) {
+        for (b, acc) in row.iter_mut().zip(col_sq.iter_mut()) {
+            *b *= inv;
+            *acc += c * *b * *b;
+        }
+    }
+}
+
+crate::linalg::multiversion! {
+    /// Adaptive row normalisation of a block of sketched rows `out` (`rows × d_v`, holding
+    /// `Σ_k a_ik v_k`): `out_i ← (out_i + g_i · v_rest) / den_i`.
+    fn fill_and_normalise(out: &mut [f32], v_rest: &[f32], g: &[f32], den: &[f32]) {
+        for ((o, g), den) in out.chunks_exact_mut(v_rest.len()).zip(g).zip(den) {
+            let inv = 1.0 / den;
+            for (ov, u) in o.iter_mut().zip(v_rest) {
+                *ov = (*ov + g * u) * inv;
+            }
         }
     }
 }
@@ -437,12 +455,7 @@ impl SketchHead<'_> {
             MatRef::new(self.v_cols, c, d_v),
             1.0,
         );
-        for ((o, g), den) in out.chunks_exact_mut(d_v).zip(g.iter()).zip(den.iter()) {
-            let inv = 1.0 / den;
-            for (ov, u) in o.iter_mut().zip(self.v_rest) {
-                *ov = (*ov + g * u) * inv;
-            }
-        }
+        fill_and_normalise(out, self.v_rest, g, den);
     }
 
     /// Backward of the rows `r0..r0 + rows` given their output gradient `grad`: adds to `dq`
