@@ -492,15 +492,7 @@ impl HeadBackward<'_> {
                     MatRef::new(v_tile, cols, d_v).t(),
                     1.0,
                 );
-                for ((dsrow, prow), delta) in dp
-                    .chunks_exact_mut(cols)
-                    .zip(p.chunks_exact(cols))
-                    .zip(&self.delta[r0..r1])
-                {
-                    for (ds, p) in dsrow.iter_mut().zip(prow) {
-                        *ds = *p * (*ds - *delta);
-                    }
-                }
+                tile_softmax_backward(dp, p, &self.delta[r0..r1]);
                 // dK_j += s · dSᵀ Q_i ; dQ_i += s · dS K_j
                 matmul(
                     MatMut::new(dk_tile, cols, d),
@@ -516,6 +508,18 @@ impl HeadBackward<'_> {
                     MatRef::new(k_tile, cols, d),
                     self.scale,
                 );
+            }
+        }
+    }
+}
+
+crate::linalg::multiversion! {
+    /// `dS = P ∘ (dP − D_i)` in place of `dP` over a tile of `delta.len()` rows.
+    fn tile_softmax_backward(dp: &mut [f32], p: &[f32], delta: &[f32]) {
+        let cols = dp.len() / delta.len();
+        for ((dsrow, prow), delta) in dp.chunks_exact_mut(cols).zip(p.chunks_exact(cols)).zip(delta) {
+            for (ds, p) in dsrow.iter_mut().zip(prow) {
+                *ds = *p * (*ds - *delta);
             }
         }
     }
