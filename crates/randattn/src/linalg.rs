@@ -329,6 +329,22 @@ pub fn row_max(row: &[f32]) -> f32 {
     row_max_impl(row)
 }
 
+multiversion! {
+    /// `dst ← s · src`, element by element.
+    pub fn scaled_copy(dst: &mut [f32], src: &[f32], s: f32) {
+        for (o, v) in dst.iter_mut().zip(src) {
+            *o = s * v;
+        }
+    }
+}
+
+multiversion! {
+    /// `s · src` as a new vector.
+    pub fn scaled(src: &[f32], s: f32) -> Vec<f32> {
+        src.iter().map(|v| v * s).collect()
+    }
+}
+
 /// Numerically stable softmax of one row, in place: subtracts the row maximum before `exp`.
 /// Entries equal to −∞ are masked out; a row with no finite entry becomes all zeros (not NaN).
 /// Vectorised like [`exp_shifted_sum`], whose exponentials it shares.

@@ -51,6 +51,22 @@ crate::linalg::multiversion! {
     }
 }
 
+crate::linalg::multiversion! {
+    /// The backward of [`segment_means`]: adds `grads[s] / |seg_s|` (`grads` is one `w`-wide
+    /// row per segment) to every row `idx[seg_s]` of `rows`.
+    pub fn spread_segment_grads(rows: &mut [f32], w: usize, idx: &[u32], segs: &[Range<usize>], grads: &[f32]) {
+        for (seg, grad) in segs.iter().zip(grads.chunks_exact(w)) {
+            let inv = 1.0 / seg.len() as f32;
+            for &i in &idx[seg.clone()] {
+                let row = &mut rows[i as usize * w..(i as usize + 1) * w];
+                for (a, b) in row.iter_mut().zip(grad) {
+                    *a += *b * inv;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,28 +124,10 @@ impl Head {
     fn omega(&self) -> &[f32] {
         &self.stacked[..self.j_n() * self.d()]
     }
-    /// `α_nj` of one query row (unclamped), into `alpha` (`j`).
-    fn alpha_row(&self, lambda: f32, row: &[f32], r_mean: f32, alpha: &mut [f32]) {
-        let (j_n, reps) = (self.j_n(), self.reps);
-        alpha_row(
-            &self.bh,
-            &row[j_n..],
-            r_mean,
-            lambda / reps as f32,
-            reps,
-            alpha,
-        );
-    }
 }
 
-crate::linalg::multiversion! {
-    /// `α_j = (BH_j + λ (r_{c(j)} − mean_c r_c)) / reps` for one query row (`c(j) = j / reps`).
-    fn alpha_row(bh: &[f32], r: &[f32], r_mean: f32, lambda_reps: f32, reps: usize, alpha: &mut [f32]) {
-        alpha_row_inline(bh, r, r_mean, lambda_reps, reps, alpha)
-    }
-}
-
-/// [`alpha_row`]'s body, inlined into vectorised callers.
+/// `α_j = (BH_j + λ (r_{c(j)} − mean_c r_c)) / reps` for one query row (`c(j) = j / reps`),
+/// `lambda_reps = λ / reps`; inlined into the vectorised callers.
 #[inline(always)]
 fn alpha_row_inline(
     bh: &[f32],
@@ -248,8 +230,8 @@ impl Lara {
         let (b, h) = (bh / heads, bh % heads);
         let root = resolve_scale(self.scale, d).sqrt();
         let keep = x.key_mask_row(b);
-        let xs: Vec<f32> = x.q_head(bh).iter().map(|v| v * root).collect();
-        let ys: Vec<f32> = x.k_head(bh).iter().map(|v| v * root).collect();
+        let xs = crate::linalg::scaled(x.q_head(bh), root);
+        let ys = crate::linalg::scaled(x.k_head(bh), root);
         let query_kept: Vec<bool> = (0..n_q).map(|i| x.query_kept(bh, i)).collect();
         let q_idx: Vec<u32> = (0..n_q as u32)
             .filter(|&i| query_kept[i as usize])
@@ -492,8 +474,8 @@ impl Lara {
                 if keep.is_some_and(|m| !m.contains(&true)) {
                     return;
                 }
-                let xs: Vec<f32> = x.q_head(bh).iter().map(|v| v * root).collect();
-                let ys: Vec<f32> = x.k_head(bh).iter().map(|v| v * root).collect();
+                let xs = crate::linalg::scaled(x.q_head(bh), root);
+                let ys = crate::linalg::scaled(x.k_head(bh), root);
                 let omega = &samples[bh * j_n * d..(bh + 1) * j_n * d];
                 let (_, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
                 let mut w = vec![0.0f32; n_q * j_n];

@@ -203,9 +203,7 @@ impl Performer {
         let width = self.width();
         let d = src.len() / (phi.len() / width);
         let root = resolve_scale(self.scale, d).sqrt();
-        for (a, b) in xs.iter_mut().zip(src) {
-            *a = b * root;
-        }
+        crate::linalg::scaled_copy(xs, src, root);
         self.log_features_into(xs, w, d, phi);
         for (j, row) in phi.chunks_exact_mut(width).enumerate() {
             match shift {
@@ -245,9 +243,7 @@ impl Performer {
             let rows = TILE.min(n_k - start);
             let kept = |j: usize| keep.is_none_or(|m| m[start + j]);
             let (xs, phi) = (&mut xs[..rows * d], &mut phi[..rows * width]);
-            for (a, b) in xs.iter_mut().zip(&kh[start * d..(start + rows) * d]) {
-                *a = b * root;
-            }
+            crate::linalg::scaled_copy(xs, &kh[start * d..(start + rows) * d], root);
             self.log_features_into(xs, w, d, phi);
             let tile_max = phi
                 .chunks_exact(width)
@@ -420,9 +416,7 @@ impl Performer {
                 }
             }
             let dx = feature_backward(self, dphi, phi, xs, w, d);
-            for (a, b) in dq[start * d..(start + rows) * d].iter_mut().zip(&dx) {
-                *a = b * root;
-            }
+            crate::linalg::scaled_copy(&mut dq[start * d..(start + rows) * d], &dx, root);
         }
         // KV = φ(K)ᵀ V, ksum = φ(K)ᵀ 1; masked keys have zero features, hence zero dK and dV.
         let keep = x.key_mask_row(bh / heads);
@@ -457,9 +451,7 @@ impl Performer {
                 }
             }
             let dx = feature_backward(self, dphi, phi, xs, w, d);
-            for (a, b) in dk[start * d..(start + rows) * d].iter_mut().zip(&dx) {
-                *a = b * root;
-            }
+            crate::linalg::scaled_copy(&mut dk[start * d..(start + rows) * d], &dx, root);
         }
     }
 

@@ -14,6 +14,7 @@ use super::{ALPHA_MIN, Head};
 use crate::estimator::HeadGrads;
 use crate::linalg::softmax_row_backward;
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::segments::spread_segment_grads;
 
 /// The gradients one head accumulates on its way back.
 struct HeadBackward<'a> {
@@ -82,12 +83,8 @@ pub(super) fn head(
     b.key_side(&df, &lw.dz, v, out.dv);
     b.samples();
     b.means(dmu_out);
-    for (o, v) in out.dq.iter_mut().zip(&b.dx) {
-        *o = root * v;
-    }
-    for (o, v) in out.dk.iter_mut().zip(&b.dy) {
-        *o = root * v;
-    }
+    crate::linalg::scaled_copy(out.dq, &b.dx, root);
+    crate::linalg::scaled_copy(out.dk, &b.dy, root);
 }
 
 impl HeadBackward<'_> {
@@ -125,40 +122,18 @@ impl HeadBackward<'_> {
     /// entries: `dt = r ⊙ (dr − Σ_n r dr)`, left in those columns of `dlt`.
     fn log_weights(&self, dlt: &mut [f32]) -> LogWeightGrads {
         let (h, c, j_n) = (self.h, self.c, self.j_n);
-        let width = j_n + c;
         let mut dz = vec![0.0f32; j_n];
         let mut dbh = vec![0.0f32; j_n];
-        let mut col = vec![0.0f32; c];
-        let mut da = vec![0.0f32; j_n];
-        for ((drow, wrrow), r_mean) in dlt
-            .chunks_exact_mut(width)
-            .zip(h.wr.chunks_exact(width))
-            .zip(&h.r_mean)
-        {
-            h.alpha_row(self.lambda, wrrow, *r_mean, &mut da);
-            let (dl, dr) = drow.split_at_mut(j_n);
-            let mean_share = log_weight_row(dl, &mut da, &mut dz, &mut dbh, h.reps);
-            let lambda = self.lambda;
-            let share = lambda * mean_share / c as f32;
-            if h.reps == 1 {
-                for (t, a) in dr.iter_mut().zip(&da) {
-                    *t = lambda * a - share;
-                }
-            } else {
-                dr.fill(-share);
-                for (j, a) in da.iter().enumerate() {
-                    dr[j / h.reps] += lambda * a;
-                }
-            }
-            for ((s, t), r) in col.iter_mut().zip(dr.iter()).zip(&wrrow[j_n..]) {
-                *s += t * r;
-            }
-        }
-        for (drow, wrrow) in dlt.chunks_exact_mut(width).zip(h.wr.chunks_exact(width)) {
-            for ((t, r), s) in drow[j_n..].iter_mut().zip(&wrrow[j_n..]).zip(&col) {
-                *t = r * (*t - s);
-            }
-        }
+        log_weight_rows(
+            dlt,
+            &h.wr,
+            &h.r_mean,
+            &h.bh,
+            self.lambda,
+            h.reps,
+            &mut dz,
+            &mut dbh,
+        );
         let mut dlmat = vec![0.0f32; j_n * c];
         for j in 0..j_n {
             dlmat[j * c + j / h.reps] -= dz[j];
@@ -304,39 +279,63 @@ impl HeadBackward<'_> {
             }
             return;
         }
-        for (cc, seg) in h.q_segs.iter().enumerate() {
-            let inv = 1.0 / seg.len() as f32;
-            for &i in &h.q_idx[seg.clone()] {
-                for t in 0..d {
-                    self.dx[i as usize * d + t] +=
-                        (self.dmu[cc * d + t] + dq_land[cc * d + t]) * inv;
-                }
-            }
-        }
-        for (cc, seg) in h.k_segs.iter().enumerate() {
-            let inv = 1.0 / seg.len() as f32;
-            for &m in &h.k_idx[seg.clone()] {
-                for t in 0..d {
-                    self.dy[m as usize * d + t] += self.dmu[cc * d + t] * inv;
-                }
-            }
-        }
+        let dq_means: Vec<f32> = self.dmu.iter().zip(dq_land).map(|(a, b)| a + b).collect();
+        spread_segment_grads(&mut self.dx, d, &h.q_idx, &h.q_segs, &dq_means);
+        spread_segment_grads(&mut self.dy, d, &h.k_idx, &h.k_segs, &self.dmu);
     }
 }
 
 crate::linalg::multiversion! {
-    /// One query row of `log α`'s backward: `dz += dℓ`; `da_j = dℓ_j / (α_j·reps)` where `α_j`
-    /// was not clamped, 0 where it was, in place of `α` in `alpha`; `dBH += da`. Returns
-    /// `Σ_j da_j`.
-    fn log_weight_row(dl: &[f32], alpha: &mut [f32], dz: &mut [f32], dbh: &mut [f32], reps: usize) -> f32 {
-        let inv_reps = 1.0 / reps as f32;
-        for (((a, g), z), b) in alpha.iter_mut().zip(dl).zip(dz.iter_mut()).zip(dbh.iter_mut()) {
-            *z += g;
-            let v = if *a > ALPHA_MIN { g / *a * inv_reps } else { 0.0 };
-            *a = v;
-            *b += v;
+    /// The rows of [`HeadBackward::log_weights`]: for each query row, `dz += dℓ`;
+    /// `da_j = dℓ_j / (α_j·reps)` where `α_j` was not clamped, 0 where it was; `dBH += da`;
+    /// `dr_c = λ (Σ_{j: c(j)=c} da_j − mean share)` in the row's last `c` columns; then, over all
+    /// rows, the query softmax's backward `dt = r ⊙ (dr − Σ_n r dr)` in place of `dr`.
+    #[allow(clippy::too_many_arguments)]
+    fn log_weight_rows(
+        dlt: &mut [f32],
+        wr: &[f32],
+        r_mean: &[f32],
+        bh: &[f32],
+        lambda: f32,
+        reps: usize,
+        dz: &mut [f32],
+        dbh: &mut [f32],
+    ) {
+        let j_n = bh.len();
+        let width = dlt.len() / r_mean.len();
+        let c = width - j_n;
+        let (lambda_reps, inv_reps) = (lambda / reps as f32, 1.0 / reps as f32);
+        let mut col = vec![0.0f32; c];
+        let mut da = vec![0.0f32; j_n];
+        for ((drow, wrrow), r_mean) in dlt.chunks_exact_mut(width).zip(wr.chunks_exact(width)).zip(r_mean) {
+            super::alpha_row_inline(bh, &wrrow[j_n..], *r_mean, lambda_reps, reps, &mut da);
+            let (dl, dr) = drow.split_at_mut(j_n);
+            for (((a, g), z), b) in da.iter_mut().zip(dl.iter()).zip(dz.iter_mut()).zip(dbh.iter_mut()) {
+                *z += g;
+                let v = if *a > ALPHA_MIN { g / *a * inv_reps } else { 0.0 };
+                *a = v;
+                *b += v;
+            }
+            let share = lambda * crate::linalg::sum_lanes(&da) / c as f32;
+            if reps == 1 {
+                for (t, a) in dr.iter_mut().zip(&da) {
+                    *t = lambda * a - share;
+                }
+            } else {
+                dr.fill(-share);
+                for (j, a) in da.iter().enumerate() {
+                    dr[j / reps] += lambda * a;
+                }
+            }
+            for ((s, t), r) in col.iter_mut().zip(dr.iter()).zip(&wrrow[j_n..]) {
+                *s += t * r;
+            }
         }
-        crate::linalg::sum_lanes(alpha)
+        for (drow, wrrow) in dlt.chunks_exact_mut(width).zip(wr.chunks_exact(width)) {
+            for ((t, r), s) in drow[j_n..].iter_mut().zip(&wrrow[j_n..]).zip(&col) {
+                *t = r * (*t - s);
+            }
+        }
     }
 }
 

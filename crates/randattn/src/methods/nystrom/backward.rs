@@ -11,6 +11,7 @@ use crate::estimator::HeadGrads;
 use crate::inputs::AttentionInputs;
 use crate::matrix::{MatMut, MatRef, matmul};
 use crate::pinv::pinv_backward;
+use crate::segments::spread_segment_grads;
 
 /// The gradients of the three kernels: `dK1` (`n_q × m`), `dK2` (`m × m`), `dK3` (`m × n_k`).
 struct KernelGrads {
@@ -163,26 +164,6 @@ fn logits(
 /// shared out over its segment.
 fn landmarks(h: &Head<'_>, dq_land: &[f32], dk_land: &[f32], dq: &mut [f32], dk: &mut [f32]) {
     let d = h.q_land.len() / h.m;
-    for (seg, grad) in h.q_segs.iter().zip(dq_land.chunks_exact(d)) {
-        let inv = 1.0 / seg.len() as f32;
-        for &i in &h.q_idx[seg.clone()] {
-            for (a, b) in dq[i as usize * d..(i as usize + 1) * d]
-                .iter_mut()
-                .zip(grad)
-            {
-                *a += *b * inv;
-            }
-        }
-    }
-    for (seg, grad) in h.k_segs.iter().zip(dk_land.chunks_exact(d)) {
-        let inv = 1.0 / seg.len() as f32;
-        for &j in &h.k_idx[seg.clone()] {
-            for (a, b) in dk[j as usize * d..(j as usize + 1) * d]
-                .iter_mut()
-                .zip(grad)
-            {
-                *a += *b * inv;
-            }
-        }
-    }
+    spread_segment_grads(dq, d, &h.q_idx, &h.q_segs, dq_land);
+    spread_segment_grads(dk, d, &h.k_idx, &h.k_segs, dk_land);
 }
