@@ -26,9 +26,12 @@ const fn p(m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Product {
     Product { m, k, n, ta, tb }
 }
 
+/// One product's `A`, `B` and `C`.
+type Operands = (Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// Median and fastest wall time (ms) of `set` for `heads` heads in parallel.
 fn time_set(set: &[Product], heads: usize, repeats: usize) -> (f64, f64) {
-    let mut buffers: Vec<Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>> = (0..heads)
+    let mut buffers: Vec<Vec<Operands>> = (0..heads)
         .map(|h| {
             set.iter()
                 .map(|q| {
