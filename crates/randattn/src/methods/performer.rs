@@ -88,6 +88,51 @@ pub struct PerformerSaved {
     directions: Vec<Vec<f32>>,
 }
 
+/// Rows [`gram_schmidt`] carries through the finished basis together: their chains of
+/// projections are independent, so they overlap in the CPU instead of waiting on each other.
+const GS_GROUP: usize = 4;
+
+crate::linalg::multiversion! {
+    /// Modified Gram–Schmidt in f64 on the rows of `block` (`rows × d`): the orthonormal rows, in
+    /// order. Each row takes its projections on the earlier rows one by one, in order, then is
+    /// normalised; rows go in groups of [`GS_GROUP`] through the basis finished before the group
+    /// (the same operations in the same order as row by row, so the same bits).
+    fn gram_schmidt(block: &[f32], d: usize) -> Vec<f64> {
+        let mut basis = vec![0.0f64; block.len()];
+        for (v, src) in basis.iter_mut().zip(block) {
+            *v = *src as f64;
+        }
+        let rows = block.len() / d;
+        for g in (0..rows).step_by(GS_GROUP) {
+            let (done, group) = basis.split_at_mut(g * d);
+            let group = &mut group[..(rows - g).min(GS_GROUP) * d];
+            for b in done.chunks_exact(d) {
+                for v in group.chunks_exact_mut(d) {
+                    let p = crate::linalg::dot_f64(v, b);
+                    for (x, y) in v.iter_mut().zip(b) {
+                        *x -= p * y;
+                    }
+                }
+            }
+            for i in 0..group.len() / d {
+                let (earlier, rest) = group.split_at_mut(i * d);
+                let v = &mut rest[..d];
+                for b in earlier.chunks_exact(d) {
+                    let p = crate::linalg::dot_f64(v, b);
+                    for (x, y) in v.iter_mut().zip(b) {
+                        *x -= p * y;
+                    }
+                }
+                let norm = crate::linalg::dot_f64(v, v).sqrt().max(1e-30);
+                for x in v.iter_mut() {
+                    *x /= norm;
+                }
+            }
+        }
+        basis
+    }
+}
+
 impl Performer {
     /// The `m × d` directions of head `h` for `seed` (what the forward uses).
     pub fn directions(&self, d: usize, seed: u64, h: usize) -> Vec<f32> {
@@ -100,26 +145,8 @@ impl Performer {
             for block in w.chunks_mut(d * d) {
                 // Gram–Schmidt on the block's rows (f64 for accuracy), then each row rescaled to
                 // the norm of a fresh Gaussian vector (a χ_d draw): marginally N(0, I) again.
-                let rows = block.len() / d;
-                let mut basis: Vec<Vec<f64>> = Vec::with_capacity(rows);
-                for r in 0..rows {
-                    let mut v: Vec<f64> = block[r * d..(r + 1) * d]
-                        .iter()
-                        .map(|x| *x as f64)
-                        .collect();
-                    for b in &basis {
-                        let p = crate::linalg::dot_f64(&v, b);
-                        for (x, y) in v.iter_mut().zip(b) {
-                            *x -= p * y;
-                        }
-                    }
-                    let norm = crate::linalg::dot_f64(&v, &v).sqrt().max(1e-30);
-                    for x in v.iter_mut() {
-                        *x /= norm;
-                    }
-                    basis.push(v);
-                }
-                for (row, b) in block.chunks_exact_mut(d).zip(&basis) {
+                let basis = gram_schmidt(block, d);
+                for (row, b) in block.chunks_exact_mut(d).zip(basis.chunks_exact(d)) {
                     let chi: f64 = (0..d)
                         .map(|_| (rng.sample::<f64, _>(StandardNormal)).powi(2))
                         .sum::<f64>()
