@@ -55,6 +55,11 @@ pub struct SuiteArgs {
     /// No progress bars (each run prints one line when it ends).
     #[arg(long)]
     quiet: bool,
+    /// Runs trained at once (`lra run` only), each on its share of the cores (RAYON_NUM_THREADS
+    /// = cores / jobs, unless set): a small model leaves cores idle, so two runs at a time on
+    /// two cores finish a suite sooner. Results do not depend on the thread count.
+    #[arg(long, default_value_t = 1, value_parser = crate::limits::size(256))]
+    jobs: usize,
 }
 
 #[derive(Args)]
@@ -250,62 +255,40 @@ fn run(a: SuiteArgs) -> Result<()> {
         a.suite,
         a.out.display()
     );
-    let mut failed = Vec::new();
-    for (i, (run, t)) in todo.iter().enumerate() {
-        let (verb, args) = match t {
-            Todo::Start(args) => ("start", args),
-            Todo::Resume(args) => ("resume", args),
-        };
-        eprintln!(
-            "[{}/{total}] {verb} {} with {}, seed {}",
-            i + 1,
-            run.task,
-            run.attention,
-            run.seed
-        );
-        // A process per run: its peak memory is its own, and a crash loses only that run.
-        let mut cmd = Command::new(&exe);
-        cmd.args(args);
-        // The run dies with the suite: a suite killed and started again never finds its old
-        // run still writing (the run folder's lock would refuse it anyway).
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // `ps` and `pkill -f` see the runs under the suite's own name, not /proc/self/exe.
-            cmd.arg0(
-                std::env::args_os()
-                    .next()
-                    .unwrap_or_else(|| "randattn".into()),
-            );
-            let suite = std::process::id() as libc::pid_t;
-            // SAFETY: prctl, getppid and _exit are async-signal-safe and touch no memory of the
-            // parent.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    // The suite died before the request took: the run must not outlive it.
-                    if libc::getppid() != suite {
-                        libc::_exit(1);
+    // Each run's share of the cores, unless the user chose the threads: from the jobs asked
+    // for, not those left, so that a run records the same threads whenever it was started.
+    let threads = (a.jobs > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none())
+        .then(|| (rayon::current_num_threads() / a.jobs).max(1));
+    let jobs = a.jobs.min(total.max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(Vec::new());
+    let started = std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some((run, t)) = todo.get(i) else {
+                            return Ok(());
+                        };
+                        if !run_one(&a, &exe, run, t, i, total, threads)? {
+                            failed
+                                .lock()
+                                .expect("no worker panics holding it")
+                                .push(run.dir(&a.out));
+                        }
                     }
-                    Ok(())
-                });
-            }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("a suite worker panicked")?;
         }
-        if a.quiet {
-            cmd.arg("--quiet");
-        }
-        let status = cmd
-            .status()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        if !status.success() {
-            eprintln!(
-                "[{}/{total}] failed ({status}): {} — the suite goes on",
-                i + 1,
-                run.dir(&a.out).display()
-            );
-            failed.push(run.dir(&a.out));
-        }
-    }
+        Ok(())
+    });
+    started?;
+    let mut failed = failed.into_inner().expect("no worker panics holding it");
+    failed.sort();
     if !failed.is_empty() || !conflicts.is_empty() {
         let mut what = Vec::new();
         if !failed.is_empty() {
@@ -329,6 +312,76 @@ fn run(a: SuiteArgs) -> Result<()> {
     }
     eprintln!("suite {}: every run complete", a.suite);
     Ok(())
+}
+
+/// Trains one run of the suite in its own `randattn train` process (`threads`: its rayon
+/// threads, `None` for the default) and waits for it; whether it succeeded.
+fn run_one(
+    a: &SuiteArgs,
+    exe: &std::path::Path,
+    run: &RunId,
+    todo: &Todo,
+    i: usize,
+    total: usize,
+    threads: Option<usize>,
+) -> Result<bool> {
+    let (verb, args) = match todo {
+        Todo::Start(args) => ("start", args),
+        Todo::Resume(args) => ("resume", args),
+    };
+    eprintln!(
+        "[{}/{total}] {verb} {} with {}, seed {}",
+        i + 1,
+        run.task,
+        run.attention,
+        run.seed
+    );
+    // A process per run: its peak memory is its own, and a crash loses only that run.
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    if let Some(t) = threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+    }
+    // The run dies with the suite: a suite killed and started again never finds its old run
+    // still writing (the run folder's lock would refuse it anyway).
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // `ps` and `pkill -f` see the runs under the suite's own name, not /proc/self/exe.
+        cmd.arg0(
+            std::env::args_os()
+                .next()
+                .unwrap_or_else(|| "randattn".into()),
+        );
+        let suite = std::process::id() as libc::pid_t;
+        // SAFETY: prctl, getppid and _exit are async-signal-safe and touch no memory of the
+        // parent. (The death signal follows the thread that starts the run; that thread waits
+        // for the run, so it outlives it unless the whole suite dies.)
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The suite died before the request took: the run must not outlive it.
+                if libc::getppid() != suite {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    if a.quiet {
+        cmd.arg("--quiet");
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    if !status.success() {
+        eprintln!(
+            "[{}/{total}] failed ({status}): {} — the suite goes on",
+            i + 1,
+            run.dir(&a.out).display()
+        );
+    }
+    Ok(status.success())
 }
 
 fn pct(x: f64) -> String {

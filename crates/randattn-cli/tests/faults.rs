@@ -165,14 +165,33 @@ fn suite_figures(out: &Path) -> Vec<(String, serde_json::Value, Vec<serde_json::
 
 #[test]
 fn a_suite_killed_again_and_again_loses_no_run_and_ends_as_the_uninterrupted_one() {
+    killed_suite_ends_as_the_uninterrupted_one(1, 0x2545_F491_4F6C_DD1D);
+}
+
+#[test]
+fn a_suite_of_two_jobs_at_a_time_killed_again_and_again_ends_as_the_uninterrupted_one() {
+    killed_suite_ends_as_the_uninterrupted_one(2, 0x9E37_79B9_7F4A_7C15);
+}
+
+/// The small suite with `--jobs jobs`.
+fn small_suite_jobs(out: &Path, jobs: usize) -> std::process::Command {
+    let mut c = small_suite(out);
+    c.args(["--jobs", &jobs.to_string()]);
+    c
+}
+
+/// The small suite `--jobs jobs`, killed at pseudo-random moments (from `seed`) and started
+/// again until it finishes, against the same suite never interrupted.
+fn killed_suite_ends_as_the_uninterrupted_one(jobs: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
+    let small_suite = |out: &Path| small_suite_jobs(out, jobs);
     let started = Instant::now();
     let o = small_suite(&whole).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let whole_s = started.elapsed().as_secs_f64();
 
-    let mut state = kill_sequence(0x2545_F491_4F6C_DD1D);
+    let mut state = kill_sequence(seed);
     let (mut kills, mut attempts) = (0, 0);
     let mut finished_before: Vec<std::path::PathBuf> = Vec::new();
     loop {
@@ -214,6 +233,28 @@ fn a_suite_killed_again_and_again_loses_no_run_and_ends_as_the_uninterrupted_one
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn two_jobs_at_a_time_give_the_figures_of_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let o = small_suite(&one).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = small_suite_jobs(&two, 2).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Each run trained on its share of the cores: only the thread count it records differs.
+    let without_machine = |out: &Path| {
+        let mut runs = suite_figures(out);
+        for (_, summary, _) in &mut runs {
+            summary.as_object_mut().unwrap().remove("machine");
+        }
+        runs
+    };
+    assert_eq!(without_machine(&one), without_machine(&two));
+    let o = small_suite_jobs(&two, 0).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--jobs"), "{}", stderr(&o));
 }
 
 /// The summaries present under a suite folder.
