@@ -136,38 +136,6 @@ fn exp_poly<const FMA: bool>(x: f32) -> f32 {
     if x < -87.3 { 0.0 } else { p * pow2n }
 }
 
-/// `ln x` to about 2 ulp for positive normal `x` (the callers clamp away 0, subnormals, NaN and
-/// ∞), written with plain arithmetic and bit operations so that loops over it vectorise (the
-/// library `logf` is a scalar call per element).
-///
-/// `x = m·2^e` with `m ∈ [√½, √2)`, then Cephes' degree-9 polynomial for `ln(1 + f)`, `f = m − 1`,
-/// and `e·ln 2` added in two parts.
-#[inline(always)]
-pub fn ln_approx(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let mut e = ((bits >> 23) & 0xff) as i32 - 126;
-    // m ∈ [0.5, 1)
-    let m = f32::from_bits((bits & 0x807f_ffff) | 0x3f00_0000);
-    let small = m < std::f32::consts::FRAC_1_SQRT_2;
-    e -= i32::from(small);
-    let f = if small { m + m - 1.0 } else { m - 1.0 };
-    let z = f * f;
-    let mut y = 7.037_683_6e-2f32;
-    y = y * f - 1.151_461e-1;
-    y = y * f + 1.167_699_9e-1;
-    y = y * f - 1.242_014_1e-1;
-    y = y * f + 1.424_932_3e-1;
-    y = y * f - 1.666_805_8e-1;
-    y = y * f + 2.000_071_4e-1;
-    y = y * f - 2.499_999_4e-1;
-    y = y * f + 3.333_333e-1;
-    y = y * f * z;
-    let ef = e as f32;
-    y += ef * -2.121_944_4e-4;
-    y += -0.5 * z;
-    f + y + ef * 0.693_359_4
-}
-
 #[inline(always)]
 fn exp_shifted_sum_impl<const FMA: bool>(row: &mut [f32], shift: f32) -> f32 {
     // Two simple loops rather than one fused one: the loop vectoriser handles each, whereas the
@@ -444,24 +412,6 @@ mod tests {
         assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_approx(-1e4), 0.0);
         assert_eq!(exp_approx(0.0), 1.0);
-    }
-
-    #[test]
-    fn ln_approx_matches_std_to_a_few_ulp() {
-        let mut worst = 0.0f64;
-        let mut x = 1e-30f32;
-        while x < 1e30 {
-            let want = (x as f64).ln();
-            let got = ln_approx(x) as f64;
-            // relative to |ln x|, absolute near x = 1 where ln x → 0
-            worst = worst.max((got - want).abs() / want.abs().max(1.0));
-            x *= 1.000_97;
-        }
-        assert!(worst < 3.6e-7, "worst error {worst}");
-        for x in [1.0f32, 2.0, 0.5, 1e-8, std::f32::consts::E] {
-            assert!((ln_approx(x) - x.ln()).abs() <= 2.0 * f32::EPSILON * x.ln().abs().max(1.0));
-        }
-        assert_eq!(ln_approx(1.0), 0.0);
     }
 
     #[test]
