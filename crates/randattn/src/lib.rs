@@ -34,6 +34,7 @@ pub mod linalg;
 pub mod matrix;
 pub mod memory;
 pub mod methods;
+mod pages;
 pub mod params;
 pub mod pinv;
 pub mod registry;

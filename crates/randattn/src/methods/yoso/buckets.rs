@@ -12,6 +12,7 @@
 use std::ops::Range;
 
 use crate::matrix::{MatMut, MatRef, matmul};
+use crate::pages;
 
 use super::hash::NO_CODE;
 
@@ -199,8 +200,7 @@ pub(crate) fn cumulate(
         counts.push(index.buckets());
     }
     let most = counts.iter().copied().max().unwrap_or(0);
-    scratch.bucket_sums.clear();
-    scratch.bucket_sums.resize(most * w, 0.0);
+    pages::refill_for_random_access(&mut scratch.bucket_sums, most * w, 0.0);
     let ids = BucketIds {
         src: &src_ids,
         dst: &dst_ids,
@@ -260,10 +260,9 @@ fn compact_cumulate(
     let mut flush = |src_ids: &[u32], dst_ids: &[u32], counts: &[usize], sums: &mut Vec<f32>| {
         let rows: usize = counts.iter().sum();
         if sums.len() < rows * w {
-            // Sized once to the budget, the old table freed first: a growing `Vec` would double
-            // its capacity and copy.
-            *sums = Vec::new();
-            sums.resize(n_src.max(rows) * w, 0.0);
+            // Sized once to the budget, the old table freed first (a growing `Vec` would double
+            // its capacity and copy), on huge pages where offered: its rows are met at random.
+            pages::refill_for_random_access(sums, n_src.max(rows) * w, 0.0);
         }
         let ids = BucketIds {
             src: src_ids,
@@ -620,10 +619,9 @@ impl CumulationScratch {
         n_q: usize,
         n_k: usize,
     ) -> (&mut [f32], &mut [f32]) {
-        self.query_rows.clear();
-        self.query_rows.resize(n_q * layout.query_stride(), 0.0);
-        self.key_rows.clear();
-        self.key_rows.resize(n_k * layout.key_stride(), 0.0);
+        // Walked at random rows (bucket members): on huge pages where offered.
+        pages::refill_for_random_access(&mut self.query_rows, n_q * layout.query_stride(), 0.0);
+        pages::refill_for_random_access(&mut self.key_rows, n_k * layout.key_stride(), 0.0);
         (&mut self.query_rows, &mut self.key_rows)
     }
 
