@@ -282,12 +282,13 @@ fn compact_cumulate(
             if c == NO_CODE {
                 return NO_CODE;
             }
+            // A select, not a branch: whether a code is new is as unpredictable as the data.
             let slot = &mut slot_of[c as usize];
-            if *slot == NO_CODE {
-                *slot = next;
-                next += 1;
-            }
-            *slot
+            let new = *slot == NO_CODE;
+            let id = if new { next } else { *slot };
+            *slot = id;
+            next += u32::from(new);
+            id
         }));
         dst_ids.extend(dst.iter().map(|&c| {
             if c == NO_CODE {
