@@ -55,18 +55,24 @@ impl BucketIndex {
             // Bucket ids in order of first appearance; counts then prefix sums.
             self.slots.clear();
             self.slots.resize(slots, NO_CODE);
+            // The new bucket's id is picked by a select, not a branch (whether a code is new
+            // is as unpredictable as the data); at most `n` buckets.
             let mut counts: Vec<u32> = std::mem::take(&mut self.bounds);
+            counts.clear();
+            counts.resize(n, 0);
+            let mut next = 0u32;
             for &c in codes {
                 if c == NO_CODE {
                     continue;
                 }
                 let slot = &mut self.slots[c as usize];
-                if *slot == NO_CODE {
-                    *slot = counts.len() as u32;
-                    counts.push(0);
-                }
-                counts[*slot as usize] += 1;
+                let new = *slot == NO_CODE;
+                let id = if new { next } else { *slot };
+                *slot = id;
+                next += u32::from(new);
+                counts[id as usize] += 1;
             }
+            counts.truncate(next as usize);
             let mut start = 0u32;
             for c in counts.iter_mut() {
                 let size = *c;
