@@ -81,12 +81,19 @@ crate::method_params! {
     }
 }
 
-/// One head's forward, everything kept for the backward.
-struct Head {
-    /// Scaled queries and keys, `n_q × d`, `n_k × d`.
-    x: Vec<f32>,
-    y: Vec<f32>,
-    /// Proposals `c_eff`, samples `j_n` (`c_eff` or `2·c_eff`), repetitions per proposal.
+/// What a LARA forward keeps for its backward: per head, its `O(C·d + n)` results — the samples
+/// and means, `F`, `L`, `BH`, and the normalisers of its three softmaxes — from which the
+/// backward rebuilds the `O(C·n)` matrices (two products and one pass each, no reductions, the
+/// same operations as the forward, so the same bits) instead of running the forward again.
+#[derive(Debug)]
+pub struct LaraSaved {
+    heads: Vec<Option<Small>>,
+}
+
+/// One head's small results (see [`LaraSaved`]).
+#[derive(Debug)]
+struct Small {
+    /// Proposals `c_eff`, repetitions per proposal (samples `j_n = c·reps`).
     c: usize,
     reps: usize,
     /// Landmark segments (empty with given means).
@@ -99,12 +106,35 @@ struct Head {
     /// The samples `ω` (`j × d`) stacked on `q̃` (or the given means, `c × d`): the right
     /// factor of the one GEMM over the queries, `x [ω; q̃]ᵀ`.
     stacked: Vec<f32>,
-    /// Key softmaxes `softmax_m(A_k)`, `j × n_k`; `F` (`j × d_v`).
-    pk: Vec<f32>,
+    /// `F` (`j × d_v`).
     f: Vec<f32>,
-    /// `L = ω μᵀ − ½‖μ‖²`, `j × c`; `BH` (`j`).
+    /// `L = ω μᵀ − ½‖μ‖²`, `j × c`; `BH` (`j`); `z_j − own_j` (`j`).
     l: Vec<f32>,
     bh: Vec<f32>,
+    z_own: Vec<f32>,
+    /// The key softmaxes' row maxima and inverse sums (`j` each).
+    key_norm: Norms,
+    /// The query softmaxes' column maxima and inverse sums (`c` each), and each query row's
+    /// maximum and inverse total of `W` (`n_q` each).
+    col_norm: Norms,
+    row_norm: Norms,
+}
+
+/// Maxima and inverse sums of a set of softmaxes.
+#[derive(Debug, Default)]
+struct Norms {
+    max: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+/// One head's forward as the backward needs it: the small results and the `O(C·n)` matrices.
+struct Head<'a> {
+    s: &'a Small,
+    /// Scaled queries and keys, `n_q × d`, `n_k × d`.
+    x: Vec<f32>,
+    y: Vec<f32>,
+    /// Key softmaxes `softmax_m(A_k)`, `j × n_k`.
+    pk: Vec<f32>,
     /// One row per query, `j + c` wide: `W = softmax_j(ℓ)` in the first `j` columns, `r_nc` in
     /// the last `c` (zero for masked queries).
     wr: Vec<f32>,
@@ -114,12 +144,32 @@ struct Head {
     query_kept: Vec<bool>,
 }
 
-impl Head {
+/// The backward reads the small results through the head (`h.f`, `h.mu`, ...).
+impl std::ops::Deref for Head<'_> {
+    type Target = Small;
+    fn deref(&self) -> &Small {
+        self.s
+    }
+}
+
+impl Small {
+    fn bytes(&self) -> usize {
+        let floats = self.mu.len()
+            + self.stacked.len()
+            + self.f.len()
+            + self.l.len()
+            + self.bh.len()
+            + self.z_own.len()
+            + 2 * (self.key_norm.max.len() + self.col_norm.max.len() + self.row_norm.max.len());
+        let ranges = self.q_segs.len() + self.k_segs.len();
+        4 * (floats + self.q_idx.len() + self.k_idx.len())
+            + ranges * std::mem::size_of::<std::ops::Range<usize>>()
+    }
     fn j_n(&self) -> usize {
         self.c * self.reps
     }
     fn d(&self) -> usize {
-        self.x.len() / self.query_kept.len()
+        self.mu.len() / self.c
     }
     fn omega(&self) -> &[f32] {
         &self.stacked[..self.j_n() * self.d()]
@@ -151,23 +201,64 @@ fn alpha_row_inline(
     }
 }
 
+/// What every query row's weights share: `BH`, `z − own`, `λ / reps`, `1 / c` and `reps`.
+struct RowShared<'a> {
+    bh: &'a [f32],
+    z_own: &'a [f32],
+    lambda_reps: f32,
+    inv_c: f32,
+    reps: usize,
+}
+
+/// One query row's `mean_c r` and `W` (see [`query_rows`]), from `s = ω·x` in `w` and the
+/// normalised `r`; with `norm`, the row's maximum and inverse total that the forward recorded,
+/// the same values without the two reductions. Returns the mean, the maximum and the inverse
+/// total. Inlined into the vectorised callers.
+#[inline(always)]
+fn weight_row(
+    w: &mut [f32],
+    r: &[f32],
+    p: &RowShared<'_>,
+    alpha: &mut [f32],
+    norm: Option<(f32, f32)>,
+) -> (f32, f32, f32) {
+    // Loops without reductions, and reductions with partial sums, so that each vectorises (a
+    // float sum in a loop keeps the whole loop scalar).
+    let mean = crate::linalg::sum_lanes(r) * p.inv_c;
+    alpha_row_inline(p.bh, r, mean, p.lambda_reps, p.reps, alpha);
+    // softmax_j(log α_j + s_j) = α_j e^{s_j − max s} / Σ: no logarithm needed. The largest s
+    // keeps a term of at least α_min, so the sum stays a normal float.
+    for (wv, zo) in w.iter_mut().zip(p.z_own) {
+        *wv += zo;
+    }
+    let max = norm.map_or_else(|| crate::linalg::max_lanes(w), |n| n.0);
+    for (v, a) in w.iter_mut().zip(alpha.iter()) {
+        *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
+    }
+    let inv_total = norm.map_or_else(|| 1.0 / crate::linalg::sum_lanes(w), |n| n.1);
+    for v in w.iter_mut() {
+        *v *= inv_total;
+    }
+    (mean, max, inv_total)
+}
+
 crate::linalg::multiversion! {
     /// The per-query part of LARA's forward over the `n_q × (j + c)` rows of `x [ω; q̃]ᵀ`: the
     /// query softmax `r_c = softmax over kept queries of q̃_c·x` (in place in the last `c`
     /// columns, whose column statistics are vectors over `c`), `mean_c r`, and then each row's
     /// `W = softmax_j(ℓ)`, `ℓ_j = ω_j·x + log max(α_j, α_min) + z_j − own_j`, in the first `j`
     /// columns, computed without a logarithm as `max(α_j, α_min)·e^{s_j − max s}` normalised
-    /// (`s_j = ω_j·x + z_j − own_j`).
+    /// (`s_j = ω_j·x + z_j − own_j`). The normalisers go to `col` (per proposal) and `row` (per
+    /// query) for [`query_rows_again`].
     fn query_rows(
         wr: &mut [f32],
         query_kept: &[bool],
-        bh: &[f32],
-        z_own: &[f32],
-        lambda: f32,
-        reps: usize,
+        shared: &RowShared<'_>,
         r_mean: &mut [f32],
+        col: &mut Norms,
+        row_norm: &mut Norms,
     ) {
-        let j_n = bh.len();
+        let j_n = shared.bh.len();
         let mut alpha = vec![0.0f32; j_n];
         let width = wr.len() / query_kept.len();
         let c = width - j_n;
@@ -190,35 +281,97 @@ crate::linalg::multiversion! {
             }
         }
         let inv: Vec<f32> = col_sum.iter().map(|s| 1.0 / s).collect();
-        let (lambda_reps, inv_c) = (lambda / reps as f32, 1.0 / c as f32);
-        for (row, mean) in wr.chunks_exact_mut(width).zip(r_mean.iter_mut()) {
-            // Loops without reductions, and reductions with partial sums, so that each
-            // vectorises (a float sum in a loop keeps the whole loop scalar).
+        row_norm.max.resize(query_kept.len(), 0.0);
+        row_norm.inv.resize(query_kept.len(), 0.0);
+        for (((row, mean), row_max), row_inv) in wr
+            .chunks_exact_mut(width)
+            .zip(r_mean.iter_mut())
+            .zip(row_norm.max.iter_mut())
+            .zip(row_norm.inv.iter_mut())
+        {
             let (w, r) = row.split_at_mut(j_n);
             for (v, i) in r.iter_mut().zip(&inv) {
                 *v *= i;
             }
-            *mean = crate::linalg::sum_lanes(r) * inv_c;
-            alpha_row_inline(bh, r, *mean, lambda_reps, reps, &mut alpha);
-            // softmax_j(log α_j + s_j) = α_j e^{s_j − max s} / Σ: no logarithm needed. The
-            // largest s keeps a term of at least α_min, so the sum stays a normal float.
-            for (wv, zo) in w.iter_mut().zip(z_own) {
-                *wv += zo;
+            (*mean, *row_max, *row_inv) = weight_row(w, r, shared, &mut alpha, None);
+        }
+        *col = Norms { max: col_max, inv };
+    }
+}
+
+crate::linalg::multiversion! {
+    /// [`query_rows`] again, for the backward, from the normalisers it recorded: one pass per
+    /// row with the same operations on the same values (so the same bits), without the column
+    /// maxima and the row reductions.
+    fn query_rows_again(
+        wr: &mut [f32],
+        query_kept: &[bool],
+        shared: &RowShared<'_>,
+        r_mean: &mut [f32],
+        col: &Norms,
+        row_norm: &Norms,
+    ) {
+        let j_n = shared.bh.len();
+        let mut alpha = vec![0.0f32; j_n];
+        let width = wr.len() / query_kept.len();
+        for ((((row, kept), mean), max), inv_total) in wr
+            .chunks_exact_mut(width)
+            .zip(query_kept)
+            .zip(r_mean.iter_mut())
+            .zip(&row_norm.max)
+            .zip(&row_norm.inv)
+        {
+            let (w, r) = row.split_at_mut(j_n);
+            if *kept {
+                for ((v, m), i) in r.iter_mut().zip(&col.max).zip(&col.inv) {
+                    *v = crate::linalg::exp_approx(*v - m) * i;
+                }
+            } else {
+                r.fill(0.0);
             }
-            let max = crate::linalg::max_lanes(w);
-            for (v, a) in w.iter_mut().zip(alpha.iter()) {
-                *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
-            }
-            let inv_total = 1.0 / crate::linalg::sum_lanes(w);
-            for v in w.iter_mut() {
-                *v *= inv_total;
-            }
+            *mean = weight_row(w, r, shared, &mut alpha, Some((*max, *inv_total))).0;
         }
     }
 }
 
+/// A head's scaled queries and keys, which queries are kept, and the key mask row.
+struct Scaled<'x> {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    query_kept: Vec<bool>,
+    keep: Option<&'x [bool]>,
+}
+
 impl Lara {
-    fn head(&self, x: &AttentionInputs<'_>, bh: usize, seed: u64) -> Option<Head> {
+    fn scaled<'x>(&self, x: &'x AttentionInputs<'_>, bh: usize) -> Scaled<'x> {
+        let Dims { heads, n_q, d, .. } = x.dims();
+        let root = resolve_scale(self.scale, d).sqrt();
+        Scaled {
+            x: crate::linalg::scaled(x.q_head(bh), root),
+            y: crate::linalg::scaled(x.k_head(bh), root),
+            query_kept: (0..n_q).map(|i| x.query_kept(bh, i)).collect(),
+            keep: x.key_mask_row(bh / heads),
+        }
+    }
+
+    fn row_shared<'a>(
+        &self,
+        bh: &'a [f32],
+        z_own: &'a [f32],
+        c: usize,
+        reps: usize,
+    ) -> RowShared<'a> {
+        RowShared {
+            bh,
+            z_own,
+            lambda_reps: self.lambda / reps as f32,
+            inv_c: 1.0 / c as f32,
+            reps,
+        }
+    }
+
+    /// One head's forward: its small results and `W` (in the first `j` of `j + c` columns).
+    fn head(&self, x: &AttentionInputs<'_>, bh: usize, seed: u64) -> Option<(Small, Vec<f32>)> {
         let Dims {
             heads,
             n_q,
@@ -228,11 +381,12 @@ impl Lara {
             ..
         } = x.dims();
         let (b, h) = (bh / heads, bh % heads);
-        let root = resolve_scale(self.scale, d).sqrt();
-        let keep = x.key_mask_row(b);
-        let xs = crate::linalg::scaled(x.q_head(bh), root);
-        let ys = crate::linalg::scaled(x.k_head(bh), root);
-        let query_kept: Vec<bool> = (0..n_q).map(|i| x.query_kept(bh, i)).collect();
+        let Scaled {
+            x: xs,
+            y: ys,
+            query_kept,
+            keep,
+        } = self.scaled(x, bh);
         let q_idx: Vec<u32> = (0..n_q as u32)
             .filter(|&i| query_kept[i as usize])
             .collect();
@@ -283,7 +437,8 @@ impl Lara {
         }
         stacked[j_n * d..].copy_from_slice(&q_land);
         let omega = &stacked[..j_n * d];
-        let (pk, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
+        let (pk, key_norm, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
+        drop((pk, ys));
         // L = ω μᵀ − ½‖μ‖², BH_j = softmax_c(L_j)[c(j)].
         let half_mu: Vec<f32> = mu
             .chunks_exact(d)
@@ -308,28 +463,19 @@ impl Lara {
         }
         let z_own: Vec<f32> = (0..j_n).map(|j| z[j] - l[j * c + j / reps]).collect();
         // One GEMM for both query-side products: x [ω; q̃]ᵀ, then r, ℓ and W row by row.
-        let width = j_n + c;
-        let mut wr = crate::linalg::zeroed(n_q * width);
-        matmul(
-            MatMut::new(&mut wr, n_q, width),
-            false,
-            MatRef::new(&xs, n_q, d),
-            MatRef::new(&stacked, width, d).t(),
-            1.0,
-        );
+        let mut wr = query_product(&xs, &stacked, n_q, d);
         let mut r_mean = vec![0.0f32; n_q];
+        let (mut col_norm, mut row_norm) = (Norms::default(), Norms::default());
+        let shared = self.row_shared(&bh_w, &z_own, c, reps);
         query_rows(
             &mut wr,
             &query_kept,
-            &bh_w,
-            &z_own,
-            self.lambda,
-            reps,
+            &shared,
             &mut r_mean,
+            &mut col_norm,
+            &mut row_norm,
         );
-        Some(Head {
-            x: xs,
-            y: ys,
+        let small = Small {
             c,
             reps,
             q_idx,
@@ -338,28 +484,74 @@ impl Lara {
             k_segs,
             mu,
             stacked,
-            pk,
             f,
             l,
             bh: bh_w,
+            z_own,
+            key_norm,
+            col_norm,
+            row_norm,
+        };
+        Some((small, wr))
+    }
+
+    /// The head's `O(C·n)` matrices again, from its small results, for the backward.
+    fn rebuild<'s>(&self, x: &AttentionInputs<'_>, bh: usize, s: &'s Small) -> Head<'s> {
+        let Dims { n_q, d, .. } = x.dims();
+        let Scaled {
+            x: xs,
+            y: ys,
+            query_kept,
+            keep,
+        } = self.scaled(x, bh);
+        let (pk, _, _) = key_softmaxes(s.omega(), &ys, keep, d, Some(&s.key_norm));
+        let mut wr = query_product(&xs, &s.stacked, n_q, d);
+        let mut r_mean = vec![0.0f32; n_q];
+        query_rows_again(
+            &mut wr,
+            &query_kept,
+            &self.row_shared(&s.bh, &s.z_own, s.c, s.reps),
+            &mut r_mean,
+            &s.col_norm,
+            &s.row_norm,
+        );
+        Head {
+            s,
+            x: xs,
+            y: ys,
+            pk,
             wr,
             r_mean,
             query_kept,
-        })
+        }
     }
 }
 
-/// The key side shared by every sample `ω_j` (`j × d`, scaled coordinates): the key softmaxes
-/// `softmax_m(ω_j·y_m − ½‖y_m‖²)` (`j × n_k`, masked keys 0), their log-normalisers `z_j`, and
-/// `F = f(ω) = softmax · V` (`j × d_v`).
-fn key_side(
+/// `x [ω; q̃]ᵀ` (`n_q × (j + c)`).
+fn query_product(xs: &[f32], stacked: &[f32], n_q: usize, d: usize) -> Vec<f32> {
+    let width = stacked.len() / d;
+    let mut wr = crate::linalg::zeroed(n_q * width);
+    matmul(
+        MatMut::new(&mut wr, n_q, width),
+        false,
+        MatRef::new(xs, n_q, d),
+        MatRef::new(stacked, width, d).t(),
+        1.0,
+    );
+    wr
+}
+
+/// The key softmaxes shared by every sample `ω_j` (`j × d`, scaled coordinates):
+/// `softmax_m(ω_j·y_m − ½‖y_m‖²)` (`j × n_k`, masked keys 0), their normalisers and
+/// log-normalisers `z_j`; given the normalisers (`known`, from the forward), the same values
+/// again without the reductions (and no `z`).
+fn key_softmaxes(
     omega: &[f32],
     ys: &[f32],
     keep: Option<&[bool]>,
-    v: &[f32],
     d: usize,
-    d_v: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    known: Option<&Norms>,
+) -> (Vec<f32>, Norms, Vec<f32>) {
     let (j_n, n_k) = (omega.len() / d, ys.len() / d);
     let half_y: Vec<f32> = ys
         .chunks_exact(d)
@@ -373,8 +565,9 @@ fn key_side(
         MatRef::new(ys, n_k, d).t(),
         1.0,
     );
-    let mut z = vec![0.0f32; j_n];
-    for (row, zj) in pk.chunks_exact_mut(n_k).zip(z.iter_mut()) {
+    let mut norms = Norms::default();
+    let mut z = Vec::new();
+    for (j, row) in pk.chunks_exact_mut(n_k).enumerate() {
         for (m, a) in row.iter_mut().enumerate() {
             *a = if keep.is_none_or(|mk| mk[m]) {
                 *a - half_y[m]
@@ -382,14 +575,38 @@ fn key_side(
                 f32::NEG_INFINITY
             };
         }
-        let max = row_max(row);
-        let sum = exp_shifted_sum(row, max);
-        let inv = 1.0 / sum;
+        let inv = match known {
+            Some(k) => {
+                exp_shifted_sum(row, k.max[j]);
+                k.inv[j]
+            }
+            None => {
+                let max = row_max(row);
+                let sum = exp_shifted_sum(row, max);
+                z.push(max + sum.ln());
+                norms.max.push(max);
+                norms.inv.push(1.0 / sum);
+                1.0 / sum
+            }
+        };
         for a in row.iter_mut() {
             *a *= inv;
         }
-        *zj = max + sum.ln();
     }
+    (pk, norms, z)
+}
+
+/// [`key_softmaxes`], and `F = softmax · V` (`j × d_v`).
+fn key_side(
+    omega: &[f32],
+    ys: &[f32],
+    keep: Option<&[bool]>,
+    v: &[f32],
+    d: usize,
+    d_v: usize,
+) -> (Vec<f32>, Norms, Vec<f32>, Vec<f32>) {
+    let (pk, norms, z) = key_softmaxes(omega, ys, keep, d, None);
+    let (j_n, n_k) = (omega.len() / d, ys.len() / d);
     let mut f = vec![0.0f32; j_n * d_v];
     matmul(
         MatMut::new(&mut f, j_n, d_v),
@@ -398,7 +615,7 @@ fn key_side(
         MatRef::new(v, n_k, d_v),
         1.0,
     );
-    (pk, z, f)
+    (pk, norms, z, f)
 }
 
 impl Lara {
@@ -477,7 +694,7 @@ impl Lara {
                 let xs = crate::linalg::scaled(x.q_head(bh), root);
                 let ys = crate::linalg::scaled(x.k_head(bh), root);
                 let omega = &samples[bh * j_n * d..(bh + 1) * j_n * d];
-                let (_, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
+                let (_, _, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
                 let mut w = vec![0.0f32; n_q * j_n];
                 matmul(
                     MatMut::new(&mut w, n_q, j_n),
@@ -525,7 +742,7 @@ impl Estimator for Lara {
             "O(C (n_q + n_k) d + C^2 d) time, O(C n) memory",
         )
     };
-    type Saved = ();
+    type Saved = LaraSaved;
 
     fn memory(&self, s: &Sizes) -> Memory {
         let c = self.proposals as u128;
@@ -539,7 +756,19 @@ impl Estimator for Lara {
             + 2 * s.n_q * j
             + 2 * c * s.d;
         let means = s.heads * c * s.d;
-        let forward = s.o() + means + s.parallel_heads() * head;
+        // Kept for the backward, every head: μ, [ω; q̃], F, L, BH, z − own, the normalisers,
+        // the kept indices and the segment ranges (16 bytes each).
+        let small = c * s.d
+            + (j + c) * s.d
+            + j * (s.d_v + c + 2)
+            + 2 * (j + c + s.n_q)
+            + s.n_q
+            + s.n_k
+            + 8 * c;
+        let saved = s.bh() * small;
+        let forward = s.o() + means + saved + s.parallel_heads() * head;
+        // Per head backward: the rebuilt matrices (bounded by the forward's head) and the
+        // gradients' products.
         let back_head = head
             + j * (s.d + s.d_v + c + 2)
             + (s.n_q + s.n_k) * s.d
@@ -552,7 +781,7 @@ impl Estimator for Lara {
         } else {
             0
         };
-        let backward = s.o() + s.grads() + means + given + s.parallel_heads() * back_head;
+        let backward = s.o() + s.grads() + means + saved + given + s.parallel_heads() * back_head;
         Memory::from_values(s, forward, s.o() + backward)
     }
 
@@ -576,35 +805,40 @@ impl Estimator for Lara {
         Ok(())
     }
 
-    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, ())> {
+    fn forward_saved(&self, x: &AttentionInputs<'_>, seed: u64) -> Result<(Vec<f32>, LaraSaved)> {
         let dims = x.dims();
         self.check_means(dims)?;
         let Dims { n_q, d_v, .. } = dims;
         let mut output = crate::linalg::par_zeroed(dims.out_len());
-        output
+        let heads = output
             .par_chunks_mut(n_q * d_v)
             .enumerate()
-            .for_each(|(bh, out)| {
-                if let Some(h) = self.head(x, bh, seed) {
-                    let j_n = h.j_n();
-                    matmul(
-                        MatMut::new(out, n_q, d_v),
-                        false,
-                        MatRef::strided(&h.wr, n_q, j_n, j_n + h.c),
-                        MatRef::new(&h.f, j_n, d_v),
-                        1.0,
-                    );
-                }
-            });
+            .map(|(bh, out)| {
+                let (small, wr) = self.head(x, bh, seed)?;
+                let j_n = small.j_n();
+                matmul(
+                    MatMut::new(out, n_q, d_v),
+                    false,
+                    MatRef::strided(&wr, n_q, j_n, j_n + small.c),
+                    MatRef::new(&small.f, j_n, d_v),
+                    1.0,
+                );
+                Some(small)
+            })
+            .collect();
         x.zero_masked_queries(&mut output);
-        Ok((output, ()))
+        Ok((output, LaraSaved { heads }))
+    }
+
+    fn saved_bytes(saved: &LaraSaved) -> usize {
+        saved.heads.iter().flatten().map(Small::bytes).sum()
     }
 
     fn backward_saved(
         &self,
         x: &AttentionInputs<'_>,
-        seed: u64,
-        _: &(),
+        _seed: u64,
+        saved: &LaraSaved,
         grad_output: &[f32],
     ) -> Result<Grads> {
         let dims = x.dims();
@@ -640,7 +874,8 @@ impl Estimator for Lara {
             .zip(dmu_iter.into_par_iter())
             .enumerate()
             .for_each(|(bh, (hg, dmu_out))| {
-                if let Some(h) = self.head(x, bh, seed) {
+                if let Some(small) = &saved.heads[bh] {
+                    let h = self.rebuild(x, bh, small);
                     let gh = &g[bh * n_q * d_v..(bh + 1) * n_q * d_v];
                     backward::head(&h, self.lambda, x.v_head(bh), gh, root, hg, dmu_out);
                 }

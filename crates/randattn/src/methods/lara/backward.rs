@@ -18,7 +18,7 @@ use crate::segments::spread_segment_grads;
 
 /// The gradients one head accumulates on its way back.
 struct HeadBackward<'a> {
-    h: &'a Head,
+    h: &'a Head<'a>,
     lambda: f32,
     /// Sizes: queries, keys, head and value dims, proposals, samples.
     n_q: usize,
@@ -49,7 +49,7 @@ struct LogWeightGrads {
 /// gradients of Q, K (scaled back by `root = s^{1/2}`), V and — with given means — of the
 /// proposal means (`dmu_out`, `c × d`; empty otherwise) out.
 pub(super) fn head(
-    h: &Head,
+    h: &Head<'_>,
     lambda: f32,
     v: &[f32],
     g: &[f32],
