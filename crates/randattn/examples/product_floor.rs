@@ -80,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let repeats: usize = args.get(2).map_or(Ok(41), |s| s.parse())?;
     let (d, f, t) = (64, false, true);
     // LARA, C = 64 proposals (J = 64 samples, [ω; q̃] 128 rows): forward, the backward's
-    // recompute of it (less W·F), then the backward's own products.
+    // rebuild of the key softmaxes and of W (F is saved), then the backward's own products.
     let (j, jc) = (64, 128);
     let lara_fwd = [
         p(j, d, n, f, t),  // ω yᵀ
@@ -90,7 +90,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let lara_bwd = [
         p(j, d, n, f, t),
-        p(j, n, d, f, f),
         p(n, d, jc, f, t),
         p(n, d, j, f, t),  // G Fᵀ
         p(j, n, d, t, f),  // Wᵀ G
