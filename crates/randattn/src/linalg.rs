@@ -308,6 +308,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x ← s · x`, element by element (the same bits as [`scaled_copy`] from a copy of `x`).
+    pub fn scale_in_place(x: &mut [f32], s: f32) {
+        for v in x.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+multiversion! {
     /// `s · src` as a new vector.
     pub fn scaled(src: &[f32], s: f32) -> Vec<f32> {
         src.iter().map(|v| v * s).collect()

@@ -768,14 +768,9 @@ impl Estimator for Lara {
         let saved = s.bh() * small;
         let forward = s.o() + means + saved + s.parallel_heads() * head;
         // Per head backward: the rebuilt matrices (bounded by the forward's head) and the
-        // gradients' products.
-        let back_head = head
-            + j * (s.d + s.d_v + c + 2)
-            + (s.n_q + s.n_k) * s.d
-            + 4 * c * s.d
-            + s.n_q * j
-            + 4 * c * s.n_q
-            + j * s.n_k;
+        // gradients' products (those of Q and K accumulate in the outputs).
+        let back_head =
+            head + j * (s.d + s.d_v + c + 2) + 4 * c * s.d + s.n_q * j + 4 * c * s.n_q + j * s.n_k;
         let given = if self.proposal_means.is_some() {
             s.bh() * c * s.d + means
         } else {

@@ -17,7 +17,7 @@ use crate::matrix::{MatMut, MatRef, matmul};
 use crate::segments::spread_segment_grads;
 
 /// The gradients one head accumulates on its way back.
-struct HeadBackward<'a> {
+struct HeadBackward<'a, 'g> {
     h: &'a Head<'a>,
     lambda: f32,
     /// Sizes: queries, keys, head and value dims, proposals, samples.
@@ -28,10 +28,11 @@ struct HeadBackward<'a> {
     c: usize,
     j_n: usize,
     /// `∂L/∂[ω; q̃]` (`(j + c) × d`: `∂L/∂ω` on `∂L/∂q̃`), `∂L/∂x` (`n_q × d`), `∂L/∂y`
-    /// (`n_k × d`), `∂L/∂μ` (`c × d`).
+    /// (`n_k × d`), `∂L/∂μ` (`c × d`). `∂L/∂x` and `∂L/∂y` accumulate in the head's (zeroed)
+    /// gradients of Q and K, scaled by `s^{1/2}` at the end.
     dstacked: Vec<f32>,
-    dx: Vec<f32>,
-    dy: Vec<f32>,
+    dx: &'g mut [f32],
+    dy: &'g mut [f32],
     dmu: Vec<f32>,
 }
 
@@ -70,8 +71,8 @@ pub(super) fn head(
         c,
         j_n,
         dstacked: vec![0.0f32; (j_n + c) * d],
-        dx: vec![0.0f32; n_q * d],
-        dy: vec![0.0f32; n_k * d],
+        dx: out.dq,
+        dy: out.dk,
         dmu: vec![0.0f32; c * d],
     };
     let (mut dlt, df) = b.output(g);
@@ -83,11 +84,11 @@ pub(super) fn head(
     b.key_side(&df, &lw.dz, v, out.dv);
     b.samples();
     b.means(dmu_out);
-    crate::linalg::scaled_copy(out.dq, &b.dx, root);
-    crate::linalg::scaled_copy(out.dk, &b.dy, root);
+    crate::linalg::scale_in_place(b.dx, root);
+    crate::linalg::scale_in_place(b.dy, root);
 }
 
-impl HeadBackward<'_> {
+impl HeadBackward<'_, '_> {
     /// `out = W F` (`W` is `n × j`): `dW = G Fᵀ`, `dF = Wᵀ G`; then `W = softmax_j(ℓ)` row by
     /// row: `dℓ = W ⊙ (dW − Σ_j W dW)`. Returns `dℓ` in the first `j` columns of an
     /// `n × (j + c)` buffer (the rest is for `∂L/∂t`, see [`Self::log_weights`]) and `dF`.
@@ -153,7 +154,7 @@ impl HeadBackward<'_> {
             1.0,
         );
         matmul(
-            MatMut::new(&mut self.dx, n_q, d),
+            MatMut::new(self.dx, n_q, d),
             true,
             MatRef::new(dlt, n_q, width),
             MatRef::new(&h.stacked, width, d),
@@ -239,7 +240,7 @@ impl HeadBackward<'_> {
             1.0,
         );
         matmul(
-            MatMut::new(&mut self.dy, n_k, d),
+            MatMut::new(self.dy, n_k, d),
             true,
             MatRef::new(&dak, j_n, n_k).t(),
             MatRef::new(h.omega(), j_n, d),
@@ -280,8 +281,8 @@ impl HeadBackward<'_> {
             return;
         }
         let dq_means: Vec<f32> = self.dmu.iter().zip(dq_land).map(|(a, b)| a + b).collect();
-        spread_segment_grads(&mut self.dx, d, &h.q_idx, &h.q_segs, &dq_means);
-        spread_segment_grads(&mut self.dy, d, &h.k_idx, &h.k_segs, &self.dmu);
+        spread_segment_grads(self.dx, d, &h.q_idx, &h.q_segs, &dq_means);
+        spread_segment_grads(self.dy, d, &h.k_idx, &h.k_segs, &self.dmu);
     }
 }
 
