@@ -44,8 +44,11 @@ impl AdamW {
         let c2 = 1.0 / (1.0 - b2.powi(self.t as i32));
         for (var, (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
-            *m = ((&*m * b1)? + (g * (1.0 - b1))?)?;
-            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            // Detached: a gradient may still reference the step's graph (candle detaches the
+            // gradients it passes back, not the last products that reach a variable), and
+            // moments that kept it would hold every step's activations alive.
+            *m = ((&*m * b1)? + (g * (1.0 - b1))?)?.detach();
+            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let update = ((&*m * c1)? / ((&*v * c2)?.sqrt()? + self.eps)?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
@@ -111,5 +114,25 @@ mod tests {
         let got = x.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
         let want = 1.0 * (1.0 - 0.01 * 0.1) - 0.01 * 3.0 / (3.0 + 1e-6);
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    /// A variable that is a direct operand of a product gets a gradient that still references
+    /// the other operand, an activation with the step's whole graph behind it: the moments
+    /// must not keep it (they did, and a Linformer model grew by its activations every step).
+    #[test]
+    fn the_moments_hold_no_graph() {
+        let dev = candle_core::Device::Cpu;
+        let w = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+        let mut opt = AdamW::new(vec![w.clone()], (0.9, 0.999), 1e-6, 0.0).unwrap();
+        for _ in 0..2 {
+            let x = Tensor::new(&[[0.5f32], [-1.0]], &dev).unwrap().exp().unwrap();
+            let loss = w.as_tensor().matmul(&x).unwrap().sqr().unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(grads.get(&w).unwrap().track_op(), "the gradient references x's graph");
+            opt.step(&grads, 0.01).unwrap();
+            for (m, v) in &opt.moments {
+                assert!(!m.track_op() && !v.track_op(), "a moment keeps the graph");
+            }
+        }
     }
 }
