@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .collect();
     let batch = 32;
-    println!("method        n     step ms (median of 5 after 1 warm-up)");
+    println!("method        n     step ms (median of 5 after 1 warm-up)   process resident MiB");
     for &n in &ns {
         for spec in &specs {
             let method = Method::from_spec(spec)?;
@@ -65,7 +65,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             times.sort_by(f64::total_cmp);
-            println!("{spec:12} {n:5}  {:8.1}", times[times.len() / 2]);
+            // Resident memory after the six steps: a model that keeps its steps' graphs alive
+            // (through an optimiser's state, say) grows here by a step's activations per step.
+            let resident = std::fs::read_to_string("/proc/self/statm")
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+                .map_or("-".to_string(), |pages| {
+                    (pages * 4096 / (1 << 20)).to_string()
+                });
+            println!(
+                "{spec:12} {n:5}  {:8.1}   {resident:>8}",
+                times[times.len() / 2]
+            );
         }
     }
     Ok(())

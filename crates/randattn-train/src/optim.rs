@@ -123,12 +123,24 @@ mod tests {
     fn the_moments_hold_no_graph() {
         let dev = candle_core::Device::Cpu;
         let w = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
-        let mut opt = AdamW::new(vec![w.clone()], (0.9, 0.999), 1e-6, 0.0).unwrap();
+        // `x` comes out of an earlier layer (here `exp(u)`, `u` trained too).
+        let u = Var::new(&[[0.5f32], [-1.0]], &dev).unwrap();
+        let mut opt = AdamW::new(vec![w.clone(), u.clone()], (0.9, 0.999), 1e-6, 0.0).unwrap();
         for _ in 0..2 {
-            let x = Tensor::new(&[[0.5f32], [-1.0]], &dev).unwrap().exp().unwrap();
-            let loss = w.as_tensor().matmul(&x).unwrap().sqr().unwrap().sum_all().unwrap();
+            let x = u.as_tensor().exp().unwrap();
+            let loss = w
+                .as_tensor()
+                .matmul(&x)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
             let grads = loss.backward().unwrap();
-            assert!(grads.get(&w).unwrap().track_op(), "the gradient references x's graph");
+            assert!(
+                grads.get(&w).unwrap().track_op(),
+                "the gradient references x's graph"
+            );
             opt.step(&grads, 0.01).unwrap();
             for (m, v) in &opt.moments {
                 assert!(!m.track_op() && !v.track_op(), "a moment keeps the graph");
