@@ -104,8 +104,8 @@ impl TrainableProjections {
                 .contiguous()?
                 .reshape((heads, n, b * d))?;
             let y = p.narrow(2, 0, n)?.contiguous()?.matmul(&x)?;
-            let k = y.dim(1)?;
-            y.reshape((heads, k, b, d))?
+            let rows = y.dim(1)?;
+            y.reshape((heads, rows, b, d))?
                 .permute((2, 0, 1, 3))?
                 .contiguous()
         };
