@@ -71,6 +71,8 @@ mod buckets;
 pub mod expectation;
 pub mod hash;
 mod lanes;
+#[cfg(target_arch = "x86_64")]
+mod rows64;
 
 use rayon::prelude::*;
 

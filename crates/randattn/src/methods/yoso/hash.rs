@@ -184,11 +184,11 @@ impl LshHash {
 /// Sizes of a fast hash.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct FastShape {
-    d: usize,
-    d_pad: usize,
-    tau: usize,
-    m: usize,
-    per_rotation: usize,
+    pub(super) d: usize,
+    pub(super) d_pad: usize,
+    pub(super) tau: usize,
+    pub(super) m: usize,
+    pub(super) per_rotation: usize,
 }
 
 /// The fast hash of all rows, with the widest SIMD the CPU has.
@@ -196,6 +196,12 @@ fn fast_codes(rows: &[f32], shape: FastShape, signs: &[f32], codes: &mut [u32]) 
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
+            if shape.d_pad == super::rows64::WIDTH {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe {
+                    super::rows64::fast_codes(rows, shape.d, shape.tau, shape.m, signs, codes)
+                };
+            }
             // SAFETY: the CPU has AVX-512F.
             return unsafe { lanes::fast_codes_avx512(rows, shape, signs, codes) };
         }
