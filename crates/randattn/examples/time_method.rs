@@ -2,7 +2,8 @@
 //! baseline: a quick profiling target (`perf record cargo run --release --example time_method`).
 //!
 //! Usage: `time_method METHOD N [REPEATS] [key=value ...]`. `FORWARD_ONLY=1` skips the backward;
-//! `FIXED_SEED=1` uses seed 0 for every repeat (otherwise repeat `r` uses seed `r`).
+//! `FIXED_SEED=1` uses seed 0 for every repeat (otherwise repeat `r` uses seed `r`);
+//! `HEAD_DIM=d` sets the head dimension (default 64).
 
 use std::time::Instant;
 
@@ -20,7 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let method = Method::parse(name, &settings)?;
-    let w = workload::clustered(1, 8, n, 64, 0);
+    let d: usize = std::env::var("HEAD_DIM").map_or(Ok(64), |s| s.parse())?;
+    let w = workload::clustered(1, 8, n, d, 0);
     let s = w.dims.q_shape();
     let x = AttentionInputs::new(&w.q, s, &w.k, s, &w.v, s)?;
     let g: Vec<f32> = (0..w.q.len())

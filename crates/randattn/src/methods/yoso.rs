@@ -72,7 +72,7 @@ pub mod expectation;
 pub mod hash;
 mod lanes;
 #[cfg(target_arch = "x86_64")]
-mod rows64;
+mod rows;
 
 use rayon::prelude::*;
 

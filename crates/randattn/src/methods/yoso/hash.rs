@@ -196,11 +196,10 @@ fn fast_codes(rows: &[f32], shape: FastShape, signs: &[f32], codes: &mut [u32]) 
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            if shape.d_pad == super::rows64::WIDTH {
+            if super::rows::handles(shape.d_pad) {
+                let sizes = ((shape.d, shape.d_pad), (shape.tau, shape.m));
                 // SAFETY: the CPU has AVX-512F.
-                return unsafe {
-                    super::rows64::fast_codes(rows, shape.d, shape.tau, shape.m, signs, codes)
-                };
+                return unsafe { super::rows::fast_codes(rows, sizes.0, sizes.1, signs, codes) };
             }
             // SAFETY: the CPU has AVX-512F.
             return unsafe { lanes::fast_codes_avx512(rows, shape, signs, codes) };
