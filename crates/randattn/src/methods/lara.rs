@@ -46,7 +46,7 @@ use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
 use crate::linalg::{exp_shifted_sum, row_max, softmax_row};
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -444,14 +444,7 @@ impl Lara {
             .chunks_exact(d)
             .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
             .collect();
-        let mut l = vec![0.0f32; j_n * c];
-        matmul(
-            MatMut::new(&mut l, j_n, c),
-            false,
-            MatRef::new(omega, j_n, d),
-            MatRef::new(&mu, c, d).t(),
-            1.0,
-        );
+        let mut l = product(MatRef::new(omega, j_n, d), MatRef::new(&mu, c, d).t(), 1.0);
         let mut bh_w = vec![0.0f32; j_n];
         for (j, row) in l.chunks_exact_mut(c).enumerate() {
             for (a, hm) in row.iter_mut().zip(&half_mu) {
@@ -530,15 +523,11 @@ impl Lara {
 /// `x [ω; q̃]ᵀ` (`n_q × (j + c)`).
 fn query_product(xs: &[f32], stacked: &[f32], n_q: usize, d: usize) -> Vec<f32> {
     let width = stacked.len() / d;
-    let mut wr = crate::linalg::zeroed(n_q * width);
-    matmul(
-        MatMut::new(&mut wr, n_q, width),
-        false,
+    product(
         MatRef::new(xs, n_q, d),
         MatRef::new(stacked, width, d).t(),
         1.0,
-    );
-    wr
+    )
 }
 
 /// The key softmaxes shared by every sample `ω_j` (`j × d`, scaled coordinates):
@@ -557,14 +546,7 @@ fn key_softmaxes(
         .chunks_exact(d)
         .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
         .collect();
-    let mut pk = vec![0.0f32; j_n * n_k];
-    matmul(
-        MatMut::new(&mut pk, j_n, n_k),
-        false,
-        MatRef::new(omega, j_n, d),
-        MatRef::new(ys, n_k, d).t(),
-        1.0,
-    );
+    let mut pk = product(MatRef::new(omega, j_n, d), MatRef::new(ys, n_k, d).t(), 1.0);
     let mut norms = Norms::default();
     let mut z = Vec::new();
     for (j, row) in pk.chunks_exact_mut(n_k).enumerate() {
@@ -607,14 +589,7 @@ fn key_side(
 ) -> (Vec<f32>, Norms, Vec<f32>, Vec<f32>) {
     let (pk, norms, z) = key_softmaxes(omega, ys, keep, d, None);
     let (j_n, n_k) = (omega.len() / d, ys.len() / d);
-    let mut f = vec![0.0f32; j_n * d_v];
-    matmul(
-        MatMut::new(&mut f, j_n, d_v),
-        false,
-        MatRef::new(&pk, j_n, n_k),
-        MatRef::new(v, n_k, d_v),
-        1.0,
-    );
+    let f = product(MatRef::new(&pk, j_n, n_k), MatRef::new(v, n_k, d_v), 1.0);
     (pk, norms, z, f)
 }
 
@@ -695,10 +670,7 @@ impl Lara {
                 let ys = crate::linalg::scaled(x.k_head(bh), root);
                 let omega = &samples[bh * j_n * d..(bh + 1) * j_n * d];
                 let (_, _, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
-                let mut w = vec![0.0f32; n_q * j_n];
-                matmul(
-                    MatMut::new(&mut w, n_q, j_n),
-                    false,
+                let mut w = product(
                     MatRef::new(&xs, n_q, d),
                     MatRef::new(omega, j_n, d).t(),
                     1.0,

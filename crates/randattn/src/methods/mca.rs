@@ -59,7 +59,7 @@ use crate::error::{Error, Result};
 use crate::estimator::{Attention, Estimator, Forward, Grads, MethodInfo, ParamGrad, Saved};
 use crate::inputs::{AttentionInputs, Dims, ValueProjection};
 use crate::linalg::{multiversion, zeroed};
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, Rule, param_error, positive, resolve_scale, scale_rule};
@@ -631,10 +631,7 @@ impl Mca {
             for (row, &j) in xe.chunks_exact_mut(d_model).zip(&hs.exact) {
                 row.copy_from_slice(&xb[j as usize * d_model..(j as usize + 1) * d_model]);
             }
-            let mut ve = vec![0.0f32; ne * d_v];
-            matmul(
-                MatMut::new(&mut ve, ne, d_v),
-                false,
+            let ve = product(
                 MatRef::new(&xe, ne, d_model),
                 MatRef::new(w, d_model, d_v),
                 1.0,

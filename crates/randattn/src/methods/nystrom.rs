@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, TensorParam};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{softmax_row, softmax_row_backward};
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::pinv::{Pinv, pinv};
@@ -172,28 +172,19 @@ impl Nystrom {
         let k_segs = segments(k_idx.len(), m, Larger::First);
         let q_land = segment_means(q, d, &q_idx, &q_segs);
         let k_land = segment_means(k, d, &k_idx, &k_segs);
-        let mut k1 = vec![0.0f32; n_q * m];
-        matmul(
-            MatMut::new(&mut k1, n_q, m),
-            false,
+        let mut k1 = product(
             MatRef::new(q, n_q, d),
             MatRef::new(&k_land, m, d).t(),
             scale,
         );
         k1.chunks_exact_mut(m).for_each(softmax_row);
-        let mut k2 = vec![0.0f32; m * m];
-        matmul(
-            MatMut::new(&mut k2, m, m),
-            false,
+        let mut k2 = product(
             MatRef::new(&q_land, m, d),
             MatRef::new(&k_land, m, d).t(),
             scale,
         );
         k2.chunks_exact_mut(m).for_each(softmax_row);
-        let mut k3 = vec![0.0f32; m * n_k];
-        matmul(
-            MatMut::new(&mut k3, m, n_k),
-            false,
+        let mut k3 = product(
             MatRef::new(&q_land, m, d),
             MatRef::new(k, n_k, d).t(),
             scale,
@@ -212,14 +203,7 @@ impl Nystrom {
             Some(small) => std::borrow::Cow::Borrowed(small),
             None => {
                 let pinv = pinv(&k2, m, self.pinv_iters);
-                let mut w = vec![0.0f32; m * d_v];
-                matmul(
-                    MatMut::new(&mut w, m, d_v),
-                    false,
-                    MatRef::new(&k3, m, n_k),
-                    MatRef::new(v, n_k, d_v),
-                    1.0,
-                );
+                let w = product(MatRef::new(&k3, m, n_k), MatRef::new(v, n_k, d_v), 1.0);
                 let mut y = vec![0.0f32; m * d_v];
                 let z = pinv.iterates.last().expect("Z is there");
                 matmul(

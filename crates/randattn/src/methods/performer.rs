@@ -48,7 +48,7 @@ use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, HeadGrads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{dot, exp_shifted_sum, row_max};
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -538,14 +538,7 @@ fn feature_backward(
             *t += dot(&dr[m..], &fr[m..]);
         }
     }
-    let mut dx = vec![0.0f32; rows * d];
-    matmul(
-        MatMut::new(&mut dx, rows, d),
-        false,
-        MatRef::new(&a, rows, m),
-        MatRef::new(w, m, d),
-        1.0,
-    );
+    let mut dx = product(MatRef::new(&a, rows, m), MatRef::new(w, m, d), 1.0);
     for ((dr, xr), t) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&total) {
         for (dv, xv) in dr.iter_mut().zip(xr) {
             *dv -= t * xv;

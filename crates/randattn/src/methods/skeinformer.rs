@@ -63,7 +63,7 @@ use crate::error::Result;
 use crate::estimator::{Attention, Estimator, Grads, MethodInfo};
 use crate::inputs::{AttentionInputs, Dims};
 use crate::linalg::{dot, exp_shifted_sum, row_max, row_sum};
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::memory::{Memory, Sizes};
 use crate::methods::exact::Exact;
 use crate::params::{Auto, in_range, resolve_scale, scale_rule};
@@ -332,10 +332,7 @@ impl Skeinformer {
             .iter()
             .flat_map(|&i| q[i as usize * d..(i as usize + 1) * d].iter().copied())
             .collect();
-        let mut probs = vec![0.0f32; p * n_k];
-        matmul(
-            MatMut::new(&mut probs, p, n_k),
-            false,
+        let mut probs = product(
             MatRef::new(&q_pilot, p, d),
             MatRef::new(k, n_k, d).t(),
             scale,

@@ -13,7 +13,7 @@
 use super::{ALPHA_MIN, Head};
 use crate::estimator::HeadGrads;
 use crate::linalg::softmax_row_backward;
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::segments::spread_segment_grads;
 
 /// The gradients one head accumulates on its way back.
@@ -207,14 +207,7 @@ impl HeadBackward<'_, '_> {
     /// then `A_k = ω yᵀ − ½‖y‖²`: `dω += dA y`, `dy += dAᵀ ω − (Σ_j dA) y`.
     fn key_side(&mut self, df: &[f32], dz: &[f32], v: &[f32], dv: &mut [f32]) {
         let (h, n_k, j_n, d, d_v) = (self.h, self.n_k, self.j_n, self.d, self.d_v);
-        let mut dak = crate::linalg::zeroed(j_n * n_k);
-        matmul(
-            MatMut::new(&mut dak, j_n, n_k),
-            false,
-            MatRef::new(df, j_n, d_v),
-            MatRef::new(v, n_k, d_v).t(),
-            1.0,
-        );
+        let mut dak = product(MatRef::new(df, j_n, d_v), MatRef::new(v, n_k, d_v).t(), 1.0);
         let mut col = vec![0.0f32; n_k];
         for (((row, p), (dfr, fr)), dzj) in dak
             .chunks_exact_mut(n_k)

@@ -9,7 +9,7 @@
 use super::{Head, softmax_backward};
 use crate::estimator::HeadGrads;
 use crate::inputs::AttentionInputs;
-use crate::matrix::{MatMut, MatRef, matmul};
+use crate::matrix::{MatMut, MatRef, matmul, product};
 use crate::pinv::pinv_backward;
 use crate::segments::spread_segment_grads;
 
@@ -46,46 +46,23 @@ fn products(h: &Head<'_>, v: &[f32], g: &[f32], dv: &mut [f32]) -> KernelGrads {
     let d_v = h.small.w.len() / m;
     let (n_q, n_k) = (h.k1.len() / m, h.k3.len() / m);
     let z = h.small.pinv.iterates.last().expect("Z is there");
-    let mut dk1 = vec![0.0f32; n_q * m];
-    matmul(
-        MatMut::new(&mut dk1, n_q, m),
-        false,
+    let dk1 = product(
         MatRef::new(g, n_q, d_v),
         MatRef::new(&h.small.y, m, d_v).t(),
         1.0,
     );
-    let mut dy = vec![0.0f32; m * d_v];
-    matmul(
-        MatMut::new(&mut dy, m, d_v),
-        false,
+    let dy = product(
         MatRef::new(&h.k1, n_q, m).t(),
         MatRef::new(g, n_q, d_v),
         1.0,
     );
-    let mut dz = vec![0.0f32; m * m];
-    matmul(
-        MatMut::new(&mut dz, m, m),
-        false,
+    let dz = product(
         MatRef::new(&dy, m, d_v),
         MatRef::new(&h.small.w, m, d_v).t(),
         1.0,
     );
-    let mut dw = vec![0.0f32; m * d_v];
-    matmul(
-        MatMut::new(&mut dw, m, d_v),
-        false,
-        MatRef::new(z, m, m).t(),
-        MatRef::new(&dy, m, d_v),
-        1.0,
-    );
-    let mut dk3 = vec![0.0f32; m * n_k];
-    matmul(
-        MatMut::new(&mut dk3, m, n_k),
-        false,
-        MatRef::new(&dw, m, d_v),
-        MatRef::new(v, n_k, d_v).t(),
-        1.0,
-    );
+    let dw = product(MatRef::new(z, m, m).t(), MatRef::new(&dy, m, d_v), 1.0);
+    let dk3 = product(MatRef::new(&dw, m, d_v), MatRef::new(v, n_k, d_v).t(), 1.0);
     matmul(
         MatMut::new(dv, n_k, d_v),
         true,
