@@ -141,15 +141,33 @@ pub fn matmul(dst: MatMut<'_>, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>, a
     }
     // SAFETY: the views' constructors checked that every index the kernel touches lies inside
     // the three slices, and `dst` borrows its slice mutably, so it cannot alias `a` or `b`.
+    unsafe { gemm_into(dst.data.as_mut_ptr(), dst.ld, accumulate, a, b, alpha) };
+}
+
+/// `dst ← alpha·a·b` (`dst += …` when `read_dst`) through `gemm`, single-threaded, for a
+/// row-major destination whose rows start `ld` elements apart.
+///
+/// # Safety
+/// `dst` must be valid for writes of the `rows(a) × cols(b)` block at row stride `ld` (and for
+/// reads when `read_dst`), and must not alias `a` or `b`; `k = cols(a) = rows(b) ≥ 1`.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    ld: usize,
+    read_dst: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    alpha: f32,
+) {
+    // SAFETY: as the caller guarantees; `a` and `b` are views checked at construction.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.data.as_mut_ptr(),
+            a.rows,
+            b.cols,
+            a.cols,
+            dst,
             1,
-            dst.ld as isize,
-            accumulate,
+            ld as isize,
+            read_dst,
             a.data.as_ptr(),
             a.col_stride as isize,
             a.row_stride as isize,
@@ -190,27 +208,7 @@ pub fn product(a: MatRef<'_>, b: MatRef<'_>, alpha: f32) -> Vec<f32> {
     // paths — tiled, horizontal, matrix-vector — stores `beta·a·b` or zeroes first), so all
     // `len` elements are initialised before `set_len`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        gemm_into(out.as_mut_ptr(), n, false, a, b, alpha);
         out.set_len(len);
     }
     out
