@@ -299,13 +299,16 @@ mod tests {
 
     #[test]
     fn product_is_the_overwriting_matmul_bit_for_bit_at_every_shape() {
-        // Matrix-vector, small (the horizontal kernel), tiled and empty shapes, with transposes.
+        // Matrix-vector, small (the horizontal kernel), tiled (one and several depth blocks) and
+        // empty shapes, with transposes.
         for (m, n, k) in [
             (1, 7, 5),
             (7, 1, 5),
             (3, 4, 2),
             (16, 16, 9),
             (70, 33, 64),
+            (9, 17, 3000),
+            (40, 50, 1500),
             (5, 0, 3),
             (4, 3, 0),
         ] {
