@@ -166,26 +166,58 @@ impl<const R: usize> Job<'_, R> {
                 let positive = zt.map(|zk| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(zk, zero));
                 let hashes = per_rotation.min(m - r * per_rotation);
                 let at = &mut codes[r * per_rotation * n + first + t..];
+                // 64-bit shifts where the bits fit (128-bit ones take several instructions).
                 if R <= 4 {
-                    // 64-bit shifts where the bits fit (128-bit ones take several instructions).
-                    let bits = positive
-                        .iter()
-                        .enumerate()
-                        .fold(0u64, |b, (k, &p)| b | u64::from(p) << (16 * k));
-                    for g in 0..hashes {
-                        at[g * n] = ((bits >> (g * tau)) as u32) & code_mask;
-                    }
+                    store_codes::<u64>(&positive, (hashes, tau, code_mask), n, at);
                 } else {
-                    let bits = positive
-                        .iter()
-                        .enumerate()
-                        .fold(0u128, |b, (k, &p)| b | u128::from(p) << (16 * k));
-                    for g in 0..hashes {
-                        at[g * n] = ((bits >> (g * tau)) as u32) & code_mask;
-                    }
+                    store_codes::<u128>(&positive, (hashes, tau, code_mask), n, at);
                 }
             }
         }
+    }
+}
+
+/// A token's sign bits, one 16-bit compare mask per register, as one integer.
+trait Bits: Copy {
+    /// Mask `k` in bits `16k .. 16k + 16`.
+    fn gather(masks: &[__mmask16]) -> Self;
+    /// The 32 bits from bit `at` on.
+    fn bits_at(self, at: usize) -> u32;
+}
+
+/// [`Bits`] for an unsigned integer type wide enough for the masks.
+macro_rules! bits {
+    ($t:ty) => {
+        impl Bits for $t {
+            #[inline(always)]
+            fn gather(masks: &[__mmask16]) -> Self {
+                masks
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (k, &p)| b | <$t>::from(p) << (16 * k))
+            }
+            #[inline(always)]
+            fn bits_at(self, at: usize) -> u32 {
+                (self >> at) as u32
+            }
+        }
+    };
+}
+bits!(u64);
+bits!(u128);
+
+/// Writes a token's `hashes` codes of `tau` bits (`code_mask` = `2^τ − 1`) from its compare
+/// masks, hash `g` at `at[g·n]` (hash-major codes).
+#[inline(always)]
+fn store_codes<B: Bits>(
+    masks: &[__mmask16],
+    (hashes, tau, code_mask): (usize, usize, u32),
+    n: usize,
+    at: &mut [u32],
+) {
+    let bits = B::gather(masks);
+    for g in 0..hashes {
+        at[g * n] = bits.bits_at(g * tau) & code_mask;
     }
 }
 
