@@ -440,10 +440,7 @@ impl Lara {
         let (pk, key_norm, z, f) = key_side(omega, &ys, keep, x.v_head(bh), d, d_v);
         drop((pk, ys));
         // L = ω μᵀ − ½‖μ‖², BH_j = softmax_c(L_j)[c(j)].
-        let half_mu: Vec<f32> = mu
-            .chunks_exact(d)
-            .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
-            .collect();
+        let half_mu = half_squared_norms(&mu, d);
         let mut l = product(MatRef::new(omega, j_n, d), MatRef::new(&mu, c, d).t(), 1.0);
         let mut bh_w = vec![0.0f32; j_n];
         for (j, row) in l.chunks_exact_mut(c).enumerate() {
@@ -542,21 +539,12 @@ fn key_softmaxes(
     known: Option<&Norms>,
 ) -> (Vec<f32>, Norms, Vec<f32>) {
     let (j_n, n_k) = (omega.len() / d, ys.len() / d);
-    let half_y: Vec<f32> = ys
-        .chunks_exact(d)
-        .map(|r| 0.5 * r.iter().map(|v| v * v).sum::<f32>())
-        .collect();
+    let half_y = half_squared_norms(ys, d);
     let mut pk = product(MatRef::new(omega, j_n, d), MatRef::new(ys, n_k, d).t(), 1.0);
     let mut norms = Norms::default();
     let mut z = Vec::new();
     for (j, row) in pk.chunks_exact_mut(n_k).enumerate() {
-        for (m, a) in row.iter_mut().enumerate() {
-            *a = if keep.is_none_or(|mk| mk[m]) {
-                *a - half_y[m]
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
+        key_logits(row, &half_y, keep);
         let inv = match known {
             Some(k) => {
                 exp_shifted_sum(row, k.max[j]);
@@ -571,11 +559,58 @@ fn key_softmaxes(
                 1.0 / sum
             }
         };
-        for a in row.iter_mut() {
-            *a *= inv;
-        }
+        crate::linalg::scale_in_place(row, inv);
     }
     (pk, norms, z)
+}
+
+/// `½‖y_m‖²` of every `d`-wide row of `ys`, each row's squares added one after another in
+/// coordinate order (the sum `Iterator::sum` forms), four rows at a time in four registers: one
+/// row's additions wait on each other, several rows' do not.
+fn half_squared_norms(ys: &[f32], d: usize) -> Vec<f32> {
+    let d = d.max(1);
+    let mut out = Vec::with_capacity(ys.len() / d);
+    let mut blocks = ys.chunks_exact(4 * d);
+    for block in &mut blocks {
+        let (r0, rest) = block.split_at(d);
+        let (r1, rest) = rest.split_at(d);
+        let (r2, r3) = rest.split_at(d);
+        let (mut a0, mut a1, mut a2, mut a3) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+        for (((v0, v1), v2), v3) in r0.iter().zip(r1).zip(r2).zip(r3) {
+            a0 += v0 * v0;
+            a1 += v1 * v1;
+            a2 += v2 * v2;
+            a3 += v3 * v3;
+        }
+        out.extend([0.5 * a0, 0.5 * a1, 0.5 * a2, 0.5 * a3]);
+    }
+    for row in blocks.remainder().chunks_exact(d) {
+        let mut acc = 0.0f32;
+        for v in row {
+            acc += v * v;
+        }
+        out.push(0.5 * acc);
+    }
+    out
+}
+
+crate::linalg::multiversion! {
+    /// One key softmax's logits from its row of `ω_j Yᵀ`: `a_m − ½‖y_m‖²`, `−∞` at masked keys
+    /// (the unmasked case a loop of its own, so that it vectorises).
+    fn key_logits(row: &mut [f32], half_y: &[f32], keep: Option<&[bool]>) {
+        match keep {
+            None => {
+                for (a, h) in row.iter_mut().zip(half_y) {
+                    *a -= h;
+                }
+            }
+            Some(mask) => {
+                for ((a, h), k) in row.iter_mut().zip(half_y).zip(mask) {
+                    *a = if *k { *a - h } else { f32::NEG_INFINITY };
+                }
+            }
+        }
+    }
 }
 
 /// [`key_softmaxes`], and `F = softmax · V` (`j × d_v`).
@@ -883,5 +918,30 @@ impl Lara {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four rows at a time add each row's squares in the order one row alone does: the same bits
+    /// as the iterator sum, for every row count (remainders included) and width.
+    #[test]
+    fn half_squared_norms_are_the_plain_sums() {
+        for (rows, d) in [(0, 8), (1, 1), (3, 5), (4, 64), (7, 64), (13, 17), (64, 128)] {
+            let ys: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+                .collect();
+            let want: Vec<u32> = ys
+                .chunks_exact(d)
+                .map(|r| (0.5 * r.iter().map(|v| v * v).sum::<f32>()).to_bits())
+                .collect();
+            let got: Vec<u32> = half_squared_norms(&ys, d)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "{rows} rows of {d}");
+        }
     }
 }
