@@ -191,27 +191,45 @@ unsafe fn gemm_into(
 /// # Panics
 /// When the shapes do not agree (a bug in the caller, never a user error).
 pub fn product(a: MatRef<'_>, b: MatRef<'_>, alpha: f32) -> Vec<f32> {
+    let len = a
+        .rows
+        .checked_mul(b.cols)
+        .expect("product size overflows usize");
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    product_into(&mut out.spare_capacity_mut()[..len], a, b, alpha);
+    // SAFETY: `product_into` initialised every one of the first `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`product`] into memory that need not be initialised (a head's block of a fresh output,
+/// say): every element of `out` (`rows(a) × cols(b)`, row-major) is written.
+///
+/// # Panics
+/// When the shapes do not agree or `out` is not `rows(a) × cols(b)` long (caller bugs).
+pub fn product_into(
+    out: &mut [std::mem::MaybeUninit<f32>],
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    alpha: f32,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert!(
-        b.rows == k,
-        "product shapes: [{m}, {k}] · [{}, {n}]",
-        b.rows
+        b.rows == k && out.len() == m * n,
+        "product shapes: [{m}, {k}] · [{}, {n}] into {}",
+        b.rows,
+        out.len()
     );
-    let len = m.checked_mul(n).expect("product size overflows usize");
-    if len == 0 || k == 0 {
-        return vec![0.0; len];
+    if out.is_empty() || k == 0 {
+        out.fill(std::mem::MaybeUninit::new(0.0));
+        return;
     }
-    let mut out: Vec<f32> = Vec::with_capacity(len);
     // SAFETY: the views' constructors checked that every index the kernel reads lies inside
-    // `a` and `b`; `out` has room for `m·n` floats at row stride `n`. With `read_dst = false`
-    // gemm never reads the destination and writes every one of its `m·n` elements (each of its
-    // paths — tiled, horizontal, matrix-vector — stores `beta·a·b` or zeroes first), so all
-    // `len` elements are initialised before `set_len`.
-    unsafe {
-        gemm_into(out.as_mut_ptr(), n, false, a, b, alpha);
-        out.set_len(len);
-    }
-    out
+    // `a` and `b`; `out` has room for `m·n` floats at row stride `n` and, borrowed mutably,
+    // aliases neither. With `read_dst = false` gemm never reads the destination and writes
+    // every one of its `m·n` elements (each of its paths — tiled, horizontal, matrix-vector —
+    // stores `beta·a·b` or zeroes first), so all of `out` is initialised.
+    unsafe { gemm_into(out.as_mut_ptr().cast(), n, false, a, b, alpha) };
 }
 
 #[cfg(test)]

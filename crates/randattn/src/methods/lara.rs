@@ -46,7 +46,7 @@ use crate::error::{Error, Result};
 use crate::estimator::{Estimator, Grads, MethodInfo, ParamGrad, TensorParam};
 use crate::inputs::{AttentionInputs, Dims, check_finite};
 use crate::linalg::{exp_shifted_sum, row_max, softmax_row};
-use crate::matrix::{MatMut, MatRef, matmul, product};
+use crate::matrix::{MatMut, MatRef, matmul, product, product_into};
 use crate::memory::{Memory, Sizes};
 use crate::params::{Auto, finite, in_range, param_error, resolve_scale, scale_rule};
 use crate::rng::stream;
@@ -811,16 +811,20 @@ impl Estimator for Lara {
         let dims = x.dims();
         self.check_means(dims)?;
         let Dims { n_q, d_v, .. } = dims;
-        let mut output = crate::linalg::par_zeroed(dims.out_len());
-        let heads = output
+        let len = dims.out_len();
+        // Every head's block is written once, by its last product (or zeroes): no zeroing first.
+        let mut output: Vec<f32> = Vec::with_capacity(len);
+        let heads = output.spare_capacity_mut()[..len]
             .par_chunks_mut(n_q * d_v)
             .enumerate()
             .map(|(bh, out)| {
-                let (small, wr) = self.head(x, bh, seed)?;
+                let Some((small, wr)) = self.head(x, bh, seed) else {
+                    out.fill(std::mem::MaybeUninit::new(0.0));
+                    return None;
+                };
                 let j_n = small.j_n();
-                matmul(
-                    MatMut::new(out, n_q, d_v),
-                    false,
+                product_into(
+                    out,
                     MatRef::strided(&wr, n_q, j_n, j_n + small.c),
                     MatRef::new(&small.f, j_n, d_v),
                     1.0,
@@ -828,6 +832,9 @@ impl Estimator for Lara {
                 Some(small)
             })
             .collect();
+        // SAFETY: each of the `len / (n_q·d_v)` blocks above was filled, by zeroes or by
+        // `product_into`, which writes every element.
+        unsafe { output.set_len(len) };
         x.zero_masked_queries(&mut output);
         Ok((output, LaraSaved { heads }))
     }
@@ -929,7 +936,15 @@ mod tests {
     /// as the iterator sum, for every row count (remainders included) and width.
     #[test]
     fn half_squared_norms_are_the_plain_sums() {
-        for (rows, d) in [(0, 8), (1, 1), (3, 5), (4, 64), (7, 64), (13, 17), (64, 128)] {
+        for (rows, d) in [
+            (0, 8),
+            (1, 1),
+            (3, 5),
+            (4, 64),
+            (7, 64),
+            (13, 17),
+            (64, 128),
+        ] {
             let ys: Vec<f32> = (0..rows * d)
                 .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
                 .collect();
