@@ -138,6 +138,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         p(n, k, d, t, f), // dK = Eᵀ dK'
         p(n, k, d, t, f), // dV = Fᵀ dV'
     ];
+    // Skeinformer, 256 pilot rows and 256 sampled columns: the pilot rows' exact attention
+    // (scores over every key, then their values), and the sketch over the sampled columns for
+    // every query (its code runs the sketch in row blocks; whole products are no slower). Its
+    // backward is not listed.
+    let s = 256;
+    let skeinformer_fwd = [
+        p(s, d, n, f, t), // pilot scores Q_J Kᵀ
+        p(s, n, d, f, f), // pilot rows · V
+        p(n, d, s, f, t), // Q K_Sᵀ
+        p(n, s, d, f, f), // sketch · V_S
+    ];
     println!(
         "products alone, n = {n}, {heads} heads, d = {d}, {} threads (median / fastest of {repeats})",
         rayon::current_num_threads()
@@ -148,9 +159,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("lara", &lara_fwd[..], &lara_bwd[..]),
         ("nystrom", &nystrom_fwd[..], &nystrom_bwd[..]),
         ("linformer", &linformer_fwd[..], &linformer_bwd[..]),
+        ("skeinformer", &skeinformer_fwd[..], &[][..]),
     ] {
         let both: Vec<Product> = fwd.iter().chain(bwd).copied().collect();
-        for (pass, set) in [("forward", fwd), ("forward + backward", &both[..])] {
+        let passes = [("forward", fwd), ("forward + backward", &both[..])];
+        for (pass, set) in &passes[..if bwd.is_empty() { 1 } else { 2 }] {
             let flop: f64 = set
                 .iter()
                 .map(|q| 2.0 * (q.m * q.k * q.n * heads) as f64)
