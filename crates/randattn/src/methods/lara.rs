@@ -242,6 +242,97 @@ fn weight_row(
     (mean, max, inv_total)
 }
 
+/// Query rows [`weight_block`] takes at once.
+const BLOCK: usize = 16;
+
+/// [`crate::linalg::sum_lanes`] in two halves: its sixteen partial sums and the sum of its
+/// remainder (here so that several rows' last steps can run side by side).
+#[inline(always)]
+fn lane_partials(row: &[f32]) -> ([f32; 16], f32) {
+    let mut acc = [0.0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += *x;
+        }
+    }
+    (acc, rest.iter().sum::<f32>())
+}
+
+/// The rest of [`crate::linalg::sum_lanes`] for up to [`BLOCK`] rows at once: each row's
+/// partial sums added in lane order from the empty sum, then its remainder's sum — one row's
+/// additions wait on each other, the rows' do not.
+#[inline(always)]
+fn finish_sums(parts: &[[f32; 16]; BLOCK], rests: &[f32; BLOCK], out: &mut [f32; BLOCK]) {
+    let empty: f32 = std::iter::empty::<f32>().sum();
+    let mut total = [empty; BLOCK];
+    for lane in 0..16 {
+        for (t, p) in total.iter_mut().zip(parts) {
+            *t += p[lane];
+        }
+    }
+    for ((o, t), r) in out.iter_mut().zip(&total).zip(rests) {
+        *o = t + r;
+    }
+}
+
+/// [`weight_row`] (without known normalisers) for a block of up to [`BLOCK`] query rows, after
+/// scaling each row's `r` by the query softmax's inverse sums `inv`: the same operations on the
+/// same values per row (so the same bits), in three passes over the block — partial sums of `r`
+/// and the maxima of `w`, then `W`'s unnormalised entries and their partial sums, then the
+/// scaling — so that the rows' horizontal sums run side by side instead of one after another.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn weight_block(
+    block: &mut [f32],
+    j_n: usize,
+    inv: &[f32],
+    p: &RowShared<'_>,
+    alpha: &mut [f32],
+    means: &mut [f32],
+    maxes: &mut [f32],
+    invs: &mut [f32],
+) {
+    let width = j_n + inv.len();
+    let mut parts = [[0.0f32; 16]; BLOCK];
+    let mut rests = [0.0f32; BLOCK];
+    let mut sums = [0.0f32; BLOCK];
+    for (k, row) in block.chunks_exact_mut(width).enumerate() {
+        let (w, r) = row.split_at_mut(j_n);
+        for (v, i) in r.iter_mut().zip(inv) {
+            *v *= i;
+        }
+        (parts[k], rests[k]) = lane_partials(r);
+        for (wv, zo) in w.iter_mut().zip(p.z_own) {
+            *wv += zo;
+        }
+        maxes[k] = crate::linalg::max_lanes(w);
+    }
+    finish_sums(&parts, &rests, &mut sums);
+    for (m, s) in means.iter_mut().zip(&sums) {
+        *m = s * p.inv_c;
+    }
+    for (k, row) in block.chunks_exact_mut(width).enumerate() {
+        let (w, r) = row.split_at_mut(j_n);
+        alpha_row_inline(p.bh, r, means[k], p.lambda_reps, p.reps, alpha);
+        let max = maxes[k];
+        for (v, a) in w.iter_mut().zip(alpha.iter()) {
+            *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
+        }
+        (parts[k], rests[k]) = lane_partials(w);
+    }
+    finish_sums(&parts, &rests, &mut sums);
+    for (i, s) in invs.iter_mut().zip(&sums) {
+        *i = 1.0 / s;
+    }
+    for (row, i) in block.chunks_exact_mut(width).zip(invs.iter()) {
+        for v in &mut row[..j_n] {
+            *v *= i;
+        }
+    }
+}
+
 crate::linalg::multiversion! {
     /// The per-query part of LARA's forward over the `n_q × (j + c)` rows of `x [ω; q̃]ᵀ`: the
     /// query softmax `r_c = softmax over kept queries of q̃_c·x` (in place in the last `c`
@@ -283,17 +374,13 @@ crate::linalg::multiversion! {
         let inv: Vec<f32> = col_sum.iter().map(|s| 1.0 / s).collect();
         row_norm.max.resize(query_kept.len(), 0.0);
         row_norm.inv.resize(query_kept.len(), 0.0);
-        for (((row, mean), row_max), row_inv) in wr
-            .chunks_exact_mut(width)
-            .zip(r_mean.iter_mut())
-            .zip(row_norm.max.iter_mut())
-            .zip(row_norm.inv.iter_mut())
+        for (((block, means), maxes), invs) in wr
+            .chunks_mut(width * BLOCK)
+            .zip(r_mean.chunks_mut(BLOCK))
+            .zip(row_norm.max.chunks_mut(BLOCK))
+            .zip(row_norm.inv.chunks_mut(BLOCK))
         {
-            let (w, r) = row.split_at_mut(j_n);
-            for (v, i) in r.iter_mut().zip(&inv) {
-                *v *= i;
-            }
-            (*mean, *row_max, *row_inv) = weight_row(w, r, shared, &mut alpha, None);
+            weight_block(block, j_n, &inv, shared, &mut alpha, means, maxes, invs);
         }
         *col = Norms { max: col_max, inv };
     }
@@ -931,6 +1018,61 @@ impl Lara {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A block of query rows gets the bits that one row at a time gets: `W`, the scaled `r`, the
+    /// means, maxima and inverse totals (a full block and a partial one, `reps` 1 and 2, rows of
+    /// zeros as masked queries have, and a width with a remainder past the sixteen lanes).
+    #[test]
+    fn weight_blocks_are_weight_rows() {
+        for (rows, c, reps) in [(BLOCK, 64, 1), (BLOCK + 3, 64, 2), (5, 21, 1)] {
+            let j_n = c * reps;
+            let width = j_n + c;
+            let value = |i: usize, salt: usize| ((i * 7919 + salt) % 613) as f32 / 97.0 - 3.0;
+            let mut wr: Vec<f32> = (0..rows * width).map(|i| value(i, 1)).collect();
+            for v in &mut wr[2 * width + j_n..3 * width] {
+                *v = 0.0;
+            }
+            let inv: Vec<f32> = (0..c).map(|i| 0.5 + value(i, 2).abs()).collect();
+            let bh: Vec<f32> = (0..j_n).map(|i| value(i, 3).abs() / 7.0).collect();
+            let z_own: Vec<f32> = (0..j_n).map(|i| value(i, 4)).collect();
+            let shared = RowShared {
+                bh: &bh,
+                z_own: &z_own,
+                lambda_reps: 0.7 / reps as f32,
+                inv_c: 1.0 / c as f32,
+                reps,
+            };
+            let mut alpha = vec![0.0f32; j_n];
+            let mut one = wr.clone();
+            let mut want = Vec::new();
+            for row in one.chunks_exact_mut(width) {
+                let (w, r) = row.split_at_mut(j_n);
+                for (v, i) in r.iter_mut().zip(&inv) {
+                    *v *= i;
+                }
+                want.push(weight_row(w, r, &shared, &mut alpha, None));
+            }
+            let (mut means, mut maxes, mut invs) =
+                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            for (((block, m), x), t) in wr
+                .chunks_mut(width * BLOCK)
+                .zip(means.chunks_mut(BLOCK))
+                .zip(maxes.chunks_mut(BLOCK))
+                .zip(invs.chunks_mut(BLOCK))
+            {
+                weight_block(block, j_n, &inv, &shared, &mut alpha, m, x, t);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wr), bits(&one), "{rows} rows, c = {c}, reps = {reps}");
+            for (k, (m, x, t)) in want.iter().enumerate() {
+                assert_eq!(
+                    [m.to_bits(), x.to_bits(), t.to_bits()],
+                    [means[k].to_bits(), maxes[k].to_bits(), invs[k].to_bits()],
+                    "row {k} of {rows}"
+                );
+            }
+        }
+    }
 
     /// Four rows at a time add each row's squares in the order one row alone does: the same bits
     /// as the iterator sum, for every row count (remainders included) and width.
