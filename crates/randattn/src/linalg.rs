@@ -159,8 +159,11 @@ pub fn max_lanes(row: &[f32]) -> f32 {
     row_max_impl(row)
 }
 
+/// [`sum_lanes`] in two halves: its sixteen partial sums and the sum of its remainder, so that a
+/// caller can finish several rows' sums side by side (the same bits when it adds each row's
+/// partial sums in lane order, starting from the empty sum, then the remainder's).
 #[inline(always)]
-fn sum_impl(row: &[f32]) -> f32 {
+pub fn lane_partials(row: &[f32]) -> ([f32; 16], f32) {
     let mut acc = [0.0f32; 16];
     let chunks = row.chunks_exact(16);
     let rest = chunks.remainder();
@@ -169,7 +172,13 @@ fn sum_impl(row: &[f32]) -> f32 {
             *a += *x;
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    (acc, rest.iter().sum::<f32>())
+}
+
+#[inline(always)]
+fn sum_impl(row: &[f32]) -> f32 {
+    let (acc, rest) = lane_partials(row);
+    acc.iter().sum::<f32>() + rest
 }
 
 #[inline(always)]

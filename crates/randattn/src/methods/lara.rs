@@ -232,9 +232,7 @@ fn weight_row(
         *wv += zo;
     }
     let max = norm.map_or_else(|| crate::linalg::max_lanes(w), |n| n.0);
-    for (v, a) in w.iter_mut().zip(alpha.iter()) {
-        *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
-    }
+    unnormalised_weights(w, alpha, max);
     let inv_total = norm.map_or_else(|| 1.0 / crate::linalg::sum_lanes(w), |n| n.1);
     for v in w.iter_mut() {
         *v *= inv_total;
@@ -242,23 +240,16 @@ fn weight_row(
     (mean, max, inv_total)
 }
 
+/// `w_j ← max(α_j, α_min)·e^{w_j − max}`: a row of `W` before its normalisation.
+#[inline(always)]
+fn unnormalised_weights(w: &mut [f32], alpha: &[f32], max: f32) {
+    for (v, a) in w.iter_mut().zip(alpha) {
+        *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
+    }
+}
+
 /// Query rows [`weight_block`] takes at once.
 const BLOCK: usize = 16;
-
-/// [`crate::linalg::sum_lanes`] in two halves: its sixteen partial sums and the sum of its
-/// remainder (here so that several rows' last steps can run side by side).
-#[inline(always)]
-fn lane_partials(row: &[f32]) -> ([f32; 16], f32) {
-    let mut acc = [0.0f32; 16];
-    let chunks = row.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += *x;
-        }
-    }
-    (acc, rest.iter().sum::<f32>())
-}
 
 /// The rest of [`crate::linalg::sum_lanes`] for up to [`BLOCK`] rows at once: each row's
 /// partial sums added in lane order from the empty sum, then its remainder's sum — one row's
@@ -303,7 +294,7 @@ fn weight_block(
         for (v, i) in r.iter_mut().zip(inv) {
             *v *= i;
         }
-        (parts[k], rests[k]) = lane_partials(r);
+        (parts[k], rests[k]) = crate::linalg::lane_partials(r);
         for (wv, zo) in w.iter_mut().zip(p.z_own) {
             *wv += zo;
         }
@@ -316,11 +307,8 @@ fn weight_block(
     for (k, row) in block.chunks_exact_mut(width).enumerate() {
         let (w, r) = row.split_at_mut(j_n);
         alpha_row_inline(p.bh, r, means[k], p.lambda_reps, p.reps, alpha);
-        let max = maxes[k];
-        for (v, a) in w.iter_mut().zip(alpha.iter()) {
-            *v = a.max(ALPHA_MIN) * crate::linalg::exp_approx(*v - max);
-        }
-        (parts[k], rests[k]) = lane_partials(w);
+        unnormalised_weights(w, alpha, maxes[k]);
+        (parts[k], rests[k]) = crate::linalg::lane_partials(w);
     }
     finish_sums(&parts, &rests, &mut sums);
     for (i, s) in invs.iter_mut().zip(&sums) {
