@@ -362,8 +362,17 @@ crate::linalg::multiversion! {
         }
         let zero = std::hint::black_box(0.0f32);
         let neg_zero = std::hint::black_box(-0.0f32);
+        let ahead = if at * 4 > PREFETCH_TABLE_BYTES {
+            PREFETCH_AHEAD
+        } else {
+            0
+        };
+        let offsets = &offsets[..group];
         for (j, v) in src_vals.chunks_exact(w).enumerate() {
-            for (g, (&offset, fresh)) in offsets[..group].iter().zip(&mut fresh).enumerate() {
+            if ahead > 0 && j + ahead < ids.n_src {
+                prefetch_buckets(&ids.src[j + ahead..], ids.n_src, offsets, w, sums);
+            }
+            for (g, (&offset, fresh)) in offsets.iter().zip(&mut fresh).enumerate() {
                 let b = ids.src[g * ids.n_src + j];
                 if b == NO_CODE {
                     continue;
@@ -379,7 +388,10 @@ crate::linalg::multiversion! {
             }
         }
         for (i, o) in out.chunks_exact_mut(w).enumerate() {
-            for (g, &offset) in offsets[..group].iter().enumerate() {
+            if ahead > 0 && i + ahead < ids.n_dst {
+                prefetch_buckets(&ids.dst[i + ahead..], ids.n_dst, offsets, w, sums);
+            }
+            for (g, &offset) in offsets.iter().enumerate() {
                 let b = ids.dst[g * ids.n_dst + i];
                 if g == 0 && !ids.accumulate {
                     if b == NO_CODE {
@@ -393,6 +405,30 @@ crate::linalg::multiversion! {
                     add_row(o, &sums[row..row + w]);
                 }
             }
+        }
+    }
+}
+
+/// [`grouped_scatter_gather`] prefetches bucket rows when a group's bucket sums take more than
+/// this many bytes, more than a core's share of a last-level cache usually holds. Below it the
+/// rows come from L2 or L3, whose latency out-of-order execution hides, and the prefetches only
+/// cost instructions. On a 2-core AMD EPYC (32 MiB L3), 8 rows ahead, interleaved runs: the
+/// forward at n = 65536 (14 MiB of sums per group) 16–19% faster (median ratios 0.81–0.84), at
+/// n = 16384 (4 MiB) not faster (1.06–1.09); 4 or 16 rows ahead, or only the scatter's or
+/// only the gather's rows, or only each row's first line, were slower than 8 rows of both.
+const PREFETCH_TABLE_BYTES: usize = 8 << 20;
+/// How many value or output rows ahead the bucket rows are prefetched.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Prefetches, in every hash of a group, the bucket row of the token whose ids are
+/// `ids[g * stride]` (`offsets` the hashes' first floats in `sums`, rows `w` wide).
+#[inline(always)]
+fn prefetch_buckets(ids: &[u32], stride: usize, offsets: &[usize], w: usize, sums: &[f32]) {
+    for (g, &offset) in offsets.iter().enumerate() {
+        let b = ids[g * stride];
+        if b != NO_CODE {
+            let row = offset + b as usize * w;
+            prefetch_row(&sums[row..row + w]);
         }
     }
 }
@@ -928,13 +964,9 @@ mod tests {
         assert_eq!(idx.lookup(NO_CODE), None);
     }
 
-    /// `cumulate` against its definition, and the compact (grouped) path against the sorted one
-    /// bit for bit: 7 hashes (groups of 4 and partial ones), hashes whose buckets are almost all
-    /// distinct (the group's row budget forces a flush) or few, unhashed tokens on both sides,
-    /// more destinations than sources, a range of hashes not starting at 0.
-    #[test]
-    fn cumulation_matches_its_definition_in_any_grouping() {
-        let (n_src, n_dst, w, m, tau) = (90, 130, 5, 7, 8);
+    /// Hash-major codes of `m` hashes of `n_src` and `n_dst` tokens with `τ = 8`: hashes with
+    /// few buckets, hashes whose buckets are almost all distinct, and unhashed tokens.
+    fn mixed_codes(m: usize, n_src: usize, n_dst: usize) -> (Vec<u32>, Vec<u32>) {
         let code = |h: usize, i: usize, side: usize| -> u32 {
             let x = (i * 31 + h * 17 + side * 7) % 97;
             if x % 11 == 4 {
@@ -945,18 +977,31 @@ mod tests {
                 ((i * 13 + h) % 256) as u32 // mostly one token per bucket
             }
         };
-        let src: Vec<u32> = (0..m * n_src)
+        let src = (0..m * n_src)
             .map(|t| code(t / n_src, t % n_src, 0))
             .collect();
-        let dst: Vec<u32> = (0..m * n_dst)
+        let dst = (0..m * n_dst)
             .map(|t| code(t / n_dst, t % n_dst, 1))
             .collect();
+        (src, dst)
+    }
+
+    /// Codes `c` mapped one to one onto codes of more than 22 bits: the sorted path.
+    fn wide(c: &[u32]) -> Vec<u32> {
+        c.iter()
+            .map(|&c| if c == NO_CODE { c } else { c * 3001 + 11 })
+            .collect()
+    }
+
+    /// `cumulate` against its definition, and the compact (grouped) path against the sorted one
+    /// bit for bit: 7 hashes (groups of 4 and partial ones), hashes whose buckets are almost all
+    /// distinct (the group's row budget forces a flush) or few, unhashed tokens on both sides,
+    /// more destinations than sources, a range of hashes not starting at 0.
+    #[test]
+    fn cumulation_matches_its_definition_in_any_grouping() {
+        let (n_src, n_dst, w, m, tau) = (90, 130, 5, 7, 8);
+        let (src, dst) = mixed_codes(m, n_src, n_dst);
         let vals: Vec<f32> = (0..n_src * w).map(|i| ((i as f32) * 0.37).sin()).collect();
-        let wide = |c: &[u32]| -> Vec<u32> {
-            c.iter()
-                .map(|&c| if c == NO_CODE { c } else { c * 3001 + 11 })
-                .collect()
-        };
         let (src_wide, dst_wide) = (wide(&src), wide(&dst));
         let mut scratch = CumulationScratch::default();
         for hashes in [0..m, 2..m, 3..4] {
@@ -997,6 +1042,39 @@ mod tests {
                 "{hashes:?}"
             );
         }
+    }
+
+    /// Rows so wide that a group's bucket sums exceed [`PREFETCH_TABLE_BYTES`] (bucket rows are
+    /// prefetched): the compact path still gives the sorted path's sums, bit for bit.
+    #[test]
+    fn cumulation_with_prefetched_buckets_matches_the_sorted_path() {
+        let (n_src, n_dst, m, tau) = (90, 130, 4, 8);
+        let (src, dst) = mixed_codes(m, n_src, n_dst);
+        let buckets = src[..n_src].iter().filter(|&&c| c != NO_CODE).count();
+        let w = PREFETCH_TABLE_BYTES.div_ceil(4 * buckets / 2) + 3;
+        let vals: Vec<f32> = (0..n_src * w).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let mut scratch = CumulationScratch::default();
+        let mut compact = vec![f32::NAN; n_dst * w];
+        let codes = Codes {
+            src: &src,
+            dst: &dst,
+            tau,
+        };
+        cumulate(codes, &vals, &mut compact, w, 0..m, &mut scratch);
+        let (src_wide, dst_wide) = (wide(&src), wide(&dst));
+        let mut sorted = vec![f32::NAN; n_dst * w];
+        let codes = Codes {
+            src: &src_wide,
+            dst: &dst_wide,
+            tau: 22,
+        };
+        cumulate(codes, &vals, &mut sorted, w, 0..m, &mut scratch);
+        assert!(
+            compact
+                .iter()
+                .zip(&sorted)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 
     #[test]
