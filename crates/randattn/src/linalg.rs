@@ -79,14 +79,22 @@ pub fn zeroed(len: usize) -> Vec<f32> {
 /// whose zeroing, done by one thread, would otherwise sit in front of the parallel work.
 /// Below 256 KiB one thread zeroes it: splitting costs more than it saves.
 pub fn par_zeroed(len: usize) -> Vec<f32> {
+    par_filled(len, 0.0)
+}
+
+/// A vector of `len` copies of `value`, written by the thread pool as [`par_zeroed`] (one thread
+/// below 256 KiB).
+pub fn par_filled<T: Copy + Send + Sync>(len: usize, value: T) -> Vec<T> {
     use rayon::prelude::*;
-    if len < 1 << 16 {
-        return zeroed(len);
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    if len * std::mem::size_of::<T>() < 1 << 18 {
+        // Written, not `vec![value; len]`: see [`zeroed`].
+        v.resize(len, value);
+        return v;
     }
-    let mut v: Vec<f32> = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len]
-        .par_chunks_mut(1 << 14)
-        .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(0.0)));
+        .par_chunks_mut((1 << 16) / std::mem::size_of::<T>().max(1))
+        .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(value)));
     // SAFETY: the loop above wrote every one of the first `len` elements.
     unsafe { v.set_len(len) };
     v

@@ -358,14 +358,45 @@ fn normalize_rows_in_place(x: &mut [f32], w: usize) -> Vec<f32> {
         .zip(norms.par_chunks_mut(ROW_TASK))
         .for_each(|(rows, norms)| {
             for (row, norm) in rows.chunks_exact_mut(w).zip(norms) {
-                *norm = buckets::dot(row, row).sqrt();
-                let inv = 1.0 / norm.max(NORM_EPS);
-                for v in row.iter_mut() {
-                    *v *= inv;
-                }
+                *norm = normalize_row(row);
             }
         });
     norms
+}
+
+/// `row ← row / max(‖row‖, NORM_EPS)`; returns `‖row‖`.
+#[inline]
+fn normalize_row(row: &mut [f32]) -> f32 {
+    let norm = buckets::dot(row, row).sqrt();
+    let inv = 1.0 / norm.max(NORM_EPS);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+    norm
+}
+
+/// The end of one head's sampled forward, row by row while its sums are in cache: `raw ←
+/// scale · raw`, normalised when `normalize` (each row's norm into `norms`), and copied into
+/// `attention` (the state the backward keeps). The same operations in the same order as
+/// [`finish_forward`]'s passes over all heads.
+fn finish_head(
+    raw: &mut [f32],
+    attention: &mut [f32],
+    norms: &mut [f32],
+    w: usize,
+    scale: f32,
+    normalize: bool,
+) {
+    let rows = raw.chunks_exact_mut(w).zip(attention.chunks_exact_mut(w));
+    for ((row, copy), norm) in rows.zip(norms) {
+        for v in row.iter_mut() {
+            *v *= scale;
+        }
+        if normalize {
+            *norm = normalize_row(row);
+        }
+        copy.copy_from_slice(row);
+    }
 }
 
 /// Backward of `y = x / max(‖x‖, ε)` in place: `dy ← (dy − y (y·dy)) / ‖x‖` (or `dy/ε` when
@@ -464,7 +495,20 @@ fn finish_forward(
         Vec::new()
     };
     let attention = raw.clone();
-    let mut output = raw;
+    assemble_forward(x, raw, attention, norms, conv_weights, tau, codes)
+}
+
+/// The output and saved state from the normalised attention branch (`output` and `attention`
+/// equal): add conv to the output, zero its masked queries.
+fn assemble_forward(
+    x: &AttentionInputs<'_>,
+    mut output: Vec<f32>,
+    attention: Vec<f32>,
+    norms: Vec<f32>,
+    conv_weights: Option<Vec<f32>>,
+    tau: u32,
+    codes: (Vec<u32>, Vec<u32>, usize),
+) -> (Vec<f32>, YosoSaved) {
     if let Some(w) = &conv_weights {
         conv::add_forward(x, &mut output, w);
     }
@@ -535,15 +579,19 @@ impl Estimator for Yoso {
         let tau = common.tau(n_k);
         let m = self.m;
         let bhs = dims.batch_heads();
-        let mut q_codes = vec![0u32; bhs * m * n_q];
-        let mut k_codes = vec![0u32; bhs * m * n_k];
+        let mut q_codes = crate::linalg::par_filled(bhs * m * n_q, 0u32);
+        let mut k_codes = crate::linalg::par_filled(bhs * m * n_k, 0u32);
         // Every row is written by the cumulation before it is read.
         let mut raw = crate::linalg::par_zeroed(dims.out_len());
+        let mut attention = crate::linalg::par_zeroed(dims.out_len());
+        let mut norms = zeroed(bhs * n_q);
         raw.par_chunks_mut(n_q * d_v)
+            .zip(attention.par_chunks_mut(n_q * d_v))
+            .zip(norms.par_chunks_mut(n_q))
             .zip(q_codes.par_chunks_mut(m * n_q))
             .zip(k_codes.par_chunks_mut(m * n_k))
             .enumerate()
-            .try_for_each(|(bh, ((out, qc), kc))| -> Result<()> {
+            .try_for_each(|(bh, ((((out, att), norms), qc), kc))| -> Result<()> {
                 let b = bh / heads;
                 // Drawn inside the task: one head's hash functions live at a time.
                 let hasher = self.hasher(dims, seed, b, bh % heads)?;
@@ -557,16 +605,17 @@ impl Estimator for Yoso {
                     tau,
                 };
                 parallel_cumulate(codes, x.v_head(bh), out, d_v, m, bhs);
-                let inv = 1.0 / m as f32;
-                for o in out.iter_mut() {
-                    *o *= inv;
-                }
+                finish_head(out, att, norms, d_v, 1.0 / m as f32, common.normalize);
                 Ok(())
             })?;
-        Ok(finish_forward(
+        if !common.normalize {
+            norms = Vec::new();
+        }
+        Ok(assemble_forward(
             x,
-            &common,
             raw,
+            attention,
+            norms,
             conv_weights,
             tau,
             (q_codes, k_codes, m),
