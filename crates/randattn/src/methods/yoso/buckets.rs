@@ -379,12 +379,9 @@ crate::linalg::multiversion! {
                 }
                 let row = offset + b as usize * w;
                 let t = &mut sums[row..row + w];
-                if b == *fresh {
-                    *fresh += 1;
-                    copy_row(t, v, neg_zero);
-                } else {
-                    add_row(t, v);
-                }
+                let new = b == *fresh;
+                *fresh += u32::from(new);
+                start_or_add_row(t, v, new);
             }
         }
         for (i, o) in out.chunks_exact_mut(w).enumerate() {
@@ -488,6 +485,27 @@ crate::linalg::multiversion! {
 fn zero_row(a: &mut [f32], zero: f32) {
     for x in a.iter_mut() {
         *x = zero;
+    }
+}
+
+/// `a ← b` if `start`, else `a ← a + b`, without a branch (whether a bucket is met for the
+/// first time is as unpredictable as the data): `a ← s + b` with `s` either `a` or −0.0
+/// (`−0 + b = b` bit for bit, signed zeros included), picked by a bit mask.
+#[inline(always)]
+fn start_or_add_row(a: &mut [f32], b: &[f32], start: bool) {
+    // Through `black_box`, or the compiler turns the mask back into a branch on `start`.
+    let keep = std::hint::black_box(u32::from(start).wrapping_sub(1));
+    let neg_zero = (-0.0f32).to_bits() & !keep;
+    let pick = |x: f32| f32::from_bits((x.to_bits() & keep) | neg_zero);
+    let mut ac = a.chunks_exact_mut(16);
+    let mut bc = b.chunks_exact(16);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..16 {
+            x[l] = pick(x[l]) + y[l];
+        }
+    }
+    for (x, y) in ac.into_remainder().iter_mut().zip(bc.remainder()) {
+        *x = pick(*x) + *y;
     }
 }
 
