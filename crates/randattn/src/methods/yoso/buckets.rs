@@ -296,18 +296,7 @@ fn compact_cumulate(
             next += u32::from(new);
             id
         }));
-        dst_ids.extend(dst.iter().map(|&c| {
-            if c == NO_CODE {
-                NO_CODE
-            } else {
-                slot_of[c as usize]
-            }
-        }));
-        for &c in src {
-            if c != NO_CODE {
-                slot_of[c as usize] = NO_CODE;
-            }
-        }
+        look_up_and_reset(dst, src, &mut slot_of, &mut dst_ids);
         let rows: usize = counts.iter().sum();
         if !counts.is_empty() && rows + next as usize > n_src {
             // This hash would overflow the group's table budget: the group runs without it.
@@ -338,6 +327,24 @@ fn compact_cumulate(
     scratch.bucket_of = src_ids;
     scratch.grouped_ids = dst_ids;
     scratch.counts = counts;
+}
+
+crate::linalg::multiversion! {
+    /// Appends the bucket ids of one hash's destination codes `dst` to `ids` (`slot_of[c]`,
+    /// [`NO_CODE`] for an unhashed token), then resets the slots of its source codes `src`. The
+    /// codes of hashed tokens are below `slot_of.len()`, [`NO_CODE`] is not: the checked
+    /// accesses stand in for the test, and the loops vectorise (gathers and scatters).
+    fn look_up_and_reset(dst: &[u32], src: &[u32], slot_of: &mut [u32], ids: &mut Vec<u32>) {
+        ids.extend(
+            dst.iter()
+                .map(|&c| slot_of.get(c as usize).copied().unwrap_or(NO_CODE)),
+        );
+        for &c in src {
+            if let Some(slot) = slot_of.get_mut(c as usize) {
+                *slot = NO_CODE;
+            }
+        }
+    }
 }
 
 crate::linalg::multiversion! {
