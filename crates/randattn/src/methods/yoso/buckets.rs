@@ -503,34 +503,33 @@ fn start_or_add_row(a: &mut [f32], b: &[f32], start: bool) {
     // Through `black_box`, or the compiler turns the mask back into a branch on `start`.
     let keep = std::hint::black_box(u32::from(start).wrapping_sub(1));
     let neg_zero = (-0.0f32).to_bits() & !keep;
-    let pick = |x: f32| f32::from_bits((x.to_bits() & keep) | neg_zero);
-    let mut ac = a.chunks_exact_mut(16);
-    let mut bc = b.chunks_exact(16);
-    for (x, y) in (&mut ac).zip(&mut bc) {
-        for l in 0..16 {
-            x[l] = pick(x[l]) + y[l];
-        }
-    }
-    for (x, y) in ac.into_remainder().iter_mut().zip(bc.remainder()) {
-        *x = pick(*x) + *y;
-    }
+    map_row(a, b, |x, y| {
+        f32::from_bits((x.to_bits() & keep) | neg_zero) + y
+    });
 }
 
-/// `a ← b + neg_zero` for rows of equal length, sixteen floats at a time: a copy with inline
-/// vector moves. `neg_zero` is −0.0 passed through `black_box` (`x + (−0) = x` bit for bit, signed
-/// zeros included): a plain copy loop becomes a `memcpy` call per row, which at 64-float rows
-/// cost more than the copy (7% of a forward's samples at n = 4096).
+/// `a ← b + neg_zero` for rows of equal length: a copy with inline vector moves. `neg_zero` is
+/// −0.0 passed through `black_box` (`x + (−0) = x` bit for bit, signed zeros included): a plain
+/// copy loop becomes a `memcpy` call per row, which at 64-float rows cost more than the copy
+/// (7% of a forward's samples at n = 4096).
 #[inline(always)]
 fn copy_row(a: &mut [f32], b: &[f32], neg_zero: f32) {
+    map_row(a, b, |_, y| y + neg_zero);
+}
+
+/// `a_l ← f(a_l, b_l)` for rows of equal length, sixteen floats at a time (inlined into each
+/// kernel, so it compiles to that kernel's vector instructions).
+#[inline(always)]
+fn map_row(a: &mut [f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     let mut ac = a.chunks_exact_mut(16);
     let mut bc = b.chunks_exact(16);
     for (x, y) in (&mut ac).zip(&mut bc) {
         for l in 0..16 {
-            x[l] = y[l] + neg_zero;
+            x[l] = f(x[l], y[l]);
         }
     }
     for (x, y) in ac.into_remainder().iter_mut().zip(bc.remainder()) {
-        *x = *y + neg_zero;
+        *x = f(*x, *y);
     }
 }
 
@@ -553,16 +552,7 @@ fn prefetch_row(row: &[f32]) {
 /// `a += b` for rows of equal length, sixteen floats at a time.
 #[inline(always)]
 fn add_row(a: &mut [f32], b: &[f32]) {
-    let mut ac = a.chunks_exact_mut(16);
-    let mut bc = b.chunks_exact(16);
-    for (x, y) in (&mut ac).zip(&mut bc) {
-        for l in 0..16 {
-            x[l] += y[l];
-        }
-    }
-    for (x, y) in ac.into_remainder().iter_mut().zip(bc.remainder()) {
-        *x += *y;
-    }
+    map_row(a, b, |x, y| x + y);
 }
 
 /// Hash codes of the two sides of a cumulation or pair walk, hash-major (`[m][n]` each), and
