@@ -210,7 +210,7 @@ struct RowShared<'a> {
     reps: usize,
 }
 
-/// One query row's `mean_c r` and `W` (see [`query_rows`]), from `s = ω·x` in `w` and the
+/// One query row's `mean_c r` and `W` (see [`weight_rows`]), from `s = ω·x` in `w` and the
 /// normalised `r`; with `norm`, the row's maximum and inverse total that the forward recorded,
 /// the same values without the two reductions. Returns the mean, the maximum and the inverse
 /// total. Inlined into the vectorised callers.
@@ -268,16 +268,18 @@ fn finish_sums(parts: &[[f32; 16]; BLOCK], rests: &[f32; BLOCK], out: &mut [f32;
     }
 }
 
-/// [`weight_row`] (without known normalisers) for a block of up to [`BLOCK`] query rows, after
-/// scaling each row's `r` by the query softmax's inverse sums `inv`: the same operations on the
-/// same values per row (so the same bits), in three passes over the block — partial sums of `r`
-/// and the maxima of `w`, then `W`'s unnormalised entries and their partial sums, then the
-/// scaling — so that the rows' horizontal sums run side by side instead of one after another.
+/// [`weight_row`] (without known normalisers) for a block of up to [`BLOCK`] query rows — `w`
+/// their `j`-wide rows of `ω·x`, `r` their `c`-wide rows of the query softmax before its
+/// scaling — after scaling each row's `r` by the query softmax's inverse sums `inv`: the same
+/// operations on the same values per row (so the same bits), in three passes over the block —
+/// partial sums of `r` and the maxima of `w`, then `W`'s unnormalised entries and their partial
+/// sums, then the scaling — so that the rows' horizontal sums run side by side instead of one
+/// after another.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn weight_block(
-    block: &mut [f32],
-    j_n: usize,
+    w: &mut [f32],
+    r: &mut [f32],
     inv: &[f32],
     p: &RowShared<'_>,
     alpha: &mut [f32],
@@ -285,12 +287,15 @@ fn weight_block(
     maxes: &mut [f32],
     invs: &mut [f32],
 ) {
-    let width = j_n + inv.len();
+    let (j_n, c) = (p.bh.len(), inv.len());
     let mut parts = [[0.0f32; 16]; BLOCK];
     let mut rests = [0.0f32; BLOCK];
     let mut sums = [0.0f32; BLOCK];
-    for (k, row) in block.chunks_exact_mut(width).enumerate() {
-        let (w, r) = row.split_at_mut(j_n);
+    for (k, (w, r)) in w
+        .chunks_exact_mut(j_n)
+        .zip(r.chunks_exact_mut(c))
+        .enumerate()
+    {
         for (v, i) in r.iter_mut().zip(inv) {
             *v *= i;
         }
@@ -304,8 +309,7 @@ fn weight_block(
     for (m, s) in means.iter_mut().zip(&sums) {
         *m = s * p.inv_c;
     }
-    for (k, row) in block.chunks_exact_mut(width).enumerate() {
-        let (w, r) = row.split_at_mut(j_n);
+    for (k, (w, r)) in w.chunks_exact_mut(j_n).zip(r.chunks_exact(c)).enumerate() {
         alpha_row_inline(p.bh, r, means[k], p.lambda_reps, p.reps, alpha);
         unnormalised_weights(w, alpha, maxes[k]);
         (parts[k], rests[k]) = crate::linalg::lane_partials(w);
@@ -314,68 +318,79 @@ fn weight_block(
     for (i, s) in invs.iter_mut().zip(&sums) {
         *i = 1.0 / s;
     }
-    for (row, i) in block.chunks_exact_mut(width).zip(invs.iter()) {
-        for v in &mut row[..j_n] {
+    for (w, i) in w.chunks_exact_mut(j_n).zip(invs.iter()) {
+        for v in w {
             *v *= i;
         }
     }
 }
 
+/// Query rows the forward takes at once (a multiple of [`BLOCK`]): a chunk's `x ωᵀ` (64 KiB at
+/// `j` = 64) becomes its rows of `W` and is multiplied by `F` while it is in cache, instead of
+/// the whole `n_q × j` matrix going out to memory and being read back twice.
+const QUERY_CHUNK: usize = 16 * BLOCK;
+
 crate::linalg::multiversion! {
-    /// The per-query part of LARA's forward over the `n_q × (j + c)` rows of `x [ω; q̃]ᵀ`: the
-    /// query softmax `r_c = softmax over kept queries of q̃_c·x` (in place in the last `c`
-    /// columns, whose column statistics are vectors over `c`), `mean_c r`, and then each row's
-    /// `W = softmax_j(ℓ)`, `ℓ_j = ω_j·x + log max(α_j, α_min) + z_j − own_j`, in the first `j`
-    /// columns, computed without a logarithm as `max(α_j, α_min)·e^{s_j − max s}` normalised
-    /// (`s_j = ω_j·x + z_j − own_j`). The normalisers go to `col` (per proposal) and `row` (per
-    /// query) for [`query_rows_again`].
-    fn query_rows(
-        wr: &mut [f32],
-        query_kept: &[bool],
-        shared: &RowShared<'_>,
-        r_mean: &mut [f32],
-        col: &mut Norms,
-        row_norm: &mut Norms,
-    ) {
-        let j_n = shared.bh.len();
-        let mut alpha = vec![0.0f32; j_n];
-        let width = wr.len() / query_kept.len();
-        let c = width - j_n;
+    /// The query softmax `r_c = softmax over kept queries of q̃_c·x`, in place over the
+    /// `n_q × c` rows of `x q̃ᵀ` — its column statistics are vectors over `c` — left unscaled
+    /// (`e^{a − max}`, zero for masked queries): returns the column maxima and inverse sums,
+    /// which [`weight_rows`] applies.
+    fn query_softmax(r: &mut [f32], query_kept: &[bool]) -> Norms {
+        let c = r.len() / query_kept.len();
         let mut col_max = vec![f32::NEG_INFINITY; c];
-        for (row, _) in wr.chunks_exact(width).zip(query_kept).filter(|(_, k)| **k) {
-            for (m, v) in col_max.iter_mut().zip(&row[j_n..]) {
+        for (row, _) in r.chunks_exact(c).zip(query_kept).filter(|(_, k)| **k) {
+            for (m, v) in col_max.iter_mut().zip(row) {
                 *m = m.max(*v);
             }
         }
         let mut col_sum = vec![0.0f32; c];
-        for (row, kept) in wr.chunks_exact_mut(width).zip(query_kept) {
-            let r = &mut row[j_n..];
+        for (row, kept) in r.chunks_exact_mut(c).zip(query_kept) {
             if *kept {
-                for ((v, m), s) in r.iter_mut().zip(&col_max).zip(col_sum.iter_mut()) {
+                for ((v, m), s) in row.iter_mut().zip(&col_max).zip(col_sum.iter_mut()) {
                     *v = crate::linalg::exp_approx(*v - m);
                     *s += *v;
                 }
             } else {
-                r.fill(0.0);
+                row.fill(0.0);
             }
         }
-        let inv: Vec<f32> = col_sum.iter().map(|s| 1.0 / s).collect();
-        row_norm.max.resize(query_kept.len(), 0.0);
-        row_norm.inv.resize(query_kept.len(), 0.0);
-        for (((block, means), maxes), invs) in wr
-            .chunks_mut(width * BLOCK)
-            .zip(r_mean.chunks_mut(BLOCK))
-            .zip(row_norm.max.chunks_mut(BLOCK))
-            .zip(row_norm.inv.chunks_mut(BLOCK))
-        {
-            weight_block(block, j_n, &inv, shared, &mut alpha, means, maxes, invs);
-        }
-        *col = Norms { max: col_max, inv };
+        let inv = col_sum.iter().map(|s| 1.0 / s).collect();
+        Norms { max: col_max, inv }
     }
 }
 
 crate::linalg::multiversion! {
-    /// [`query_rows`] again, for the backward, from the normalisers it recorded: one pass per
+    /// The per-query part of LARA's forward for some query rows: `w` their rows of `ω·x`
+    /// (`j` wide), `r` their rows of [`query_softmax`] (`c` wide, scaled here by `inv`); each
+    /// row's `W = softmax_j(ℓ)` (from `mean_c r`),
+    /// `ℓ_j = ω_j·x + log max(α_j, α_min) + z_j − own_j`, replaces `w`, computed without a
+    /// logarithm as `max(α_j, α_min)·e^{s_j − max s}` normalised (`s_j = ω_j·x + z_j − own_j`).
+    /// Each row's maximum and inverse total go to `maxes` and `invs` for [`query_rows_again`].
+    fn weight_rows(
+        w: &mut [f32],
+        r: &mut [f32],
+        inv: &[f32],
+        shared: &RowShared<'_>,
+        alpha: &mut [f32],
+        maxes: &mut [f32],
+        invs: &mut [f32],
+    ) {
+        let (j_n, c) = (shared.bh.len(), inv.len());
+        let mut means = [0.0f32; BLOCK];
+        for (((w, r), maxes), invs) in w
+            .chunks_mut(j_n * BLOCK)
+            .zip(r.chunks_mut(c * BLOCK))
+            .zip(maxes.chunks_mut(BLOCK))
+            .zip(invs.chunks_mut(BLOCK))
+        {
+            let means = &mut means[..maxes.len()];
+            weight_block(w, r, inv, shared, alpha, means, maxes, invs);
+        }
+    }
+}
+
+crate::linalg::multiversion! {
+    /// [`weight_rows`] again, for the backward, from the normalisers it recorded: one pass per
     /// row with the same operations on the same values (so the same bits), without the column
     /// maxima and the row reductions.
     fn query_rows_again(
@@ -445,8 +460,15 @@ impl Lara {
         }
     }
 
-    /// One head's forward: its small results and `W` (in the first `j` of `j + c` columns).
-    fn head(&self, x: &AttentionInputs<'_>, bh: usize, seed: u64) -> Option<(Small, Vec<f32>)> {
+    /// One head's forward into `out` (`n_q × d_v`, every element written), and its small
+    /// results; `None` (and `out` untouched) when every query or every key is masked.
+    fn head(
+        &self,
+        x: &AttentionInputs<'_>,
+        bh: usize,
+        seed: u64,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) -> Option<Small> {
         let Dims {
             heads,
             n_q,
@@ -527,19 +549,46 @@ impl Lara {
             bh_w[j] = (row[j / reps] - max).exp() / sum;
         }
         let z_own: Vec<f32> = (0..j_n).map(|j| z[j] - l[j * c + j / reps]).collect();
-        // One GEMM for both query-side products: x [ω; q̃]ᵀ, then r, ℓ and W row by row.
-        let mut wr = query_product(&xs, &stacked, n_q, d);
-        let mut r_mean = vec![0.0f32; n_q];
-        let (mut col_norm, mut row_norm) = (Norms::default(), Norms::default());
+        // The query side: r from x q̃ᵀ over every query (its softmax runs over them), then
+        // chunks of query rows — x ωᵀ, W, and the chunk's rows of the output W F.
         let shared = self.row_shared(&bh_w, &z_own, c, reps);
-        query_rows(
-            &mut wr,
-            &query_kept,
-            &shared,
-            &mut r_mean,
-            &mut col_norm,
-            &mut row_norm,
-        );
+        let q_tilde = MatRef::new(&stacked[j_n * d..], c, d);
+        let mut r = product(MatRef::new(&xs, n_q, d), q_tilde.t(), 1.0);
+        let col_norm = query_softmax(&mut r, &query_kept);
+        let mut row_norm = Norms {
+            max: vec![0.0; n_q],
+            inv: vec![0.0; n_q],
+        };
+        let mut alpha = vec![0.0f32; j_n];
+        let mut w = vec![0.0f32; QUERY_CHUNK.min(n_q) * j_n];
+        let omega_t = MatRef::new(omega, j_n, d).t();
+        for start in (0..n_q).step_by(QUERY_CHUNK) {
+            let end = (start + QUERY_CHUNK).min(n_q);
+            let w = &mut w[..(end - start) * j_n];
+            let x_rows = MatRef::new(&xs[start * d..end * d], end - start, d);
+            matmul(
+                MatMut::new(w, end - start, j_n),
+                false,
+                x_rows,
+                omega_t,
+                1.0,
+            );
+            weight_rows(
+                w,
+                &mut r[start * c..end * c],
+                &col_norm.inv,
+                &shared,
+                &mut alpha,
+                &mut row_norm.max[start..end],
+                &mut row_norm.inv[start..end],
+            );
+            product_into(
+                &mut out[start * d_v..end * d_v],
+                MatRef::new(w, end - start, j_n),
+                MatRef::new(&f, j_n, d_v),
+                1.0,
+            );
+        }
         let small = Small {
             c,
             reps,
@@ -557,7 +606,7 @@ impl Lara {
             col_norm,
             row_norm,
         };
-        Some((small, wr))
+        Some(small)
     }
 
     /// The head's `O(C·n)` matrices again, from its small results, for the backward.
@@ -893,18 +942,11 @@ impl Estimator for Lara {
             .par_chunks_mut(n_q * d_v)
             .enumerate()
             .map(|(bh, out)| {
-                let Some((small, wr)) = self.head(x, bh, seed) else {
+                let small = self.head(x, bh, seed, out);
+                if small.is_none() {
                     out.fill(std::mem::MaybeUninit::new(0.0));
-                    return None;
-                };
-                let j_n = small.j_n();
-                product_into(
-                    out,
-                    MatRef::strided(&wr, n_q, j_n, j_n + small.c),
-                    MatRef::new(&small.f, j_n, d_v),
-                    1.0,
-                );
-                Some(small)
+                }
+                small
             })
             .collect();
         // SAFETY: each of the `len / (n_q·d_v)` blocks above was filled, by zeroes or by
@@ -1009,17 +1051,16 @@ mod tests {
 
     /// A block of query rows gets the bits that one row at a time gets: `W`, the scaled `r`, the
     /// means, maxima and inverse totals (a full block and a partial one, `reps` 1 and 2, rows of
-    /// zeros as masked queries have, and a width with a remainder past the sixteen lanes).
+    /// zeros as masked queries have, and a width with a remainder past the sixteen lanes); and
+    /// [`weight_rows`] over several blocks gets the same `W`, maxima and inverse totals.
     #[test]
     fn weight_blocks_are_weight_rows() {
         for (rows, c, reps) in [(BLOCK, 64, 1), (BLOCK + 3, 64, 2), (5, 21, 1)] {
             let j_n = c * reps;
-            let width = j_n + c;
             let value = |i: usize, salt: usize| ((i * 7919 + salt) % 613) as f32 / 97.0 - 3.0;
-            let mut wr: Vec<f32> = (0..rows * width).map(|i| value(i, 1)).collect();
-            for v in &mut wr[2 * width + j_n..3 * width] {
-                *v = 0.0;
-            }
+            let w: Vec<f32> = (0..rows * j_n).map(|i| value(i, 1)).collect();
+            let mut r: Vec<f32> = (0..rows * c).map(|i| value(i, 5)).collect();
+            r[2 * c..3 * c].fill(0.0);
             let inv: Vec<f32> = (0..c).map(|i| 0.5 + value(i, 2).abs()).collect();
             let bh: Vec<f32> = (0..j_n).map(|i| value(i, 3).abs() / 7.0).collect();
             let z_own: Vec<f32> = (0..j_n).map(|i| value(i, 4)).collect();
@@ -1031,32 +1072,59 @@ mod tests {
                 reps,
             };
             let mut alpha = vec![0.0f32; j_n];
-            let mut one = wr.clone();
+            let (mut w_one, mut r_one) = (w.clone(), r.clone());
             let mut want = Vec::new();
-            for row in one.chunks_exact_mut(width) {
-                let (w, r) = row.split_at_mut(j_n);
+            for (w, r) in w_one.chunks_exact_mut(j_n).zip(r_one.chunks_exact_mut(c)) {
                 for (v, i) in r.iter_mut().zip(&inv) {
                     *v *= i;
                 }
                 want.push(weight_row(w, r, &shared, &mut alpha, None));
             }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (mut w_block, mut r_block) = (w.clone(), r.clone());
             let (mut means, mut maxes, mut invs) =
                 (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            for (((block, m), x), t) in wr
-                .chunks_mut(width * BLOCK)
+            for ((((w, r), m), x), t) in w_block
+                .chunks_mut(j_n * BLOCK)
+                .zip(r_block.chunks_mut(c * BLOCK))
                 .zip(means.chunks_mut(BLOCK))
                 .zip(maxes.chunks_mut(BLOCK))
                 .zip(invs.chunks_mut(BLOCK))
             {
-                weight_block(block, j_n, &inv, &shared, &mut alpha, m, x, t);
+                weight_block(w, r, &inv, &shared, &mut alpha, m, x, t);
             }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&wr), bits(&one), "{rows} rows, c = {c}, reps = {reps}");
+            assert_eq!(
+                bits(&w_block),
+                bits(&w_one),
+                "{rows} rows, c = {c}, reps = {reps}"
+            );
+            assert_eq!(
+                bits(&r_block),
+                bits(&r_one),
+                "{rows} rows, c = {c}, reps = {reps}"
+            );
             for (k, (m, x, t)) in want.iter().enumerate() {
                 assert_eq!(
                     [m.to_bits(), x.to_bits(), t.to_bits()],
                     [means[k].to_bits(), maxes[k].to_bits(), invs[k].to_bits()],
                     "row {k} of {rows}"
+                );
+            }
+            let (mut w_rows, mut r_rows) = (w.clone(), r.clone());
+            weight_rows(
+                &mut w_rows,
+                &mut r_rows,
+                &inv,
+                &shared,
+                &mut alpha,
+                &mut maxes,
+                &mut invs,
+            );
+            assert_eq!(bits(&w_rows), bits(&w_one), "weight_rows, {rows} rows");
+            for (k, (_, x, t)) in want.iter().enumerate() {
+                assert_eq!(
+                    [x.to_bits(), t.to_bits()],
+                    [maxes[k].to_bits(), invs[k].to_bits()]
                 );
             }
         }
