@@ -73,6 +73,8 @@ pub mod hash;
 mod lanes;
 #[cfg(target_arch = "x86_64")]
 mod rows;
+#[cfg(target_arch = "x86_64")]
+mod rows_avx2;
 
 use rayon::prelude::*;
 

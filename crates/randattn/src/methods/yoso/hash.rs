@@ -205,6 +205,13 @@ fn fast_codes(rows: &[f32], shape: FastShape, signs: &[f32], codes: &mut [u32]) 
             return unsafe { lanes::fast_codes_avx512(rows, shape, signs, codes) };
         }
         if std::is_x86_feature_detected!("avx2") {
+            if std::is_x86_feature_detected!("fma") && super::rows_avx2::handles(shape.d_pad) {
+                let sizes = ((shape.d, shape.d_pad), (shape.tau, shape.m));
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe {
+                    super::rows_avx2::fast_codes(rows, sizes.0, sizes.1, signs, codes)
+                };
+            }
             // SAFETY: the CPU has AVX2.
             return unsafe { lanes::fast_codes_avx2(rows, shape, signs, codes) };
         }

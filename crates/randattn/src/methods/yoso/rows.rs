@@ -249,59 +249,72 @@ pub(super) unsafe fn fast_codes(
     }
 }
 
+/// The codes of a register kernel `kernel(rows, (d, d_pad), (tau, m), signs, codes)` against
+/// the portable lane kernel's, over rotations of 16 to 128 coordinates, rows narrower than the
+/// rotation, one to thirty bits, hashes spanning several rotations, exact zeros and a constant
+/// row (shared by the AVX-512 and AVX2 kernels' tests).
 #[cfg(test)]
-mod tests {
+pub(super) fn check_against_the_lane_kernel(
+    kernel: impl Fn(&[f32], (usize, usize), (usize, usize), &[f32], &mut [u32]),
+) {
     use rand::Rng;
 
-    use super::super::hash::{FastShape, fast_codes_with};
-    use super::super::lanes::Portable;
+    use super::hash::{FastShape, fast_codes_with};
+    use super::lanes::Portable;
     use crate::rng::stream;
 
+    let mut rng = stream(7, 0, 0, "rows");
+    for (d, d_pad, tau, m, n) in [
+        (64usize, 64usize, 12usize, 32usize, 37usize),
+        (50, 64, 5, 13, 17),
+        (33, 64, 16, 9, 5),
+        (64, 64, 30, 3, 20),
+        (64, 64, 1, 70, 3),
+        (16, 16, 4, 9, 11),
+        (3, 16, 16, 2, 6),
+        (32, 32, 12, 32, 41),
+        (20, 32, 7, 5, 4),
+        (128, 128, 14, 32, 23),
+        (100, 128, 30, 9, 9),
+        (65, 128, 1, 200, 2),
+    ] {
+        let per_rotation = d_pad / tau;
+        let rotations = m.div_ceil(per_rotation);
+        let signs: Vec<f32> = (0..rotations * 3 * d_pad)
+            .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+            .collect();
+        // Rows with exact zeros and a constant row sprinkled in.
+        let mut rows: Vec<f32> = (0..n * d).map(|_| rng.random::<f32>() - 0.5).collect();
+        for x in rows.iter_mut().step_by(7) {
+            *x = 0.0;
+        }
+        rows[..d].fill(0.25);
+        let mut want = vec![0u32; n * m];
+        let shape = FastShape {
+            d,
+            d_pad,
+            tau,
+            m,
+            per_rotation,
+        };
+        // SAFETY: the portable lanes run on any CPU.
+        unsafe { fast_codes_with::<Portable>(&rows, shape, &signs, &mut want) };
+        let mut got = vec![0u32; n * m];
+        kernel(&rows, (d, d_pad), (tau, m), &signs, &mut got);
+        assert_eq!(got, want, "d={d} d_pad={d_pad} tau={tau} m={m}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
     #[test]
     fn codes_are_bit_for_bit_those_of_the_lane_kernel() {
         if !std::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let mut rng = stream(7, 0, 0, "rows");
-        for (d, d_pad, tau, m, n) in [
-            (64usize, 64usize, 12usize, 32usize, 37usize),
-            (50, 64, 5, 13, 17),
-            (33, 64, 16, 9, 5),
-            (64, 64, 30, 3, 20),
-            (64, 64, 1, 70, 3),
-            (16, 16, 4, 9, 11),
-            (3, 16, 16, 2, 6),
-            (32, 32, 12, 32, 41),
-            (20, 32, 7, 5, 4),
-            (128, 128, 14, 32, 23),
-            (100, 128, 30, 9, 9),
-            (65, 128, 1, 200, 2),
-        ] {
-            let per_rotation = d_pad / tau;
-            let rotations = m.div_ceil(per_rotation);
-            let signs: Vec<f32> = (0..rotations * 3 * d_pad)
-                .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
-                .collect();
-            // Rows with exact zeros and a constant row sprinkled in.
-            let mut rows: Vec<f32> = (0..n * d).map(|_| rng.random::<f32>() - 0.5).collect();
-            for x in rows.iter_mut().step_by(7) {
-                *x = 0.0;
-            }
-            rows[..d].fill(0.25);
-            let mut want = vec![0u32; n * m];
-            let shape = FastShape {
-                d,
-                d_pad,
-                tau,
-                m,
-                per_rotation,
-            };
-            // SAFETY: the portable lanes run on any CPU.
-            unsafe { fast_codes_with::<Portable>(&rows, shape, &signs, &mut want) };
-            let mut got = vec![0u32; n * m];
+        super::check_against_the_lane_kernel(|rows, sizes, hashes, signs, codes| {
             // SAFETY: the CPU has AVX-512F (checked above).
-            unsafe { super::fast_codes(&rows, (d, d_pad), (tau, m), &signs, &mut got) };
-            assert_eq!(got, want, "d={d} d_pad={d_pad} tau={tau} m={m}");
-        }
+            unsafe { super::fast_codes(rows, sizes, hashes, signs, codes) }
+        });
     }
 }
