@@ -641,7 +641,9 @@ impl Lara {
     }
 }
 
-/// `x [ω; q̃]ᵀ` (`n_q × (j + c)`).
+/// `x [ω; q̃]ᵀ` (`n_q × (j + c)`), for the backward's rebuild. The forward forms the same
+/// entries in two products (`x q̃ᵀ`, then `x ωᵀ` chunk by chunk): each entry is the same
+/// sum over `d` in the same order, so the same bits (checked by checksums of O, dQ, dK, dV).
 fn query_product(xs: &[f32], stacked: &[f32], n_q: usize, d: usize) -> Vec<f32> {
     let width = stacked.len() / d;
     product(
